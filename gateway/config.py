@@ -1,0 +1,187 @@
+"""Settings, read once from the environment when the app or a command starts.
+
+Nothing here runs at import time: :func:`Settings.from_env` is called by the
+composition root (:func:`gateway.app.create_app`) and by the CLI.  Every
+setting is under the ``GATEWAY_`` prefix; a missing or invalid value raises
+:class:`~gateway.errors.ConfigError` naming the variable and the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+import phonenumbers
+
+from gateway.errors import ConfigError
+
+T = TypeVar("T")
+
+DEFAULT_SQLITE_FILE = "assist-gateway.sqlite3"
+
+
+@dataclass(frozen=True)
+class VoicePolicy:
+    """How hard the router tries the assistance centre before the emergency fallback."""
+
+    #: centre dial attempts per call (cycling through primary and backup centres)
+    dial_attempts: int = 2
+    #: ring timeout of one centre attempt, seconds (Twilio adds about 5 s)
+    ring_timeout_s: int = 15
+    #: from call arrival, the time after which no new centre attempt starts, seconds
+    budget_s: int = 45
+    #: seconds the agent has to press the accept key during the whisper
+    whisper_accept_timeout_s: int = 8
+    #: emergency dial attempts before the gateway gives up and says so
+    emergency_attempts: int = 4
+
+    def validate(self) -> None:
+        if not 1 <= self.dial_attempts <= 10:
+            raise ConfigError("GATEWAY_DIAL_ATTEMPTS: must be between 1 and 10")
+        if not 5 <= self.ring_timeout_s <= 600:
+            raise ConfigError("GATEWAY_RING_TIMEOUT_S: must be between 5 and 600 (Twilio's range)")
+        if not 10 <= self.budget_s <= 600:
+            raise ConfigError("GATEWAY_VOICE_BUDGET_S: must be between 10 and 600")
+        if not 3 <= self.whisper_accept_timeout_s <= 30:
+            raise ConfigError("GATEWAY_WHISPER_TIMEOUT_S: must be between 3 and 30")
+        if not 1 <= self.emergency_attempts <= 10:
+            raise ConfigError("GATEWAY_EMERGENCY_ATTEMPTS: must be between 1 and 10")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the gateway needs to know about its environment."""
+
+    twilio_auth_token: str
+    public_url: str
+    database_url: str = f"sqlite:///{DEFAULT_SQLITE_FILE}"
+    vehicle_api_tokens: frozenset[str] = frozenset()
+    #: agent bearer token -> roles (``read``, ``dispatch``, ``immobilise``, ``supervisor``)
+    agent_api_tokens: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    assistance_url: str | None = None
+    number_plan_dir: Path | None = None
+    boundaries_path: Path | None = None
+    #: the Twilio number cars call (returned to the car in the event answer)
+    voice_number: str | None = None
+    #: caller ID for emergency dials: a Twilio number with a registered emergency
+    #: address (US/CA/GB need one); unset, Twilio passes the car's number through
+    emergency_caller_id: str | None = None
+    #: how long an incident stays "open" for a call from the car, seconds
+    incident_window_s: int = 3600
+    voice: VoicePolicy = field(default_factory=VoicePolicy)
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, *, require_auth_token: bool = True
+    ) -> Settings:
+        env = os.environ if env is None else env
+        reader = _Reader(env)
+        token = reader.text("GATEWAY_TWILIO_AUTH_TOKEN", required=require_auth_token)
+        if token and len(token) < 16:
+            raise ConfigError("GATEWAY_TWILIO_AUTH_TOKEN: too short to be an auth token")
+        voice = VoicePolicy(
+            dial_attempts=reader.integer("GATEWAY_DIAL_ATTEMPTS", VoicePolicy.dial_attempts),
+            ring_timeout_s=reader.integer("GATEWAY_RING_TIMEOUT_S", VoicePolicy.ring_timeout_s),
+            budget_s=reader.integer("GATEWAY_VOICE_BUDGET_S", VoicePolicy.budget_s),
+            whisper_accept_timeout_s=reader.integer(
+                "GATEWAY_WHISPER_TIMEOUT_S", VoicePolicy.whisper_accept_timeout_s
+            ),
+            emergency_attempts=reader.integer(
+                "GATEWAY_EMERGENCY_ATTEMPTS", VoicePolicy.emergency_attempts
+            ),
+        )
+        voice.validate()
+        settings = cls(
+            twilio_auth_token=token,
+            public_url=reader.url("GATEWAY_PUBLIC_URL", default="http://127.0.0.1:8080"),
+            database_url=reader.text("GATEWAY_DATABASE_URL") or cls.database_url,
+            vehicle_api_tokens=frozenset(reader.csv("GATEWAY_VEHICLE_API_TOKENS")),
+            agent_api_tokens=reader.agent_tokens("GATEWAY_AGENT_API_TOKENS"),
+            assistance_url=reader.url("GATEWAY_ASSISTANCE_URL", default=None),
+            number_plan_dir=reader.path("GATEWAY_NUMBER_PLAN"),
+            boundaries_path=reader.path("GATEWAY_BOUNDARIES"),
+            voice_number=reader.e164("GATEWAY_VOICE_NUMBER"),
+            emergency_caller_id=reader.e164("GATEWAY_EMERGENCY_CALLER_ID"),
+            incident_window_s=reader.integer("GATEWAY_INCIDENT_WINDOW_S", 3600),
+            voice=voice,
+        )
+        for t in settings.vehicle_api_tokens | set(settings.agent_api_tokens):
+            if len(t) < 16:
+                raise ConfigError("API tokens must be at least 16 characters long")
+        return settings
+
+    def replace(self, **changes: object) -> Settings:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+class _Reader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def text(self, name: str, *, required: bool = False) -> str:
+        value = self.env.get(name, "").strip()
+        if required and not value:
+            raise ConfigError(f"{name}: required but not set")
+        return value
+
+    def _parse(self, name: str, default: T, parse: Callable[[str], T], what: str) -> T:
+        raw = self.text(name)
+        if not raw:
+            return default
+        try:
+            return parse(raw)
+        except ValueError:
+            raise ConfigError(f"{name}: {raw!r} is not {what}") from None
+
+    def integer(self, name: str, default: int) -> int:
+        return self._parse(name, default, int, "a whole number")
+
+    def url(self, name: str, *, default: str | None) -> str:
+        raw = self.text(name)
+        if not raw:
+            return default  # type: ignore[return-value]
+        parts = urlsplit(raw)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(f"{name}: {raw!r} is not an http(s) URL")
+        if parts.query or parts.fragment:
+            raise ConfigError(f"{name}: must not carry a query or fragment")
+        return raw.rstrip("/")
+
+    def csv(self, name: str) -> list[str]:
+        return [p.strip() for p in self.text(name).split(",") if p.strip()]
+
+    def path(self, name: str) -> Path | None:
+        raw = self.text(name)
+        return Path(raw) if raw else None
+
+    def e164(self, name: str) -> str | None:
+        raw = self.text(name)
+        if not raw:
+            return None
+        try:
+            number = phonenumbers.parse(raw, None)
+        except phonenumbers.NumberParseException:
+            raise ConfigError(f"{name}: {raw!r} is not an E.164 number") from None
+        if not phonenumbers.is_valid_number(number):
+            raise ConfigError(f"{name}: {raw!r} is not a valid phone number")
+        return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+    def agent_tokens(self, name: str) -> dict[str, frozenset[str]]:
+        """``token:role+role,token2:role`` -> {token: roles}."""
+        tokens: dict[str, frozenset[str]] = {}
+        for item in self.csv(name):
+            token, _, roles = item.partition(":")
+            role_set = frozenset(r for r in roles.split("+") if r) or frozenset({"read"})
+            unknown = role_set - AGENT_ROLES
+            if unknown:
+                raise ConfigError(f"{name}: unknown role(s) {sorted(unknown)}")
+            tokens[token] = role_set
+        return tokens
+
+
+AGENT_ROLES = frozenset({"read", "dispatch", "immobilise", "supervisor"})

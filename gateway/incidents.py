@@ -1,0 +1,105 @@
+"""Accepting a vehicle's data message as a durable incident."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import sqlalchemy as sa
+
+from gateway.events import VehicleEvent
+from gateway.plan import NumberPlan
+from gateway.routing import Locator, choose_country, emergency_route, sim_country
+from gateway.store import Store, utcnow
+
+#: Extra rows to commit with an incident (the outbox, in the delivery module).
+ExtraRows = Callable[[Mapping[str, Any]], list[tuple[sa.Table, Mapping[str, Any]]]]
+
+
+class EventConflictError(Exception):
+    """The same event_id arrived again with a different body."""
+
+
+def record_event(
+    event: VehicleEvent,
+    *,
+    store: Store,
+    locator: Locator | None,
+    plan: NumberPlan | None,
+    extra_rows: ExtraRows | None = None,
+    now: dt.datetime | None = None,
+) -> tuple[dict[str, Any], bool]:
+    """Store the event as an incident; ``(incident, created)``.
+
+    A replay of the same ``event_id`` with the same body returns the stored
+    incident; with a different body it raises EventConflictError.  The country
+    is decided here, once, and stored with its reason.
+    """
+    existing = store.incident_by_event(event.event_id)
+    if existing is not None:
+        return _same_or_conflict(existing, event), False
+
+    choice = choose_country(
+        event.location.lat,
+        event.location.lon,
+        locator=locator,
+        last_known=lambda: store.last_known_country(event.vin),
+        msisdn=event.msisdn,
+    )
+    route = emergency_route(choice.country, plan)
+    reason = choice.reason
+    if event.location.trusted is False:
+        reason += "; position flagged untrusted by the car"
+    row: dict[str, Any] = {
+        "id": str(uuid.uuid4()),
+        "event_id": event.event_id,
+        "payload_sha256": event.payload_sha256,
+        "type": event.type,
+        "vin": event.vin,
+        "msisdn": event.msisdn,
+        "occurred_at": event.occurred_at,
+        "received_at": now or utcnow(),
+        "lat": event.location.lat,
+        "lon": event.location.lon,
+        "heading_deg": event.location.heading_deg,
+        "accuracy_m": event.location.accuracy_m,
+        "trusted": event.location.trusted,
+        "crash": event.crash,
+        "occupants": event.occupants,
+        "location_country": choice.location_country,
+        "home_country": sim_country(event.msisdn),
+        "route_country": choice.country,
+        "route_reason": reason[:200],
+        "emergency_number": route.emergency_number,
+        "fallback_dial": route.fallback_dial,
+        "status": "open",
+    }
+    extra = extra_rows(row) if extra_rows else []
+    incident, created = store.insert_incident(row, extra=extra)
+    if not created:  # lost a race with a concurrent replay
+        return _same_or_conflict(incident, event), False
+    return incident, True
+
+
+def _same_or_conflict(existing: dict[str, Any], event: VehicleEvent) -> dict[str, Any]:
+    if existing["payload_sha256"] != event.payload_sha256:
+        raise EventConflictError(event.event_id)
+    return existing
+
+
+def incident_answer(incident: Mapping[str, Any], *, voice_number: str | None) -> dict[str, Any]:
+    """What the car is told: where the call goes and what to dial if it cannot reach us."""
+    return {
+        "incident_id": incident["id"],
+        "event_id": incident["event_id"],
+        "type": incident["type"],
+        "country": incident["location_country"],
+        "route_country": incident["route_country"],
+        "route_reason": incident["route_reason"],
+        "emergency_number": incident["emergency_number"],
+        "fallback_dial": incident["fallback_dial"],
+        # the car calls the gateway; without a gateway number it dials the emergency number
+        "call_number": voice_number or incident["emergency_number"],
+    }

@@ -1,0 +1,239 @@
+"""Routing decisions: which country's emergency route applies, and whom to dial next.
+
+Plain functions over plain data; no Flask, no database.  The voice views feed
+them what they know and render the decision as TwiML.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Protocol
+
+import phonenumbers
+
+from gateway.config import VoicePolicy
+from gateway.plan import DEFAULT_EMERGENCY, Centre, NumberPlan
+
+log = logging.getLogger(__name__)
+
+#: Twilio adds about this much to a <Dial> timeout before it gives up.
+TWILIO_RING_SLACK_S = 5
+#: the shortest ring timeout worth starting (Twilio's minimum is 5 s)
+MIN_RING_S = 5
+
+
+class Locator(Protocol):
+    def country_at(self, lat: float, lon: float) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class CountryChoice:
+    """The country whose emergency route applies, and why."""
+
+    country: str | None
+    location_country: str | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class EmergencyRoute:
+    country: str | None
+    emergency_number: str
+    fallback_dial: str
+    language: str
+    source: str
+
+    def dial_sequence(self) -> list[str]:
+        """Numbers to try in order: the operator's route, the local number, then 112."""
+        seen: list[str] = []
+        for number in (self.fallback_dial, self.emergency_number, DEFAULT_EMERGENCY):
+            if number and number not in seen:
+                seen.append(number)
+        return seen
+
+
+def sim_country(msisdn: str | None) -> str | None:
+    """The region of a SIM's number (E.164), or None if it has none."""
+    if not msisdn:
+        return None
+    try:
+        number = phonenumbers.parse(msisdn, None)
+    except phonenumbers.NumberParseException:
+        return None
+    region = phonenumbers.region_code_for_number(number)
+    return region if region and region != "001" else None
+
+
+def choose_country(
+    lat: float | None,
+    lon: float | None,
+    *,
+    locator: Locator | None,
+    last_known: Callable[[], str | None],
+    msisdn: str | None,
+) -> CountryChoice:
+    """Where is the car, for emergency purposes?
+
+    The car's position decides (territorial waters belong to the coastal
+    country).  At sea, or if the lookup fails, fall back in order to the car's
+    last known country, its SIM's country, and finally no country (the plan
+    default, 112).
+    """
+    location_country: str | None = None
+    why_not = "no position"
+    if lat is not None and lon is not None and locator is not None:
+        try:
+            location_country = locator.country_at(lat, lon)
+            why_not = "position is outside every country (at sea)"
+        except Exception:  # the lookup must never stop a route being chosen
+            log.exception("country lookup failed")
+            why_not = "country lookup failed"
+    if location_country:
+        return CountryChoice(location_country, location_country, "location")
+    try:
+        last = last_known()
+    except Exception:
+        log.exception("last known country unavailable")
+        last = None
+    if last:
+        return CountryChoice(last, None, f"last-known-country ({why_not})")
+    sim = sim_country(msisdn)
+    if sim:
+        return CountryChoice(sim, None, f"sim-country ({why_not}, no last known country)")
+    return CountryChoice(None, None, f"plan-default ({why_not}, no last known or SIM country)")
+
+
+def emergency_route(country: str | None, plan: NumberPlan | None) -> EmergencyRoute:
+    """The emergency route of a country; the plan default (112) if unknown."""
+    entry = None
+    if country and plan is not None:
+        try:
+            entry = plan.get(country)
+        except Exception:
+            log.exception("number plan lookup failed")
+    if entry is None:
+        return EmergencyRoute(
+            country=country,
+            emergency_number=DEFAULT_EMERGENCY,
+            fallback_dial=DEFAULT_EMERGENCY,
+            language="en-GB",
+            source="plan default (112)",
+        )
+    return EmergencyRoute(
+        country=entry.country,
+        emergency_number=entry.emergency_number,
+        fallback_dial=entry.fallback_dial,
+        language=entry.language,
+        source=entry.source,
+    )
+
+
+# -- the voice router -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DialCentre:
+    centre: Centre
+    number: str
+    attempt: int
+    timeout_s: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class DialEmergency:
+    route: EmergencyRoute
+    number: str
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    """Every emergency attempt failed: tell the caller which number to dial."""
+
+    route: EmergencyRoute
+    reason: str
+
+
+Decision = DialCentre | DialEmergency | GiveUp
+
+
+def next_centre_attempt(
+    *,
+    home_country: str | None,
+    route_country: str | None,
+    attempt: int,
+    elapsed_s: float,
+    policy: VoicePolicy,
+    plan: NumberPlan | None,
+    unreachable: Collection[str] = (),
+    roadside: bool = False,
+) -> DialCentre | str:
+    """The next centre to ring, or the reason there is none.
+
+    ``attempt`` is the 1-based number of the attempt being planned.  Centres
+    serving the car's home country come first (they speak the driver's language
+    and know the car), then those serving the country where it is.  Centres known
+    unreachable are skipped.  No attempt starts that could ring past the budget.
+    """
+    if attempt > policy.dial_attempts:
+        return f"{policy.dial_attempts} centre attempt(s) used"
+    remaining = policy.budget_s - elapsed_s
+    timeout = int(min(policy.ring_timeout_s, remaining - TWILIO_RING_SLACK_S))
+    if timeout < MIN_RING_S:
+        return f"time budget of {policy.budget_s}s exhausted after {elapsed_s:.0f}s"
+    if plan is None:
+        return "no number plan"
+    candidates: list[Centre] = []
+    for country in (home_country, route_country):
+        if country:
+            for centre in plan.centres_for(country):
+                if centre not in candidates:
+                    candidates.append(centre)
+    if not candidates:
+        return "no assistance centre serves the car's countries"
+    reachable = [c for c in candidates if c.centre_id not in unreachable]
+    if not reachable:
+        names = ", ".join(c.centre_id for c in candidates)
+        return f"every centre is known unreachable ({names})"
+    centre = reachable[(attempt - 1) % len(reachable)]
+    number = centre.roadside_number if roadside and centre.roadside_number else centre.number
+    skipped = [c.centre_id for c in candidates if c.centre_id in unreachable]
+    reason = f"centre attempt {attempt}/{policy.dial_attempts}, ring {timeout}s"
+    if skipped:
+        reason += f"; skipped unreachable {', '.join(skipped)}"
+    return DialCentre(centre=centre, number=number, attempt=attempt, timeout_s=timeout, reason=reason)
+
+
+def next_emergency_attempt(route: EmergencyRoute, *, attempt: int, policy: VoicePolicy,
+                           reason: str) -> DialEmergency | GiveUp:
+    """Emergency attempt ``attempt`` (1-based): cycle through the route's numbers."""
+    if attempt > policy.emergency_attempts:
+        return GiveUp(route=route, reason=f"{policy.emergency_attempts} emergency attempts failed")
+    numbers = route.dial_sequence()
+    return DialEmergency(
+        route=route, number=numbers[(attempt - 1) % len(numbers)], attempt=attempt, reason=reason
+    )
+
+
+#: DialCallStatus values that mean the centre was not reached
+NOT_REACHED = frozenset({"busy", "no-answer", "failed", "canceled"})
+
+
+def centre_answered(dial_status: str, dial_bridged: str | None, accepted: bool | None) -> bool:
+    """Did a person at the centre take the call?
+
+    ``completed``/``answered`` only count when the agent was bridged: Twilio's
+    ``DialBridged`` says so when present; otherwise the whisper's accept record
+    decides (a voicemail that picked up never pressed the key).  With neither
+    (database down) a completed dial is taken as answered.  Unknown statuses
+    count as not reached: a wrong guess there costs a retry, not a person.
+    """
+    if dial_status not in ("completed", "answered"):
+        return False
+    if dial_bridged is not None and dial_bridged.lower() in ("true", "false"):
+        return dial_bridged.lower() == "true"
+    return accepted is not False

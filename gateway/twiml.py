@@ -1,0 +1,128 @@
+"""Every TwiML document the gateway answers with, as pure functions.
+
+Decision in, ``VoiceResponse`` out.  URLs are passed in by the views (built
+from the configured public URL, so Twilio signs what we validate).  The one
+exception to "built with the twilio library" is :data:`LAST_RESORT`: a constant
+document served when even building TwiML failed.
+"""
+
+from __future__ import annotations
+
+from twilio.twiml.voice_response import VoiceResponse
+
+from gateway import prompts
+from gateway.routing import DialCentre, DialEmergency, GiveUp
+
+#: Served when everything else failed (the library itself, a bug in this module):
+#: dial the international emergency number, which works on every GSM network.
+LAST_RESORT = (
+    '<?xml version="1.0" encoding="UTF-8"?><Response>'
+    '<Say language="en-GB">Connecting you to the emergency services.</Say>'
+    '<Dial answerOnBridge="true"><Number>112</Number></Dial>'
+    "</Response>"
+)
+
+#: the digit the agent presses during the whisper to accept the call
+ACCEPT_DIGIT = "1"
+
+
+def dial_centre(
+    decision: DialCentre,
+    *,
+    action_url: str,
+    whisper_url: str,
+    status_url: str,
+    caller_id: str | None,
+    language: str | None,
+    first: bool,
+) -> VoiceResponse:
+    """Ring the assistance centre; the agent hears the whisper before the bridge."""
+    response = VoiceResponse()
+    text, lang = prompts.say("connecting_centre" if first else "trying_again", language)
+    response.say(text, language=lang)
+    dial = response.dial(
+        action=action_url,
+        method="POST",
+        timeout=decision.timeout_s,
+        answer_on_bridge=True,
+        caller_id=caller_id,
+    )
+    dial.number(
+        decision.number,
+        url=whisper_url,
+        method="POST",
+        status_callback=status_url,
+        status_callback_event="initiated ringing answered completed",
+        status_callback_method="POST",
+    )
+    return response
+
+
+def dial_emergency(
+    decision: DialEmergency,
+    *,
+    action_url: str,
+    status_url: str,
+    caller_id: str | None,
+    language: str | None,
+    announce: str = "connecting_emergency",
+) -> VoiceResponse:
+    """Connect the caller to the emergency route, telling them what is happening."""
+    response = VoiceResponse()
+    text, lang = prompts.say(announce, language)
+    response.say(text, language=lang)
+    dial = response.dial(action=action_url, method="POST", answer_on_bridge=True, caller_id=caller_id)
+    dial.number(
+        decision.number,
+        status_callback=status_url,
+        status_callback_event="initiated ringing answered completed",
+        status_callback_method="POST",
+    )
+    return response
+
+
+def give_up(decision: GiveUp, *, language: str | None) -> VoiceResponse:
+    response = VoiceResponse()
+    number = prompts.spoken_digits(decision.route.emergency_number)
+    text, lang = prompts.say("give_up", language, number=number)
+    response.say(text, language=lang)
+    response.pause(length=1)
+    response.say(text, language=lang)
+    response.hangup()
+    return response
+
+
+def whisper(summary: str, *, accept_url: str, timeout_s: int, language: str = "en-GB") -> VoiceResponse:
+    """Played to the agent only: what happened, then "press 1 to accept".
+
+    A voicemail or an agent who does not press the key is hung up, so the
+    caller's ``<Dial>`` ends unbridged and the router moves on.
+    """
+    response = VoiceResponse()
+    gather = response.gather(
+        num_digits=1, action=accept_url, method="POST", timeout=timeout_s, action_on_empty_result=False
+    )
+    gather.say(summary, language=language)
+    gather.say(f"Press {ACCEPT_DIGIT} to accept this call.", language=language)
+    response.say("Call not accepted.", language=language)
+    response.hangup()
+    return response
+
+
+def whisper_result(accepted: bool, *, language: str = "en-GB") -> VoiceResponse:
+    """An empty document bridges the agent; a hang-up refuses the call."""
+    response = VoiceResponse()
+    if not accepted:
+        response.say("Call not accepted.", language=language)
+        response.hangup()
+    return response
+
+
+def hangup() -> VoiceResponse:
+    response = VoiceResponse()
+    response.hangup()
+    return response
+
+
+def empty() -> VoiceResponse:
+    return VoiceResponse()

@@ -1,0 +1,45 @@
+"""Endpoints for operations: liveness and readiness."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, jsonify
+
+from gateway.app import services
+from gateway.errors import StoreError
+from gateway.security import public
+
+bp = Blueprint("ops", __name__)
+
+
+@bp.get("/healthz")
+@public
+def healthz() -> Any:
+    """The process is alive and answering."""
+    return jsonify(status="ok")
+
+
+@bp.get("/readyz")
+@public
+def readyz() -> Any:
+    """Ready when the database answers and the plan and boundary data are loaded."""
+    svc = services()
+    checks: dict[str, str] = {}
+    try:
+        svc.store.ping()
+        checks["database"] = "ok"
+    except StoreError as exc:
+        checks["database"] = f"unavailable: {exc}"
+    checks["number_plan"] = (
+        f"ok ({len(svc.plan)} countries)" if svc.plan is not None
+        else f"not loaded: {svc.problems.get('number_plan', 'unknown')}"
+    )
+    checks["boundaries"] = (
+        "ok" if svc.locator is not None
+        else f"not loaded: {svc.problems.get('boundaries', 'unknown')}"
+    )
+    ready = all(v.startswith("ok") for v in checks.values())
+    response = jsonify(status="ready" if ready else "not ready", checks=checks)
+    response.status_code = 200 if ready else 503
+    return response

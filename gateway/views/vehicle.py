@@ -1,0 +1,59 @@
+"""The vehicle data API: the car's data message before its voice call."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Blueprint, jsonify, request
+
+from gateway.app import services
+from gateway.errors import StoreError, ValidationError
+from gateway.events import parse_event
+from gateway.incidents import EventConflictError, incident_answer, record_event
+from gateway.security import vehicle_token
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("vehicle", __name__, url_prefix="/v1")
+
+
+def _error(status: int, error: str, detail: str, **extra: Any) -> Any:
+    response = jsonify(error=error, detail=detail, **extra)
+    response.status_code = status
+    return response
+
+
+@bp.post("/events")
+@vehicle_token
+def post_event() -> Any:
+    """Store the event durably, then answer 201 (200 for a replay of the same event_id)."""
+    if not request.is_json:
+        return _error(415, "unsupported_media_type", "send the event as application/json")
+    body = request.get_json(silent=True)
+    try:
+        event = parse_event(body)
+    except ValidationError as exc:
+        return _error(422, "invalid_event", "the event has invalid fields", fields=exc.errors)
+    svc = services()
+    extra_rows = svc.outbox_rows if svc.outbox_rows is not None else None
+    try:
+        incident, created = record_event(
+            event, store=svc.store, locator=svc.locator, plan=svc.plan, extra_rows=extra_rows
+        )
+    except EventConflictError:
+        return _error(409, "event_id_conflict",
+                      "this event_id was already used for a different event",
+                      fields={"event_id": "already used with a different body"})
+    except StoreError:
+        log.exception("event not stored")
+        response = _error(503, "unavailable", "the event was not stored; retry with the same event_id")
+        response.headers["Retry-After"] = "1"
+        return response
+    if created and svc.on_incident is not None:
+        svc.on_incident(incident)
+    body = incident_answer(incident, voice_number=svc.settings.voice_number)
+    body["replayed"] = not created
+    response = jsonify(body)
+    response.status_code = 201 if created else 200
+    return response

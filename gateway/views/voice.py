@@ -1,0 +1,483 @@
+"""Twilio Programmable Voice webhooks for calls from cars (SOS, crash).
+
+The emergency path never fails closed: every view here is wrapped by
+:func:`fail_safe`, which answers any exception with TwiML that dials the
+emergency route, and :data:`gateway.twiml.LAST_RESORT` if even that fails.
+The routing state of a call travels in the (signed) action URLs, so a step can
+be decided with the database down; the database records each step and makes a
+retried step answer exactly as the first time.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, replace
+from typing import Any, TypeVar, cast
+from urllib.parse import parse_qs, urlsplit
+
+import phonenumbers
+from flask import Blueprint, Response, request, url_for
+from twilio.twiml.voice_response import VoiceResponse
+
+from gateway import twiml
+from gateway.app import services
+from gateway.errors import StoreError
+from gateway.events import EMERGENCY_TYPES
+from gateway.logs import call_sid_var
+from gateway.routing import (
+    DialCentre,
+    DialEmergency,
+    EmergencyRoute,
+    centre_answered,
+    emergency_route,
+    next_centre_attempt,
+    next_emergency_attempt,
+    sim_country,
+)
+from gateway.security import twilio_signed
+from gateway.whisper import whisper_summary
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("voice", __name__, url_prefix="/twilio/voice")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+# -- call state carried in action URLs -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CallState:
+    """What a later step needs to know; signed by Twilio along with the URL."""
+
+    i: str = ""  # incident id ("" when the car sent no data message)
+    t0: int = 0  # call arrival, epoch seconds
+    h: str = ""  # home country: the centre that serves it is tried first
+    c: str = ""  # route country: whose emergency route is the fallback
+    n: int = 0  # centre attempts made so far
+    e: int = 0  # emergency attempts made so far
+    p: str = ""  # the caller's CallSid (whisper requests come on the agent's leg)
+
+    @classmethod
+    def parse(cls, args: Mapping[str, str]) -> CallState:
+        """Lenient: a missing or garbled value falls back to its default."""
+        values: dict[str, Any] = {}
+        for name, default in asdict(cls()).items():
+            raw = args.get(name)
+            if raw is None:
+                continue
+            if isinstance(default, int):
+                try:
+                    values[name] = max(0, int(raw))
+                except ValueError:
+                    continue
+            else:
+                values[name] = raw[:64]
+        return cls(**values)
+
+    def params(self) -> dict[str, str]:
+        return {k: str(v) for k, v in asdict(self).items() if v not in ("", 0)}
+
+
+def _url(endpoint: str, state: CallState | None = None, **extra: str) -> str:
+    params = state.params() if state else {}
+    params.update(extra)
+    return services().settings.public_url + url_for(endpoint, **params)
+
+
+def _xml(response: VoiceResponse | str) -> Response:
+    return Response(str(response), status=200, mimetype="text/xml")
+
+
+def _now() -> float:
+    return services().clock()
+
+
+def _since(now: float) -> dt.datetime:
+    """The oldest incident a call may still belong to."""
+    return dt.datetime.fromtimestamp(now - services().settings.incident_window_s, tz=dt.UTC)
+
+
+def _caller_language(state: CallState) -> str | None:
+    plan = services().plan
+    for country in (state.h, state.c):
+        if country and plan is not None:
+            entry = plan.get(country)
+            if entry is not None:
+                return entry.language
+    return None
+
+
+# -- never fail closed -----------------------------------------------------------------
+
+
+def emergency_answer(state: CallState, *, reason: str) -> Response:
+    """TwiML that dials the emergency route of the best country we know."""
+    svc = services()
+    country = state.c or sim_country(_msisdn(request.form.get("From"))) or None
+    route = emergency_route(country, svc.plan)
+    decision = next_emergency_attempt(route, attempt=state.e + 1, policy=svc.settings.voice,
+                                      reason=reason)
+    if not isinstance(decision, DialEmergency):
+        return _xml(twiml.give_up(decision, language=_caller_language(state)))
+    return _xml(_dial_emergency(decision, replace(state, e=decision.attempt, c=route.country or "")))
+
+
+def fail_safe(view: F) -> F:
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        call_sid_var.set(request.form.get("CallSid"))
+        try:
+            return view(*args, **kwargs)
+        except Exception:
+            log.exception("voice step failed; answering with the emergency route")
+        try:
+            return emergency_answer(CallState.parse(request.args), reason="handler error")
+        except Exception:
+            log.exception("emergency answer failed; answering with the last-resort TwiML")
+            return _xml(twiml.LAST_RESORT)
+
+    return cast(F, wrapper)
+
+
+# -- recording steps ---------------------------------------------------------------------
+
+
+def _replay(call_sid: str, step: str) -> Response | None:
+    """A step Twilio retried: answer as the first time."""
+    if not call_sid:
+        return None
+    try:
+        found = services().store.call_step(call_sid, step)
+    except StoreError:
+        return None
+    if found and found.get("twiml"):
+        log.info("replaying step %s", step)
+        return _xml(str(found["twiml"]))
+    return None
+
+
+def _answer(
+    response: VoiceResponse,
+    *,
+    step: str,
+    state: CallState,
+    detail: Mapping[str, Any],
+    decision: Mapping[str, Any] | None = None,
+) -> Response:
+    """Record the step (best effort: the caller is never kept waiting on it)."""
+    call_sid = request.form.get("CallSid", "")
+    body = str(response)
+    if call_sid:
+        try:
+            services().store.record_call_step(
+                call_sid=call_sid,
+                step=step,
+                incident_id=state.i or None,
+                twiml=body,
+                detail=dict(detail),
+                decision=decision,
+            )
+        except StoreError:
+            log.error("could not record step %s; answering anyway", step)
+    return _xml(body)
+
+
+def _msisdn(raw: str | None) -> str | None:
+    if not raw or not raw.startswith("+"):
+        return None
+    try:
+        number = phonenumbers.parse(raw, None)
+    except phonenumbers.NumberParseException:
+        return None
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+# -- routing ------------------------------------------------------------------------------
+
+
+def _dial_emergency(decision: DialEmergency, state: CallState, *, retry: bool = False) -> VoiceResponse:
+    return twiml.dial_emergency(
+        decision,
+        action_url=_url("voice.emergency_result", state),
+        status_url=_url("voice.status", None, **({"i": state.i} if state.i else {})),
+        caller_id=services().settings.emergency_caller_id,
+        language=_caller_language(state),
+        announce="emergency_retry" if retry else "connecting_emergency",
+    )
+
+
+def route_call(state: CallState, *, step: str, why: str, unreachable: frozenset[str]) -> Response:
+    """Ring the next centre, or fall back to the emergency route."""
+    svc = services()
+    attempt = state.n + 1
+    choice = next_centre_attempt(
+        home_country=state.h or None,
+        route_country=state.c or None,
+        attempt=attempt,
+        elapsed_s=max(0.0, _now() - state.t0),
+        policy=svc.settings.voice,
+        plan=svc.plan,
+        unreachable=unreachable,
+    )
+    if isinstance(choice, DialCentre):
+        next_state = replace(state, n=attempt)
+        centre = choice.centre.centre_id
+        response = twiml.dial_centre(
+            choice,
+            action_url=_url("voice.dial_result", next_state),
+            whisper_url=_url("voice.whisper", next_state, centre=centre),
+            status_url=_url("voice.status", None, centre=centre, **({"i": state.i} if state.i else {})),
+            caller_id=None,  # Twilio passes the car's number through to the agent
+            language=_caller_language(state),
+            first=attempt == 1,
+        )
+        decision = {"target": "centre", "number": choice.number, "centre_id": centre,
+                    "reason": f"{why}; {choice.reason}"}
+        return _answer(response, step=step, state=next_state, detail={"why": why},
+                       decision=decision)
+
+    route = emergency_route(state.c or None, svc.plan)
+    emergency = next_emergency_attempt(route, attempt=state.e + 1, policy=svc.settings.voice,
+                                       reason=choice)
+    if not isinstance(emergency, DialEmergency):
+        return _answer(twiml.give_up(emergency, language=_caller_language(state)), step=step,
+                       state=state, detail={"why": why},
+                       decision={"target": "none", "number": None, "reason": emergency.reason})
+    next_state = replace(state, e=emergency.attempt)
+    response = _dial_emergency(emergency, next_state)
+    decision = {"target": "emergency", "number": emergency.number,
+                "reason": f"{why}; {choice}; route of {route.country or 'unknown country'} "
+                          f"({route.source})"}
+    return _answer(response, step=step, state=next_state, detail={"why": why}, decision=decision)
+
+
+def unreachable_centres() -> frozenset[str]:
+    """Centres the breaker knows are down (empty if it cannot tell)."""
+    health = services().centre_health
+    if health is None:
+        return frozenset()
+    try:
+        return frozenset(health.unreachable())
+    except Exception:
+        log.exception("centre health unavailable; trying every centre")
+        return frozenset()
+
+
+# -- the webhooks ------------------------------------------------------------------------
+
+
+@bp.post("")
+@twilio_signed
+@fail_safe
+def incoming() -> Response:
+    """The number's Voice URL: a car calls after (or without) its data message."""
+    svc = services()
+    call_sid = request.form.get("CallSid", "")
+    replay = _replay(call_sid, "voice")
+    if replay:
+        return replay
+    msisdn = _msisdn(request.form.get("From"))
+    now = _now()
+    incident = None
+    why = "no data message from this car"
+    if msisdn:
+        try:
+            incident = svc.store.open_incident_for(
+                msisdn,
+                since=_since(now),
+                types=EMERGENCY_TYPES,
+            )
+        except StoreError:
+            why = "database unavailable: routing from the SIM's country"
+    if incident is not None:
+        state = CallState(i=incident["id"], t0=int(now), h=incident["home_country"] or "",
+                          c=incident["route_country"] or "", p=call_sid)
+        why = f"{incident['type']} incident; route country by {incident['route_reason']}"
+    else:
+        country = sim_country(msisdn) or ""
+        state = CallState(t0=int(now), h=country, c=country, p=call_sid)
+    return route_call(state, step="voice", why=why, unreachable=unreachable_centres())
+
+
+@bp.post("/dial-result")
+@twilio_signed
+@fail_safe
+def dial_result() -> Response:
+    """The centre ``<Dial action>``: done if an agent took the call, else the next try."""
+    svc = services()
+    state = CallState.parse(request.args)
+    call_sid = request.form.get("CallSid", "")
+    step = f"dial-result:{state.n}"
+    replay = _replay(call_sid, step)
+    if replay:
+        return replay
+    status = request.form.get("DialCallStatus", "")
+    accepted: bool | None
+    try:
+        accepted = svc.store.call_step(call_sid, f"accept:{state.n}") is not None
+    except StoreError:
+        accepted = None
+    centre = request.args.get("centre", "")
+    health = svc.centre_health
+    if centre_answered(status, request.form.get("DialBridged"), accepted):
+        if health is not None:
+            health.record_safely(centre, ok=True, reason=f"dial {status}")
+        return _answer(twiml.hangup(), step=step, state=state,
+                       detail={"dial_status": status, "outcome": "answered"})
+    if health is not None and status in ("busy", "no-answer", "failed"):
+        health.record_safely(centre, ok=False, reason=f"dial {status}")
+    why = f"centre attempt {state.n}: {status or 'no status'}"
+    if status in ("completed", "answered"):
+        why += " but no agent accepted (voicemail or no key pressed)"
+    return route_call(state, step=step, why=why, unreachable=unreachable_centres())
+
+
+@bp.post("/emergency-result")
+@twilio_signed
+@fail_safe
+def emergency_result() -> Response:
+    """The emergency ``<Dial action>``: retry the emergency route until it connects."""
+    svc = services()
+    state = CallState.parse(request.args)
+    call_sid = request.form.get("CallSid", "")
+    step = f"emergency-result:{state.e}"
+    replay = _replay(call_sid, step)
+    if replay:
+        return replay
+    status = request.form.get("DialCallStatus", "")
+    if status in ("completed", "answered"):
+        return _answer(twiml.hangup(), step=step, state=state,
+                       detail={"dial_status": status, "outcome": "answered"})
+    route: EmergencyRoute = emergency_route(state.c or None, svc.plan)
+    decision = next_emergency_attempt(route, attempt=state.e + 1, policy=svc.settings.voice,
+                                      reason=f"emergency attempt {state.e}: {status or 'no status'}")
+    if not isinstance(decision, DialEmergency):
+        return _answer(twiml.give_up(decision, language=_caller_language(state)), step=step,
+                       state=state, detail={"dial_status": status},
+                       decision={"target": "none", "number": None, "reason": decision.reason})
+    next_state = replace(state, e=decision.attempt)
+    return _answer(_dial_emergency(decision, next_state, retry=True), step=step, state=next_state,
+                   detail={"dial_status": status},
+                   decision={"target": "emergency", "number": decision.number,
+                             "reason": decision.reason})
+
+
+@bp.post("/whisper")
+@twilio_signed
+@fail_safe
+def whisper() -> Response:
+    """Played to the agent before the bridge: what happened, press 1 to accept."""
+    svc = services()
+    state = CallState.parse(request.args)
+    incident = None
+    if state.i:
+        try:
+            incident = svc.store.incident(state.i)
+        except StoreError:
+            log.error("incident unavailable for the whisper")
+    summary = whisper_summary(incident, plan=svc.plan, sim_country=state.h or None)
+    response = twiml.whisper(
+        summary,
+        accept_url=_url("voice.whisper_accept", state, centre=request.args.get("centre", "")),
+        timeout_s=svc.settings.voice.whisper_accept_timeout_s,
+    )
+    return _xml(response)
+
+
+@bp.post("/whisper/accept")
+@twilio_signed
+@fail_safe
+def whisper_accept() -> Response:
+    """The agent's key: 1 bridges the call; anything else hangs up the agent leg."""
+    svc = services()
+    state = CallState.parse(request.args)
+    accepted = request.form.get("Digits", "") == twiml.ACCEPT_DIGIT
+    parent = state.p or request.form.get("ParentCallSid", "")
+    if accepted and parent:
+        try:
+            svc.store.record_call_step(
+                call_sid=parent,
+                step=f"accept:{state.n}",
+                incident_id=state.i or None,
+                twiml="",
+                detail={"agent_call_sid": request.form.get("CallSid", ""),
+                        "centre": request.args.get("centre", "")},
+            )
+        except StoreError:
+            log.error("could not record the agent's acceptance; bridging anyway")
+    return _xml(twiml.whisper_result(accepted))
+
+
+@bp.post("/status")
+@twilio_signed
+@fail_safe
+def status() -> Response:
+    """Status callbacks: stored by SequenceNumber (they arrive out of order)."""
+    svc = services()
+    form = request.form
+    try:
+        sequence = int(form.get("SequenceNumber", "0"))
+    except ValueError:
+        sequence = 0
+    payload = {k: form[k] for k in (
+        "CallStatus", "Duration", "CallDuration", "SipResponseCode", "Timestamp",
+        "CallbackSource", "SequenceNumber", "To", "Direction", "AnsweredBy",
+    ) if k in form}
+    try:
+        svc.store.record_status({
+            "call_sid": form.get("CallSid", ""),
+            "parent_call_sid": form.get("ParentCallSid"),
+            "callback_source": form.get("CallbackSource", "call-progress-events"),
+            "sequence_number": sequence,
+            "status": form.get("CallStatus", "unknown"),
+            "incident_id": request.args.get("i") or None,
+            "payload": payload,
+        })
+    except StoreError:
+        log.error("could not record a status callback")
+        return Response("database unavailable\n", status=503, mimetype="text/plain")
+    return _xml(twiml.empty())
+
+
+@bp.post("/fallback")
+@twilio_signed
+@fail_safe
+def fallback() -> Response:
+    """Twilio's Fallback URL: our handler failed, so dial the emergency route now."""
+    svc = services()
+    error_url = request.form.get("ErrorUrl", "")
+    state = CallState.parse({k: v[0] for k, v in parse_qs(urlsplit(error_url).query).items()})
+    if not state.c:
+        msisdn = _msisdn(request.form.get("From"))
+        incident = None
+        if msisdn:
+            try:
+                incident = svc.store.open_incident_for(
+                    msisdn,
+                    since=_since(_now()),
+                    types=EMERGENCY_TYPES,
+                )
+            except StoreError:
+                pass
+        if incident is not None:
+            state = replace(state, i=incident["id"], c=incident["route_country"] or "",
+                            h=incident["home_country"] or "")
+        else:
+            state = replace(state, c=sim_country(msisdn) or "")
+    log.warning("fallback URL requested (ErrorCode %s)", request.form.get("ErrorCode", "?"))
+    step = f"fallback:{request.form.get('ErrorCode', '')}:{state.e}"
+    route = emergency_route(state.c or None, svc.plan)
+    decision = next_emergency_attempt(route, attempt=state.e + 1, policy=svc.settings.voice,
+                                      reason=f"Twilio fallback (error {request.form.get('ErrorCode', '?')})")
+    if not isinstance(decision, DialEmergency):
+        return _xml(twiml.give_up(decision, language=_caller_language(state)))
+    next_state = replace(state, e=decision.attempt)
+    return _answer(_dial_emergency(decision, next_state), step=step, state=next_state,
+                   detail={"error_code": request.form.get("ErrorCode", "")},
+                   decision={"target": "emergency", "number": decision.number,
+                             "reason": decision.reason})
