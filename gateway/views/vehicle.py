@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from typing import Any
 
@@ -39,7 +40,8 @@ def post_event() -> Any:
     extra_rows = svc.outbox_rows if svc.outbox_rows is not None else None
     try:
         incident, created = record_event(
-            event, store=svc.store, locator=svc.locator, plan=svc.plan, extra_rows=extra_rows
+            event, store=svc.store, locator=svc.locator, plan=svc.plan, extra_rows=extra_rows,
+            now=dt.datetime.fromtimestamp(svc.clock(), tz=dt.UTC),
         )
     except EventConflictError:
         return _error(409, "event_id_conflict",

@@ -229,7 +229,7 @@ def route_call(state: CallState, *, step: str, why: str, unreachable: frozenset[
         centre = choice.centre.centre_id
         response = twiml.dial_centre(
             choice,
-            action_url=_url("voice.dial_result", next_state),
+            action_url=_url("voice.dial_result", next_state, centre=centre),
             whisper_url=_url("voice.whisper", next_state, centre=centre),
             status_url=_url("voice.status", None, centre=centre, **({"i": state.i} if state.i else {})),
             caller_id=None,  # Twilio passes the car's number through to the agent

@@ -1,0 +1,381 @@
+"""The number plan: per-country emergency numbers and the assistance centres.
+
+The plan is data, kept in a directory of two CSV files (see ``numbers/README.md``):
+
+``countries.csv``
+    one row per ISO 3166-1 alpha-2 code: the emergency number the car dials,
+    the route the gateway dials on fallback, the ``<Say>`` language, the source
+    of the number and, if libphonenumber does not know the number, why it was
+    chosen anyway.
+``centres.csv``
+    the assistance centres, each serving a list of countries (or ``*``) at a
+    priority (1 = primary).
+
+:func:`load_plan` reads and validates both files; any problem raises
+:class:`~gateway.errors.PlanError` naming the file, the line and the reason.
+Nothing is read at import time.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.resources
+import pathlib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import phonenumbers
+
+from gateway.errors import PlanEntryMissingError, PlanError
+
+__all__ = [
+    "CENTRES_FILE",
+    "COUNTRIES_FILE",
+    "DEFAULT_EMERGENCY",
+    "Centre",
+    "CountryEntry",
+    "NumberPlan",
+    "load_plan",
+    "plan_dir_default",
+]
+
+DEFAULT_EMERGENCY = "112"
+"""Dialled when nothing better is known: every 3GPP handset treats 112 as an emergency number."""
+
+COUNTRIES_FILE = "countries.csv"
+CENTRES_FILE = "centres.csv"
+
+COUNTRY_COLUMNS: tuple[str, ...] = (
+    "country",
+    "name",
+    "emergency_number",
+    "fallback_dial",
+    "language",
+    "source",
+    "exception",
+)
+CENTRE_COLUMNS: tuple[str, ...] = (
+    "centre_id",
+    "name",
+    "countries",
+    "priority",
+    "number",
+    "roadside_number",
+    "language",
+)
+
+WILDCARD = "*"
+
+_CODE_RE = re.compile(r"[A-Z]{2}")
+_SHORT_RE = re.compile(r"[0-9]{2,8}")
+_E164_RE = re.compile(r"\+[1-9][0-9]{1,14}")
+_LANGUAGE_RE = re.compile(r"[a-z]{2,3}(?:-[A-Za-z0-9]{2,8})*")
+_CENTRE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+@dataclass(frozen=True)
+class CountryEntry:
+    """One row of ``countries.csv``."""
+
+    country: str
+    name: str
+    emergency_number: str
+    fallback_dial: str
+    language: str
+    source: str
+    exception: str
+
+
+@dataclass(frozen=True)
+class Centre:
+    """One row of ``centres.csv``."""
+
+    centre_id: str
+    name: str
+    countries: frozenset[str]
+    priority: int
+    number: str
+    roadside_number: str
+    language: str
+
+    @property
+    def is_catch_all(self) -> bool:
+        """True if the centre serves every country (``*``)."""
+        return WILDCARD in self.countries
+
+    def serves(self, country: str) -> bool:
+        """True if the centre serves ``country`` (case-insensitive); ``*`` serves all."""
+        return self.is_catch_all or country.strip().upper() in self.countries
+
+
+class NumberPlan:
+    """A loaded, validated number plan."""
+
+    def __init__(
+        self,
+        source: str,
+        entries: Mapping[str, CountryEntry],
+        centres: Sequence[Centre],
+    ) -> None:
+        self.source = source
+        self._entries: dict[str, CountryEntry] = dict(entries)
+        self._centres: tuple[Centre, ...] = tuple(centres)
+
+    def entry(self, country: str) -> CountryEntry:
+        """The entry for ``country`` (case-insensitive); raises PlanEntryMissingError."""
+        found = self.get(country)
+        if found is None:
+            raise PlanEntryMissingError(country)
+        return found
+
+    def get(self, country: str) -> CountryEntry | None:
+        """The entry for ``country`` (case-insensitive), or None."""
+        return self._entries.get(country.strip().upper())
+
+    def centres_for(self, country: str) -> list[Centre]:
+        """Every centre serving ``country``, primary first.
+
+        Ordered by priority, then specific centres before ``*`` centres at the
+        same priority, then by centre_id.
+        """
+        return sorted(
+            (c for c in self._centres if c.serves(country)),
+            key=lambda c: (c.priority, c.is_catch_all, c.centre_id),
+        )
+
+    @property
+    def centres(self) -> list[Centre]:
+        """All centres, in file order."""
+        return list(self._centres)
+
+    def countries(self) -> list[str]:
+        """The country codes in the plan, sorted."""
+        return sorted(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, country: object) -> bool:
+        return isinstance(country, str) and self.get(country) is not None
+
+    def __repr__(self) -> str:
+        return (
+            f"NumberPlan(source={self.source!r}, countries={len(self._entries)}, "
+            f"centres={len(self._centres)})"
+        )
+
+
+def plan_dir_default() -> pathlib.Path:
+    """The packaged plan directory.
+
+    Installed from a wheel, pyproject force-includes ``numbers/`` as
+    ``gateway/_plan``; in a source checkout it is ``numbers/`` next to the
+    ``gateway`` package.
+    """
+    packaged = importlib.resources.files("gateway") / "_plan"
+    if packaged.is_dir():
+        return pathlib.Path(str(packaged))
+    return pathlib.Path(__file__).resolve().parent.parent / "numbers"
+
+
+def load_plan(path: pathlib.Path | None = None) -> NumberPlan:
+    """Load and validate the plan in directory ``path`` (default: :func:`plan_dir_default`).
+
+    ``GATEWAY_NUMBER_PLAN`` is read by the configuration (``Settings.number_plan_dir``)
+    and passed in as ``path``; this function does not read the environment.
+    Raises PlanError naming the file, line and reason for the first problem found.
+    """
+    if path is None:
+        path = plan_dir_default()
+    directory = pathlib.Path(path)
+    if not directory.is_dir():
+        raise PlanError(f"{directory}: number plan directory not found")
+    entries = _load_countries(directory / COUNTRIES_FILE)
+    centres = _load_centres(directory / CENTRES_FILE, entries)
+    return NumberPlan(str(directory), entries, centres)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _fail(file: pathlib.Path, line: int | None, reason: str) -> PlanError:
+    where = f"{file}:{line}" if line is not None else str(file)
+    return PlanError(f"{where}: {reason}")
+
+
+def _read_rows(
+    file: pathlib.Path, columns: tuple[str, ...]
+) -> Iterable[tuple[int, dict[str, str]]]:
+    """Yield (line number, row) for each data row, checking header and field counts."""
+    try:
+        text = file.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise _fail(file, None, "file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _fail(file, None, f"cannot read file: {exc}") from exc
+
+    reader = csv.reader(text.splitlines(keepends=True), strict=True)
+    try:
+        header = next(reader, None)
+        if header is None:
+            raise _fail(file, 1, "file is empty; expected a header row")
+        names = [h.strip() for h in header]
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise _fail(file, 1, f"header is missing column(s) {', '.join(missing)}")
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise _fail(file, 1, f"header repeats column(s) {', '.join(dupes)}")
+        index = {name: names.index(name) for name in columns}
+        for fields in reader:
+            line = reader.line_num
+            if not fields or all(not f.strip() for f in fields):
+                continue
+            if len(fields) != len(names):
+                raise _fail(file, line, f"expected {len(names)} fields, found {len(fields)}")
+            yield line, {name: fields[i].strip() for name, i in index.items()}
+    except csv.Error as exc:
+        raise _fail(file, reader.line_num, f"malformed CSV: {exc}") from exc
+
+
+def _e164_problem(number: str) -> str | None:
+    """None if ``number`` is a valid E.164 number in canonical form, else the reason."""
+    if not _E164_RE.fullmatch(number):
+        return "is not in E.164 form (+ and up to 15 digits, no spaces)"
+    try:
+        parsed = phonenumbers.parse(number, None)
+    except phonenumbers.NumberParseException as exc:
+        return f"does not parse: {exc}"
+    if not phonenumbers.is_valid_number(parsed):
+        return "is not a valid number according to libphonenumber"
+    if phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164) != number:
+        return "is not in canonical E.164 form"
+    return None
+
+
+def _require(file: pathlib.Path, line: int, row: Mapping[str, str], column: str) -> str:
+    value = row[column]
+    if not value:
+        raise _fail(file, line, f"{column} is empty")
+    return value
+
+
+def _load_countries(file: pathlib.Path) -> dict[str, CountryEntry]:
+    entries: dict[str, CountryEntry] = {}
+    lines: dict[str, int] = {}
+    for line, row in _read_rows(file, COUNTRY_COLUMNS):
+        country = _require(file, line, row, "country")
+        if not _CODE_RE.fullmatch(country):
+            raise _fail(
+                file, line, f"country {country!r} is not two upper-case letters (ISO 3166-1)"
+            )
+        if country in entries:
+            raise _fail(
+                file, line, f"duplicate country {country} (first given on line {lines[country]})"
+            )
+        name = _require(file, line, row, "name")
+        emergency = _require(file, line, row, "emergency_number")
+        if not _SHORT_RE.fullmatch(emergency):
+            raise _fail(
+                file,
+                line,
+                f"emergency_number {emergency!r} for {country} must be 2 to 8 digits only",
+            )
+        fallback = _require(file, line, row, "fallback_dial")
+        if fallback.startswith("+"):
+            problem = _e164_problem(fallback)
+            if problem is not None:
+                raise _fail(file, line, f"fallback_dial {fallback!r} for {country} {problem}")
+        elif not _SHORT_RE.fullmatch(fallback):
+            raise _fail(
+                file,
+                line,
+                f"fallback_dial {fallback!r} for {country} must be a short number "
+                "(2 to 8 digits) or an E.164 number",
+            )
+        language = _require(file, line, row, "language")
+        if not _LANGUAGE_RE.fullmatch(language):
+            raise _fail(file, line, f"language {language!r} for {country} is not a language tag")
+        source = _require(file, line, row, "source")
+        entries[country] = CountryEntry(
+            country=country,
+            name=name,
+            emergency_number=emergency,
+            fallback_dial=fallback,
+            language=language,
+            source=source,
+            exception=row["exception"],
+        )
+        lines[country] = line
+    if not entries:
+        raise _fail(file, None, "no country rows")
+    return entries
+
+
+def _load_centres(file: pathlib.Path, entries: Mapping[str, CountryEntry]) -> list[Centre]:
+    centres: list[Centre] = []
+    lines: dict[str, int] = {}
+    for line, row in _read_rows(file, CENTRE_COLUMNS):
+        centre_id = _require(file, line, row, "centre_id")
+        if not _CENTRE_ID_RE.fullmatch(centre_id):
+            raise _fail(file, line, f"centre_id {centre_id!r} may only use A-Z a-z 0-9 _ . -")
+        if centre_id in lines:
+            raise _fail(
+                file,
+                line,
+                f"duplicate centre_id {centre_id} (first given on line {lines[centre_id]})",
+            )
+        name = _require(file, line, row, "name")
+        codes = _require(file, line, row, "countries").split()
+        if WILDCARD in codes and len(codes) > 1:
+            raise _fail(file, line, f"centre {centre_id}: '*' must be the only entry in countries")
+        for code in codes:
+            if code == WILDCARD:
+                continue
+            if not _CODE_RE.fullmatch(code):
+                raise _fail(
+                    file,
+                    line,
+                    f"centre {centre_id}: country {code!r} is not two upper-case letters",
+                )
+            if code not in entries:
+                raise _fail(
+                    file,
+                    line,
+                    f"centre {centre_id}: country {code} is not in {COUNTRIES_FILE}",
+                )
+        raw_priority = _require(file, line, row, "priority")
+        if not re.fullmatch(r"[0-9]{1,6}", raw_priority) or int(raw_priority) < 1:
+            raise _fail(
+                file,
+                line,
+                f"centre {centre_id}: priority {raw_priority!r} is not a positive integer",
+            )
+        numbers: dict[str, str] = {}
+        for column in ("number", "roadside_number"):
+            value = _require(file, line, row, column)
+            problem = _e164_problem(value)
+            if problem is not None:
+                raise _fail(file, line, f"centre {centre_id}: {column} {value!r} {problem}")
+            numbers[column] = value
+        language = _require(file, line, row, "language")
+        if not _LANGUAGE_RE.fullmatch(language):
+            raise _fail(
+                file, line, f"centre {centre_id}: language {language!r} is not a language tag"
+            )
+        centres.append(
+            Centre(
+                centre_id=centre_id,
+                name=name,
+                countries=frozenset(codes),
+                priority=int(raw_priority),
+                number=numbers["number"],
+                roadside_number=numbers["roadside_number"],
+                language=language,
+            )
+        )
+        lines[centre_id] = line
+    if not centres:
+        raise _fail(file, None, "no centre rows")
+    return centres

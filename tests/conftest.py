@@ -1,0 +1,117 @@
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from werkzeug.test import TestResponse
+
+from gateway.app import create_app
+from gateway.config import Settings
+from gateway.plan import NumberPlan, load_plan
+from gateway.store import Store
+from tests.support.fakes import NORDIC_BOXES, BoxLocator
+from tests.support.twilio import AUTH_TOKEN, VEHICLE_TOKEN, path_of, signature
+
+PUBLIC_URL = "https://gateway.example.com"
+
+
+@pytest.fixture(scope="session")
+def plan() -> NumberPlan:
+    return load_plan()
+
+
+@pytest.fixture
+def settings(tmp_path: Any) -> Settings:
+    return Settings.from_env({
+        "GATEWAY_TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+        "GATEWAY_PUBLIC_URL": PUBLIC_URL,
+        "GATEWAY_DATABASE_URL": f"sqlite:///{tmp_path}/gateway.sqlite3",
+        "GATEWAY_VEHICLE_API_TOKENS": VEHICLE_TOKEN,
+        "GATEWAY_AGENT_API_TOKENS": "agent-token-0123456789abcdef:read+dispatch",
+    })
+
+
+class Clock:
+    def __init__(self, now: float | None = None) -> None:
+        self.now = float(int(time.time())) if now is None else now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def make_app(settings: Settings, plan: NumberPlan, clock: Clock) -> Callable[..., Flask]:
+    def build(**overrides: Any) -> Flask:
+        app_settings = overrides.pop("settings", settings)
+        kwargs: dict[str, Any] = {"plan": plan, "locator": BoxLocator(NORDIC_BOXES), "clock": clock}
+        kwargs.update(overrides)
+        return create_app(app_settings, **kwargs)
+
+    return build
+
+
+@pytest.fixture
+def app(make_app: Callable[..., Flask]) -> Flask:
+    return make_app()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+class Twilio:
+    """Plays Twilio: posts signed webhooks to the app, as Twilio would."""
+
+    def __init__(self, client: FlaskClient, public_url: str = PUBLIC_URL) -> None:
+        self.client = client
+        self.public_url = public_url
+
+    def post(self, url_or_path: str, params: dict[str, str], *, sign: bool = True) -> TestResponse:
+        url = url_or_path if url_or_path.startswith("http") else self.public_url + url_or_path
+        headers = {"X-Twilio-Signature": signature(url, params)} if sign else {}
+        return self.client.post(path_of(url), data=params, headers=headers)
+
+
+@pytest.fixture
+def twilio(client: FlaskClient) -> Twilio:
+    return Twilio(client)
+
+
+@pytest.fixture
+def vehicle_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {VEHICLE_TOKEN}"}
+
+
+def postgres_url() -> str | None:
+    """PostgreSQL for tests: required in CI, optional on a developer's machine."""
+    return os.environ.get("GATEWAY_TEST_POSTGRES_URL")
+
+
+@pytest.fixture
+def pg_store() -> Iterator[Store]:
+    url = postgres_url()
+    if not url:
+        if os.environ.get("CI"):
+            pytest.fail("CI must provide PostgreSQL: set GATEWAY_TEST_POSTGRES_URL")
+        pytest.skip("PostgreSQL not configured: set GATEWAY_TEST_POSTGRES_URL to run this test")
+    from gateway.store import metadata
+
+    store = Store.from_url(url)
+    metadata.drop_all(store.engine)
+    store.create_schema()
+    yield store
+    store.dispose()

@@ -1,0 +1,155 @@
+"""Injected faults: whatever breaks, an SOS or crash call still reaches a person."""
+
+from __future__ import annotations
+
+import csv
+import xml.etree.ElementTree as ET
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from gateway import twiml
+from gateway.plan import NumberPlan, load_plan
+from gateway.store import Store
+from tests.conftest import PUBLIC_URL, Twilio
+from tests.support.events import SWEDISH_CAR, crash_event
+from tests.support.fakes import RaisingLocator
+from tests.support.twilio import call_params, dial_of, dialled_number, parse
+
+SOS = {"type": "sos"}
+
+
+def reaches_a_person(xml: bytes, plan: NumberPlan | None = None) -> str:
+    """The TwiML dials a number: a centre or an emergency route. Returns it."""
+    root = parse(xml)
+    number = dialled_number(root)
+    assert number.startswith("+") or number.isdigit()
+    return number
+
+
+def broken_store() -> Store:
+    """PostgreSQL on a port where nothing listens: every query fails at once."""
+    return Store.from_url("postgresql://gateway@127.0.0.1:9/none")
+
+
+def plan_without(tmp_path: Path, *countries: str) -> NumberPlan:
+    source = load_plan().source
+    target = tmp_path / "plan"
+    shutil.copytree(source, target)
+    path = target / "countries.csv"
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+        fields = list(rows[0].keys())
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(r for r in rows if r["country"] not in countries)
+    return load_plan(target)
+
+
+def test_database_down_sos_call_still_dials_a_person(make_app: Any, plan: NumberPlan) -> None:
+    app = make_app(store=broken_store())
+    twilio = Twilio(app.test_client())
+    response = twilio.post("/twilio/voice", call_params("CA1", SWEDISH_CAR["msisdn"]))
+    assert response.status_code == 200
+    assert reaches_a_person(response.data) == plan.centres_for("SE")[0].number
+    # ... and the centre not answering still leads to the emergency route
+    root = parse(response.data)
+    for _ in range(3):
+        root = parse(twilio.post(dial_of(root).get("action", ""),
+                                 call_params("CA1", SWEDISH_CAR["msisdn"],
+                                             DialCallStatus="no-answer")).data)
+        if "emergency-result" in dial_of(root).get("action", ""):
+            break
+    assert dialled_number(root) == plan.entry("SE").fallback_dial
+
+
+def test_database_down_event_is_refused_not_lost(make_app: Any,
+                                                 vehicle_headers: dict[str, str]) -> None:
+    app = make_app(store=broken_store())
+    response = app.test_client().post("/v1/events", json=crash_event(), headers=vehicle_headers)
+    assert response.status_code == 503
+    assert response.headers["Retry-After"]
+    assert app.test_client().get("/readyz").status_code == 503
+
+
+def test_database_lost_between_event_and_call(app: Flask, client: FlaskClient,
+                                              vehicle_headers: dict[str, str], plan: NumberPlan) -> None:
+    assert client.post("/v1/events", json=crash_event(**SOS), headers=vehicle_headers).status_code == 201
+    app.extensions["gateway"].store = broken_store()
+    response = Twilio(client).post("/twilio/voice", call_params("CA2", SWEDISH_CAR["msisdn"]))
+    assert reaches_a_person(response.data) == plan.centres_for("SE")[0].number
+
+
+def test_lookup_raising_still_routes(make_app: Any, vehicle_headers: dict[str, str],
+                                     plan: NumberPlan) -> None:
+    app = make_app(locator=RaisingLocator())
+    client = app.test_client()
+    body = client.post("/v1/events", json=crash_event(**SOS), headers=vehicle_headers).json
+    assert body["route_country"] == "SE"
+    assert "lookup failed" in body["route_reason"]
+    response = Twilio(client).post("/twilio/voice", call_params("CA3", SWEDISH_CAR["msisdn"]))
+    assert reaches_a_person(response.data) == plan.centres_for("SE")[0].number
+
+
+def test_missing_boundary_data_still_routes(make_app: Any, vehicle_headers: dict[str, str]) -> None:
+    app = make_app(locator=None)
+    client = app.test_client()
+    body = client.post("/v1/events", json=crash_event(), headers=vehicle_headers).json
+    assert body["route_country"] == "SE" and body["emergency_number"] == "112"
+    assert client.get("/readyz").status_code == 503
+
+
+def test_plan_entry_missing_dials_the_default_emergency_number(
+    make_app: Any, tmp_path: Path, vehicle_headers: dict[str, str], clock: Any
+) -> None:
+    app = make_app(plan=plan_without(tmp_path, "DK", "SE"))
+    client = app.test_client()
+    body = client.post("/v1/events", json=crash_event(), headers=vehicle_headers).json
+    assert body["emergency_number"] == "112"
+    twilio = Twilio(client)
+    root = parse(twilio.post("/twilio/voice", call_params("CA4", SWEDISH_CAR["msisdn"])).data)
+    reaches_a_person(ET.tostring(root))  # a catch-all centre still serves the car
+    clock.advance(3600)  # the centre never answers; the budget is gone
+    root = parse(twilio.post(dial_of(root).get("action", ""),
+                             call_params("CA4", SWEDISH_CAR["msisdn"], DialCallStatus="busy")).data)
+    assert dialled_number(root) == "112"
+
+
+def test_plan_not_loaded_at_all(make_app: Any) -> None:
+    app = make_app(plan=None)
+    response = Twilio(app.test_client()).post("/twilio/voice", call_params("CA5", "+4930901820"))
+    assert reaches_a_person(response.data) == "112"
+
+
+class ExplodingPlan:
+    """A plan whose every method raises: a bug anywhere in routing."""
+
+    source = "exploding"
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError(f"bug in plan.{name}")
+
+    def __len__(self) -> int:
+        return 0
+
+
+@pytest.mark.parametrize("path", ["/twilio/voice", "/twilio/voice/dial-result?c=DK&n=1",
+                                  "/twilio/voice/emergency-result?c=DK&e=1",
+                                  "/twilio/voice/fallback"])
+def test_a_bug_in_a_handler_still_dials_emergency(make_app: Any, path: str) -> None:
+    app = make_app(plan=ExplodingPlan())
+    params = call_params("CA6", SWEDISH_CAR["msisdn"], DialCallStatus="failed")
+    response = Twilio(app.test_client()).post(PUBLIC_URL + path, params)
+    assert response.status_code == 200
+    assert reaches_a_person(response.data) in {"112"}
+
+
+def test_last_resort_twiml_dials_112() -> None:
+    root = parse(twiml.LAST_RESORT)
+    assert dialled_number(root) == "112"
+    assert dial_of(root).get("answerOnBridge") == "true"
