@@ -467,9 +467,9 @@ CENTRE_ERRORS = [
         id="duplicate-centre",
     ),
     pytest.param(
-        _bad(GOOD_CENTRES, 2, _centre("zeta", "DE JP", 2, 1)),
+        _bad(GOOD_CENTRES, 2, _centre("zeta", "DE UK", 2, 1)),
         2,
-        "country JP is not in countries.csv",
+        "country UK is neither in countries.csv nor a known country code",
         id="unknown-country",
     ),
     pytest.param(
@@ -509,6 +509,15 @@ def test_centres_errors(
     message = str(info.value)
     assert message.startswith(f"{tmp_path / 'centres.csv'}:{line}:"), message
     assert reason in message
+
+
+def test_centre_may_name_a_known_country_without_a_row(tmp_path: pathlib.Path) -> None:
+    # A plan may leave a country out (routing then uses DEFAULT_EMERGENCY);
+    # its centres still serve it.
+    _write(tmp_path, GOOD_COUNTRIES, GOOD_CENTRES + [_centre("nordic", "SE DK", 1, 6)])
+    plan = load_plan(tmp_path)
+    assert plan.get("SE") is None
+    assert [c.centre_id for c in plan.centres_for("se")] == ["nordic", "star-1", "star-9"]
 
 
 def test_line_numbers_count_quoted_newlines(tmp_path: pathlib.Path) -> None:
