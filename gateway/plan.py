@@ -67,6 +67,13 @@ CENTRE_COLUMNS: tuple[str, ...] = (
 
 WILDCARD = "*"
 
+# Codes a centre may name without a countries.csv row (a plan may leave a country
+# out; routing then uses DEFAULT_EMERGENCY). Catches typos such as UK or EL.
+# libphonenumber's regions plus the ISO 3166-1 codes it has no metadata for.
+_KNOWN_CODES = frozenset(phonenumbers.SUPPORTED_REGIONS) | frozenset(
+    {"AQ", "BV", "GS", "HM", "PN", "TF", "UM"}
+)
+
 _CODE_RE = re.compile(r"[A-Z]{2}")
 _SHORT_RE = re.compile(r"[0-9]{2,8}")
 _E164_RE = re.compile(r"\+[1-9][0-9]{1,14}")
@@ -339,11 +346,12 @@ def _load_centres(file: pathlib.Path, entries: Mapping[str, CountryEntry]) -> li
                     line,
                     f"centre {centre_id}: country {code!r} is not two upper-case letters",
                 )
-            if code not in entries:
+            if code not in entries and code not in _KNOWN_CODES:
                 raise _fail(
                     file,
                     line,
-                    f"centre {centre_id}: country {code} is not in {COUNTRIES_FILE}",
+                    f"centre {centre_id}: country {code} is neither in {COUNTRIES_FILE} "
+                    "nor a known country code",
                 )
         raw_priority = _require(file, line, row, "priority")
         if not re.fullmatch(r"[0-9]{1,6}", raw_priority) or int(raw_priority) < 1:
