@@ -37,6 +37,8 @@ class Services:
     outbox_rows: Any = None
     #: called after a new incident is committed (wakes the delivery worker)
     on_incident: Callable[[dict[str, Any]], None] | None = None
+    worker: Any = None
+    metrics: Any = None
     #: what failed to load at start-up (the app still serves the emergency path)
     problems: dict[str, str] = field(default_factory=dict)
 
@@ -59,6 +61,24 @@ def load_plan_or_none(settings: Settings, problems: dict[str, str]) -> NumberPla
         log.exception("number plan failed to load")
         problems["number_plan"] = f"{type(exc).__name__}: {exc}"
         return None
+
+
+def build_health(settings: Settings, store: Store, plan: NumberPlan | None,
+                 clock: Callable[[], float] = time.time) -> Any:
+    from gateway.centre_health import CentreHealth
+
+    try:
+        centre_ids = [c.centre_id for c in plan.centres] if plan is not None else []
+    except Exception:  # noqa: BLE001 - a broken plan must not stop the app
+        log.exception("could not list the plan's centres")
+        centre_ids = []
+    return CentreHealth(
+        store,
+        centre_ids=centre_ids,
+        failure_threshold=settings.delivery.breaker_failures,
+        open_for_s=settings.delivery.breaker_open_s,
+        clock=clock,
+    )
 
 
 def create_app(
@@ -85,6 +105,13 @@ def create_app(
     if locator is _UNSET:
         locator = load_locator_or_none(settings, problems)
 
+    from gateway import delivery
+    from gateway.metrics import Metrics
+
+    clock = clock or time.time
+    health = build_health(settings, store, plan, clock)
+    worker = delivery.build_worker(settings, store, health, clock) if start_worker else None
+
     app = Flask("gateway")
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
     app.extensions["gateway"] = Services(
@@ -92,9 +119,16 @@ def create_app(
         store=store,
         plan=plan,
         locator=locator,
-        clock=clock or time.time,
+        clock=clock,
         problems=problems,
+        centre_health=health,
+        outbox_rows=delivery.outbox_rows,
+        on_incident=(lambda _incident: worker.wake.set()) if worker else None,
+        worker=worker,
+        metrics=Metrics(),
     )
+    if worker is not None:
+        worker.start_thread()
 
     from gateway.views import ops, vehicle, voice
 

@@ -54,6 +54,46 @@ class VoicePolicy:
 
 
 @dataclass(frozen=True)
+class DeliveryPolicy:
+    """How incidents reach the centre's API (the outbox worker)."""
+
+    #: one HTTP attempt may take this long (connect + read), seconds
+    timeout_s: float = 5.0
+    #: first gap between attempts; it doubles (with jitter) up to ``backoff_max_s``
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    #: one delivery pass retries for at most this long before the row is rescheduled
+    budget_s: float = 60.0
+    #: how often the worker looks for due rows when nothing wakes it, seconds
+    poll_s: float = 1.0
+    #: deliveries in flight at once
+    concurrency: int = 4
+    #: consecutive failures that mark the centre unreachable, and for how long
+    breaker_failures: int = 3
+    breaker_open_s: float = 30.0
+
+    @property
+    def lease_s(self) -> float:
+        """A claimed row is another worker's again after this (its worker died)."""
+        return self.budget_s + self.timeout_s + 5.0
+
+    def validate(self) -> None:
+        if not 0.1 <= self.timeout_s <= 60:
+            raise ConfigError("GATEWAY_DELIVERY_TIMEOUT_S: must be between 0.1 and 60")
+        if not 0.01 <= self.backoff_initial_s <= self.backoff_max_s:
+            raise ConfigError("GATEWAY_DELIVERY_BACKOFF_INITIAL_S: must be at least 0.01 "
+                              "and at most GATEWAY_DELIVERY_BACKOFF_MAX_S")
+        if not self.backoff_max_s <= 300:
+            raise ConfigError("GATEWAY_DELIVERY_BACKOFF_MAX_S: must be at most 300")
+        if not 1 <= self.budget_s <= 3600:
+            raise ConfigError("GATEWAY_DELIVERY_BUDGET_S: must be between 1 and 3600")
+        if not 1 <= self.concurrency <= 32:
+            raise ConfigError("GATEWAY_DELIVERY_CONCURRENCY: must be between 1 and 32")
+        if not 1 <= self.breaker_failures <= 100:
+            raise ConfigError("GATEWAY_BREAKER_FAILURES: must be between 1 and 100")
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the gateway needs to know about its environment."""
 
@@ -74,6 +114,7 @@ class Settings:
     #: how long an incident stays "open" for a call from the car, seconds
     incident_window_s: int = 3600
     voice: VoicePolicy = field(default_factory=VoicePolicy)
+    delivery: DeliveryPolicy = field(default_factory=DeliveryPolicy)
 
     @classmethod
     def from_env(
@@ -96,6 +137,20 @@ class Settings:
             ),
         )
         voice.validate()
+        delivery = DeliveryPolicy(
+            timeout_s=reader.number("GATEWAY_DELIVERY_TIMEOUT_S", DeliveryPolicy.timeout_s),
+            backoff_initial_s=reader.number("GATEWAY_DELIVERY_BACKOFF_INITIAL_S",
+                                            DeliveryPolicy.backoff_initial_s),
+            backoff_max_s=reader.number("GATEWAY_DELIVERY_BACKOFF_MAX_S",
+                                        DeliveryPolicy.backoff_max_s),
+            budget_s=reader.number("GATEWAY_DELIVERY_BUDGET_S", DeliveryPolicy.budget_s),
+            poll_s=reader.number("GATEWAY_DELIVERY_POLL_S", DeliveryPolicy.poll_s),
+            concurrency=reader.integer("GATEWAY_DELIVERY_CONCURRENCY", DeliveryPolicy.concurrency),
+            breaker_failures=reader.integer("GATEWAY_BREAKER_FAILURES",
+                                            DeliveryPolicy.breaker_failures),
+            breaker_open_s=reader.number("GATEWAY_BREAKER_OPEN_S", DeliveryPolicy.breaker_open_s),
+        )
+        delivery.validate()
         settings = cls(
             twilio_auth_token=token,
             public_url=reader.url("GATEWAY_PUBLIC_URL", default="http://127.0.0.1:8080"),
@@ -109,6 +164,7 @@ class Settings:
             emergency_caller_id=reader.e164("GATEWAY_EMERGENCY_CALLER_ID"),
             incident_window_s=reader.integer("GATEWAY_INCIDENT_WINDOW_S", 3600),
             voice=voice,
+            delivery=delivery,
         )
         for t in settings.vehicle_api_tokens | set(settings.agent_api_tokens):
             if len(t) < 16:
@@ -140,6 +196,12 @@ class _Reader:
 
     def integer(self, name: str, default: int) -> int:
         return self._parse(name, default, int, "a whole number")
+
+    def number(self, name: str, default: float) -> float:
+        value = self._parse(name, default, float, "a number")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{name}: must be a finite number")
+        return value
 
     def url(self, name: str, *, default: str | None) -> str:
         raw = self.text(name)

@@ -132,6 +132,7 @@ class Store:
             raise StoreError(f"database error: {type(exc).__name__}") from exc
 
     def create_schema(self) -> None:
+        register_tables()
         try:
             metadata.create_all(self.engine)
         except SQLAlchemyError as exc:
@@ -304,6 +305,18 @@ class Store:
         )
         with self.begin() as conn:
             return _row(conn.execute(query).first())
+
+
+#: modules that define tables on ``metadata`` besides this one
+TABLE_MODULES = ("gateway.delivery", "gateway.centre_health")
+
+
+def register_tables() -> None:
+    """Import every module that defines tables, so create_all sees them all."""
+    import importlib
+
+    for name in TABLE_MODULES:
+        importlib.import_module(name)
 
 
 def _row(found: sa.Row[Any] | None) -> dict[str, Any] | None:

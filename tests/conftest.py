@@ -108,7 +108,9 @@ def pg_store() -> Iterator[Store]:
         if os.environ.get("CI"):
             pytest.fail("CI must provide PostgreSQL: set GATEWAY_TEST_POSTGRES_URL")
         pytest.skip("PostgreSQL not configured: set GATEWAY_TEST_POSTGRES_URL to run this test")
-    from gateway.store import metadata
+    from gateway.store import metadata, register_tables
+
+    register_tables()
 
     store = Store.from_url(url)
     metadata.drop_all(store.engine)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, Response, jsonify
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.app import services
 from gateway.errors import StoreError
@@ -43,3 +44,12 @@ def readyz() -> Any:
     response = jsonify(status="ready" if ready else "not ready", checks=checks)
     response.status_code = 200 if ready else 503
     return response
+
+
+@bp.get("/metrics")
+@public
+def metrics() -> Response:
+    """Prometheus text format; counts and states only, never caller data."""
+    svc = services()
+    body = svc.metrics.render(worker=svc.worker, health=svc.centre_health)
+    return Response(body, mimetype=CONTENT_TYPE_LATEST.split(";")[0])

@@ -51,6 +51,10 @@ class PlanWithout:
     def centres_for(self, country: str) -> Any:
         return self.plan.centres_for(country)
 
+    @property
+    def centres(self) -> Any:
+        return self.plan.centres
+
     def __len__(self) -> int:
         return len(self.plan) - len(self.missing)
 

@@ -1,0 +1,139 @@
+"""Is the assistance centre reachable?  A circuit breaker kept in the database.
+
+Every gateway instance sharing the database sees the same state.  Two kinds of key:
+
+- ``api``: the centre's incident API (``GATEWAY_ASSISTANCE_URL``), fed by deliveries.
+  The API is the centre's own systems: when it is down, every centre line is taken as
+  unreachable, so a crash call goes to the emergency route at once instead of ringing
+  into a dead centre.
+- a centre id from the number plan, fed by ``<Dial>`` outcomes of that line.
+
+States: ``closed`` (reachable), ``open`` (skip it) after ``failure_threshold``
+consecutive failures, ``half_open`` after ``open_for_s``: exactly one caller, across
+all instances, claims the probe (an atomic conditional UPDATE); its success closes the
+breaker, its failure opens it again.  A successful delivery closes the ``api`` breaker.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable, Iterable
+
+import sqlalchemy as sa
+
+from gateway.store import TS, Store, as_utc, metadata
+
+log = logging.getLogger(__name__)
+
+API = "api"
+
+centre_health = sa.Table(
+    "centre_health",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("failures", sa.Integer, nullable=False),
+    sa.Column("opened_at", TS),
+    sa.Column("probe_until", TS),
+    sa.Column("updated_at", TS, nullable=False),
+    sa.Column("last_reason", sa.String(200)),
+)
+
+
+class CentreHealth:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        centre_ids: Iterable[str],
+        failure_threshold: int = 3,
+        open_for_s: float = 30.0,
+        probe_window_s: float = 60.0,
+        clock: Callable[[], float],
+    ) -> None:
+        self.store = store
+        self.centre_ids = frozenset(centre_ids)
+        self.failure_threshold = failure_threshold
+        self.open_for = dt.timedelta(seconds=open_for_s)
+        self.probe_window = dt.timedelta(seconds=probe_window_s)
+        self.clock = clock
+
+    def _now(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self.clock(), tz=dt.UTC)
+
+    def record(self, key: str, *, ok: bool, reason: str) -> None:
+        """Feed one outcome; raises StoreError."""
+        now = self._now()
+        table = centre_health
+        with self.store.begin() as conn:
+            row = conn.execute(sa.select(table).where(table.c.key == key)).first()
+            if row is None:
+                try:
+                    with conn.begin_nested():
+                        conn.execute(table.insert().values(
+                            key=key, state="closed", failures=0, updated_at=now))
+                except sa.exc.IntegrityError:
+                    pass  # another instance created it
+            if ok:
+                conn.execute(table.update().where(table.c.key == key).values(
+                    state="closed", failures=0, opened_at=None, probe_until=None,
+                    updated_at=now, last_reason=reason[:200]))
+                if row is not None and row.state != "closed":
+                    log.warning("centre %s reachable again (%s)", key, reason)
+                return
+            # a failure: count it atomically, open at the threshold or after a failed probe
+            conn.execute(table.update().where(table.c.key == key).values(
+                failures=table.c.failures + 1, updated_at=now, last_reason=reason[:200]))
+            conn.execute(
+                table.update()
+                .where(table.c.key == key, table.c.state != "open",
+                       sa.or_(table.c.failures >= self.failure_threshold,
+                              table.c.state == "half_open"))
+                .values(state="open", opened_at=now, probe_until=None))
+            state = conn.execute(sa.select(table.c.state).where(table.c.key == key)).scalar()
+        if state == "open":
+            log.warning("centre %s known unreachable (%s)", key, reason)
+
+    def record_safely(self, key: str, *, ok: bool, reason: str) -> None:
+        """Feed an outcome from a webhook: never raises."""
+        if not key:
+            return
+        try:
+            self.record(key, ok=ok, reason=reason)
+        except Exception:
+            log.exception("could not record centre health for %s", key)
+
+    def unreachable(self) -> set[str]:
+        """Centre ids to skip now.  May claim a half-open probe for the caller."""
+        now = self._now()
+        table = centre_health
+        down: set[str] = set()
+        with self.store.begin() as conn:
+            rows = conn.execute(sa.select(table).where(table.c.state != "closed")).all()
+            for row in rows:
+                opened = as_utc(row.opened_at) or now
+                probe_until = as_utc(row.probe_until)
+                probing = row.state == "half_open" and probe_until is not None and probe_until > now
+                if probing or (row.state == "open" and now - opened < self.open_for):
+                    down.add(row.key)
+                    continue
+                # open long enough, or a probe that never reported: claim the probe
+                claimed = conn.execute(
+                    table.update()
+                    .where(table.c.key == row.key, table.c.state == row.state,
+                           table.c.updated_at == row.updated_at)
+                    .values(state="half_open", probe_until=now + self.probe_window,
+                            updated_at=now)).rowcount
+                if claimed != 1:
+                    down.add(row.key)  # another caller probes it
+                else:
+                    log.info("probing centre %s", row.key)
+        if API in down:
+            return set(self.centre_ids) | (down - {API})
+        return down
+
+    def states(self) -> dict[str, str]:
+        query = sa.select(centre_health.c.key, centre_health.c.state)
+        with self.store.begin() as conn:
+            return {key: state for key, state in conn.execute(query)}
