@@ -84,7 +84,7 @@ class CallState:
 
 
 def _url(endpoint: str, state: CallState | None = None, **extra: str) -> str:
-    params = state.params() if state else {}
+    params: dict[str, Any] = state.params() if state else {}
     params.update(extra)
     return services().settings.public_url + url_for(endpoint, **params)
 

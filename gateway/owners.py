@@ -1,0 +1,826 @@
+"""The vehicle registry: owners, PINs, PIN lockout, immobiliser, tracking and audit.
+
+PINs
+    4 to 8 ASCII digits, gathered by DTMF.  Stored only as a salted scrypt hash
+    (:class:`PinHasher`), compared with :func:`hmac.compare_digest`.  No PIN
+    digit is ever logged, written to the database or put in an exception
+    message; the audit records *that* an attempt happened and its outcome.
+
+Lockout
+    Kept in the ``pin_failures`` table so it holds across calls and across
+    gateway processes sharing the database.  An attempt is *charged* before the
+    slow hash is checked, with one conditional ``UPDATE`` that only succeeds
+    while the vehicle is not locked; the charge that reaches the limit also sets
+    ``locked_until``.  So however many calls guess at the same time, at most
+    ``max_failures`` guesses are checked per lock window, and a process that dies
+    mid-check leaves a lock that expires rather than a stuck state.  A correct
+    PIN clears the count (and a lock set by concurrent guesses it raced with).
+
+Lookup code
+    Callers phoning from an unregistered number identify the car with its
+    *lookup code*: an 8-digit customer number (7 random digits and a Luhn check
+    digit, so a mistyped code is rejected without a database query).  It is an
+    identifier, not a secret; the PIN is what authenticates.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import phonenumbers
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from gateway.errors import GatewayError, StoreError, ValidationError
+from gateway.store import TS, Store, as_utc, metadata
+
+log = logging.getLogger(__name__)
+
+# -- tables ---------------------------------------------------------------------------
+
+vehicles = sa.Table(
+    "vehicles",
+    metadata,
+    sa.Column("vin", sa.String(17), primary_key=True),
+    sa.Column("car_msisdn", sa.String(20), unique=True),
+    sa.Column("owner_phone", sa.String(20), index=True),
+    sa.Column("owner_name", sa.String(200), nullable=False),
+    sa.Column("market", sa.String(2), nullable=False),
+    sa.Column("language", sa.String(16)),
+    sa.Column("purchase_date", sa.Date, nullable=False),
+    sa.Column("serviced_regularly", sa.Boolean, nullable=False, default=False),
+    sa.Column("lookup_code", sa.String(16), nullable=False, unique=True),
+    sa.Column("pin_hash", sa.Text),
+    sa.Column("immobilised", sa.Boolean, nullable=False, default=False),
+    sa.Column("immobilised_by", sa.String(100)),
+    sa.Column("immobilised_reference", sa.String(100)),
+    sa.Column("immobilised_at", TS),
+    sa.Column("reactivated_by", sa.String(100)),
+    sa.Column("reactivated_at", TS),
+    sa.Column("tracking", sa.Boolean, nullable=False, default=False),
+    sa.Column("tracking_started_by", sa.String(100)),
+    sa.Column("tracking_police_reference", sa.String(100)),
+    sa.Column("tracking_started_at", TS),
+    sa.Column("updated_at", TS, nullable=False),
+)
+
+pin_failures = sa.Table(
+    "pin_failures",
+    metadata,
+    sa.Column("vin", sa.String(17), primary_key=True),
+    sa.Column("failures", sa.Integer, nullable=False, default=0),
+    sa.Column("locked_until", TS),
+    sa.Column("updated_at", TS, nullable=False),
+)
+
+audit = sa.Table(
+    "audit",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", TS, nullable=False),
+    sa.Column("vin", sa.String(17), nullable=False, index=True),
+    sa.Column("actor", sa.String(100), nullable=False),
+    sa.Column("action", sa.String(40), nullable=False),
+    sa.Column("detail", sa.JSON, nullable=False),
+)
+
+# -- errors ---------------------------------------------------------------------------
+
+
+class UnknownVehicleError(GatewayError, LookupError):
+    """No vehicle is registered under this VIN."""
+
+    def __init__(self, vin: str) -> None:
+        super().__init__(f"no vehicle registered with VIN {vin!r}")
+        self.vin = vin
+
+
+# -- PIN hashing ----------------------------------------------------------------------
+
+_PIN_RE = re.compile(r"[0-9]{4,8}", re.ASCII)
+#: deliberately free of digits, so it cannot echo a PIN even by accident
+_PIN_FORMAT_MESSAGE = "PIN must be four to eight ASCII digits"
+
+_HASH_RE = re.compile(
+    r"scrypt\$n=(?P<n>[0-9]+),r=(?P<r>[0-9]+),p=(?P<p>[0-9]+)"
+    r"\$(?P<salt>[A-Za-z0-9+/]+={0,2})\$(?P<hash>[A-Za-z0-9+/]+={0,2})",
+    re.ASCII,
+)
+
+#: upper bounds accepted from a stored hash, so a tampered row cannot make
+#: verification eat the server (2**17 * r=16 is 256 MiB)
+_MAX_N = 2**17
+_MAX_R = 16
+_MAX_P = 8
+
+
+def is_valid_pin(pin: object) -> bool:
+    """Whether ``pin`` is a string of 4 to 8 ASCII digits."""
+    return isinstance(pin, str) and _PIN_RE.fullmatch(pin) is not None
+
+
+def check_pin_format(pin: object) -> str:
+    """Return ``pin`` if well formed; else ValueError whose message holds no digit."""
+    if not is_valid_pin(pin):
+        raise ValueError(_PIN_FORMAT_MESSAGE)
+    assert isinstance(pin, str)
+    return pin
+
+
+class PinHasher:
+    """Salted scrypt hashes of PINs: ``scrypt$n=...,r=...,p=...$<salt b64>$<hash b64>``.
+
+    The defaults (n=2**14, r=8, p=2: 16 MiB, about 65 ms per hash on the
+    development machine) make each guess against a stolen hash cost real time;
+    tests pass a smaller ``n``.  The parameters travel with each stored hash, so
+    hashes made with other parameters still verify (see :meth:`needs_rehash`).
+    """
+
+    def __init__(
+        self, *, n: int = 2**14, r: int = 8, p: int = 2, salt_bytes: int = 16, dklen: int = 32
+    ) -> None:
+        if n < 2 or n & (n - 1) or n > _MAX_N:
+            raise ValueError("scrypt n must be a power of two between 2 and 2**17")
+        if not 1 <= r <= _MAX_R or not 1 <= p <= _MAX_P:
+            raise ValueError("scrypt r or p out of range")
+        if not 16 <= salt_bytes <= 64 or not 16 <= dklen <= 64:
+            raise ValueError("salt and key length must be between 16 and 64 bytes")
+        self.n, self.r, self.p = n, r, p
+        self.salt_bytes, self.dklen = salt_bytes, dklen
+
+    @staticmethod
+    def _derive(pin: str, salt: bytes, n: int, r: int, p: int, dklen: int) -> bytes:
+        maxmem = 128 * r * (n + p + 2) + (1 << 20)
+        return hashlib.scrypt(
+            pin.encode("ascii"), salt=salt, n=n, r=r, p=p, maxmem=maxmem, dklen=dklen
+        )
+
+    def hash(self, pin: str) -> str:
+        """A new salted hash of ``pin``; ValueError if it is not 4 to 8 digits."""
+        check_pin_format(pin)
+        salt = secrets.token_bytes(self.salt_bytes)
+        digest = self._derive(pin, salt, self.n, self.r, self.p, self.dklen)
+        return "scrypt$n={},r={},p={}${}${}".format(
+            self.n,
+            self.r,
+            self.p,
+            base64.b64encode(salt).decode("ascii"),
+            base64.b64encode(digest).decode("ascii"),
+        )
+
+    @staticmethod
+    def _parse(stored: str) -> tuple[int, int, int, bytes, bytes]:
+        match = _HASH_RE.fullmatch(stored) if isinstance(stored, str) else None
+        if match is None:
+            raise ValueError("stored PIN hash is malformed")
+        n, r, p = int(match["n"]), int(match["r"]), int(match["p"])
+        if n < 2 or n & (n - 1) or n > _MAX_N or not 1 <= r <= _MAX_R or not 1 <= p <= _MAX_P:
+            raise ValueError("stored PIN hash has out-of-range parameters")
+        salt = base64.b64decode(match["salt"], validate=True)
+        digest = base64.b64decode(match["hash"], validate=True)
+        if not 16 <= len(salt) <= 64 or not 16 <= len(digest) <= 64:
+            raise ValueError("stored PIN hash has a bad salt or key length")
+        return n, r, p, salt, digest
+
+    def verify(self, pin: str, stored: str) -> bool:
+        """Whether ``pin`` matches ``stored``, compared in constant time.
+
+        A malformed ``pin`` simply does not match; a malformed ``stored`` hash
+        raises ValueError (it means the database row is damaged).
+        """
+        n, r, p, salt, expected = self._parse(stored)
+        if not is_valid_pin(pin):
+            return False
+        candidate = self._derive(pin, salt, n, r, p, len(expected))
+        return hmac.compare_digest(candidate, expected)
+
+    def needs_rehash(self, stored: str) -> bool:
+        n, r, p, salt, digest = self._parse(stored)
+        return (n, r, p, len(salt), len(digest)) != (
+            self.n, self.r, self.p, self.salt_bytes, self.dklen
+        )
+
+
+# -- lookup codes ---------------------------------------------------------------------
+
+LOOKUP_CODE_LENGTH = 8
+
+
+def _luhn_digit(body: str) -> str:
+    total = 0
+    for i, ch in enumerate(reversed(body)):
+        d = int(ch)
+        if i % 2 == 0:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return str((10 - total % 10) % 10)
+
+
+def new_lookup_code() -> str:
+    """A random 8-digit customer number whose last digit is a Luhn check digit."""
+    body = "".join(secrets.choice("0123456789") for _ in range(LOOKUP_CODE_LENGTH - 1))
+    return body + _luhn_digit(body)
+
+
+def lookup_code_valid(code: str) -> bool:
+    """Whether ``code`` is 8 ASCII digits with a correct check digit."""
+    return (
+        isinstance(code, str)
+        and len(code) == LOOKUP_CODE_LENGTH
+        and code.isascii()
+        and code.isdigit()
+        and _luhn_digit(code[:-1]) == code[-1]
+    )
+
+
+# -- records --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Vehicle:
+    """A registry row as the rest of the gateway sees it (the PIN hash stays inside)."""
+
+    vin: str
+    car_msisdn: str | None
+    owner_phone: str | None
+    owner_name: str
+    market: str
+    language: str | None
+    purchase_date: dt.date
+    serviced_regularly: bool
+    lookup_code: str
+    has_pin: bool
+    immobilised: bool
+    immobilised_by: str | None
+    immobilised_reference: str | None
+    immobilised_at: dt.datetime | None
+    reactivated_by: str | None
+    reactivated_at: dt.datetime | None
+    tracking: bool
+    tracking_started_by: str | None
+    tracking_police_reference: str | None
+    tracking_started_at: dt.datetime | None
+    updated_at: dt.datetime
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Vehicle:
+        return cls(
+            vin=row["vin"],
+            car_msisdn=row["car_msisdn"],
+            owner_phone=row["owner_phone"],
+            owner_name=row["owner_name"],
+            market=row["market"],
+            language=row["language"],
+            purchase_date=row["purchase_date"],
+            serviced_regularly=bool(row["serviced_regularly"]),
+            lookup_code=row["lookup_code"],
+            has_pin=row["pin_hash"] is not None,
+            immobilised=bool(row["immobilised"]),
+            immobilised_by=row["immobilised_by"],
+            immobilised_reference=row["immobilised_reference"],
+            immobilised_at=as_utc(row["immobilised_at"]),
+            reactivated_by=row["reactivated_by"],
+            reactivated_at=as_utc(row["reactivated_at"]),
+            tracking=bool(row["tracking"]),
+            tracking_started_by=row["tracking_started_by"],
+            tracking_police_reference=row["tracking_police_reference"],
+            tracking_started_at=as_utc(row["tracking_started_at"]),
+            updated_at=_utc(row["updated_at"]),
+        )
+
+
+PinOutcome = Literal["ok", "wrong", "locked", "not_set"]
+
+
+@dataclass(frozen=True)
+class PinCheck:
+    """The result of one PIN attempt.
+
+    ``outcome``: ``ok``; ``wrong`` (``locked_until`` is set when this attempt
+    used up the last try); ``locked`` (refused without checking the PIN);
+    ``not_set`` (the vehicle has no PIN; nothing is counted).
+    """
+
+    outcome: PinOutcome
+    failures: int
+    locked_until: dt.datetime | None
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "ok"
+
+
+@dataclass(frozen=True)
+class Reactivation:
+    check: PinCheck
+    vehicle: Vehicle
+    #: True when this call switched the immobiliser off
+    changed: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.check.ok
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    id: int
+    at: dt.datetime
+    vin: str
+    actor: str
+    action: str
+    detail: dict[str, Any]
+
+
+def write_audit(
+    conn: Connection,
+    *,
+    vin: str,
+    actor: str,
+    action: str,
+    at: dt.datetime,
+    detail: Mapping[str, Any] | None = None,
+) -> None:
+    """Append one audit row inside the caller's transaction (never put a PIN in ``detail``)."""
+    conn.execute(
+        audit.insert().values(
+            at=at, vin=vin, actor=actor[:100], action=action, detail=dict(detail or {})
+        )
+    )
+
+
+# -- validation helpers ---------------------------------------------------------------
+
+_VIN_RE = re.compile(r"[A-HJ-NPR-Z0-9]{17}", re.ASCII)
+_MARKET_RE = re.compile(r"[A-Z]{2}", re.ASCII)
+_LANGUAGE_RE = re.compile(r"[a-z]{2,3}(-[A-Za-z0-9]{2,8})*", re.ASCII)
+
+
+def _e164(value: str | None, field: str, errors: dict[str, str]) -> str | None:
+    if value is None or value == "":
+        return None
+    try:
+        number = phonenumbers.parse(value, None)
+    except phonenumbers.NumberParseException:
+        errors[field] = "not an E.164 number"
+        return None
+    if not phonenumbers.is_valid_number(number):
+        errors[field] = "not a valid phone number"
+        return None
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def _normalise_phone(value: str) -> str | None:
+    errors: dict[str, str] = {}
+    return _e164(value, "phone", errors)
+
+
+def _reference(value: object, field: str, errors: dict[str, str]) -> str:
+    text = value.strip() if isinstance(value, str) else ""
+    if not text:
+        errors[field] = "required"
+    elif len(text) > 100:
+        errors[field] = "at most 100 characters"
+    return text
+
+
+def _actor(value: object) -> str:
+    text = value.strip() if isinstance(value, str) else ""
+    if not text or len(text) > 100:
+        raise ValidationError({"actor": "required, at most 100 characters"})
+    return text
+
+
+# -- the registry ---------------------------------------------------------------------
+
+
+class Vehicles:
+    """The vehicle registry over a :class:`Store`; every database error is StoreError."""
+
+    def __init__(
+        self,
+        store: Store,
+        hasher: PinHasher,
+        *,
+        clock: Callable[[], float] = time.time,
+        max_failures: int = 3,
+        lockout: dt.timedelta = dt.timedelta(minutes=15),
+    ) -> None:
+        if max_failures < 1:
+            raise ValueError("max_failures must be at least 1")
+        if lockout <= dt.timedelta(0):
+            raise ValueError("lockout must be positive")
+        self.store = store
+        self.hasher = hasher
+        self.clock = clock
+        self.max_failures = max_failures
+        self.lockout = lockout
+
+    def _now(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self.clock(), tz=dt.UTC)
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        with self.store.begin() as conn:
+            yield conn
+
+    # -- registration and lookup ------------------------------------------------------
+
+    def register(
+        self,
+        *,
+        vin: str,
+        owner_name: str,
+        market: str,
+        purchase_date: dt.date,
+        actor: str,
+        serviced_regularly: bool = False,
+        owner_phone: str | None = None,
+        car_msisdn: str | None = None,
+        language: str | None = None,
+        lookup_code: str | None = None,
+        pin: str | None = None,
+    ) -> Vehicle:
+        """Add a vehicle; ValidationError names each bad or already-taken field."""
+        actor = _actor(actor)
+        errors: dict[str, str] = {}
+        vin = vin.strip().upper() if isinstance(vin, str) else ""
+        if not _VIN_RE.fullmatch(vin):
+            errors["vin"] = "must be 17 characters, digits and letters except I, O, Q"
+        if not isinstance(owner_name, str) or not owner_name.strip():
+            errors["owner_name"] = "required"
+        elif len(owner_name) > 200:
+            errors["owner_name"] = "at most 200 characters"
+        if not isinstance(market, str) or not _MARKET_RE.fullmatch(market):
+            errors["market"] = "must be an upper-case ISO 3166-1 alpha-2 code"
+        if language is not None and not _LANGUAGE_RE.fullmatch(language):
+            errors["language"] = "must be a language tag such as sv-SE"
+        if not isinstance(purchase_date, dt.date) or isinstance(purchase_date, dt.datetime):
+            errors["purchase_date"] = "must be a date"
+        owner_phone = _e164(owner_phone, "owner_phone", errors)
+        car_msisdn = _e164(car_msisdn, "car_msisdn", errors)
+        if lookup_code is not None and not lookup_code_valid(lookup_code):
+            errors["lookup_code"] = "must be 8 digits with a valid check digit"
+        pin_hash = None
+        if pin is not None:
+            if is_valid_pin(pin):
+                pin_hash = self.hasher.hash(pin)
+            else:
+                errors["pin"] = _PIN_FORMAT_MESSAGE
+        if errors:
+            raise ValidationError(errors)
+
+        now = self._now()
+        for _ in range(5):
+            code = lookup_code or new_lookup_code()
+            row = {
+                "vin": vin,
+                "car_msisdn": car_msisdn,
+                "owner_phone": owner_phone,
+                "owner_name": owner_name.strip(),
+                "market": market,
+                "language": language,
+                "purchase_date": purchase_date,
+                "serviced_regularly": bool(serviced_regularly),
+                "lookup_code": code,
+                "pin_hash": pin_hash,
+                "immobilised": False,
+                "tracking": False,
+                "updated_at": now,
+            }
+            try:
+                with self.store.engine.begin() as conn:
+                    conn.execute(vehicles.insert().values(**row))
+                    conn.execute(
+                        pin_failures.insert().values(vin=vin, failures=0, updated_at=now)
+                    )
+                    write_audit(
+                        conn, vin=vin, actor=actor, action="register", at=now,
+                        detail={"market": market, "pin_set": pin_hash is not None},
+                    )
+            except IntegrityError:
+                taken = self._taken(vin=vin, car_msisdn=car_msisdn, lookup_code=code)
+                if taken == {"lookup_code"} and lookup_code is None:
+                    continue  # a generated code collided: draw another
+                raise ValidationError(
+                    {f: "already registered to another vehicle" for f in taken or {"vin"}}
+                ) from None
+            except SQLAlchemyError as exc:
+                raise StoreError(f"database error: {type(exc).__name__}") from exc
+            log.info("vehicle %s registered", vin)
+            return self._get_required(vin)
+        raise StoreError("could not draw a free lookup code")
+
+    def _taken(self, *, vin: str, car_msisdn: str | None, lookup_code: str) -> set[str]:
+        taken: set[str] = set()
+        with self._tx() as conn:
+            if conn.execute(sa.select(vehicles.c.vin).where(vehicles.c.vin == vin)).first():
+                taken.add("vin")
+            if car_msisdn is not None and conn.execute(
+                sa.select(vehicles.c.vin).where(vehicles.c.car_msisdn == car_msisdn)
+            ).first():
+                taken.add("car_msisdn")
+            if conn.execute(
+                sa.select(vehicles.c.vin).where(vehicles.c.lookup_code == lookup_code)
+            ).first():
+                taken.add("lookup_code")
+        return taken
+
+    def _one(self, where: sa.ColumnElement[bool]) -> Vehicle | None:
+        with self._tx() as conn:
+            found = conn.execute(sa.select(vehicles).where(where)).first()
+        return Vehicle.from_row(found._mapping) if found is not None else None
+
+    def get(self, vin: str) -> Vehicle | None:
+        return self._one(vehicles.c.vin == vin.strip().upper())
+
+    def _get_required(self, vin: str) -> Vehicle:
+        found = self.get(vin)
+        if found is None:
+            raise UnknownVehicleError(vin)
+        return found
+
+    def by_owner_phone(self, phone: str) -> list[Vehicle]:
+        """Every vehicle whose owner has this number (an owner may have several cars)."""
+        number = _normalise_phone(phone)
+        if number is None:
+            return []
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(vehicles).where(vehicles.c.owner_phone == number).order_by(vehicles.c.vin)
+            ).all()
+        return [Vehicle.from_row(r._mapping) for r in rows]
+
+    def by_car_msisdn(self, msisdn: str) -> Vehicle | None:
+        number = _normalise_phone(msisdn)
+        return self._one(vehicles.c.car_msisdn == number) if number else None
+
+    def by_lookup_code(self, code: str) -> Vehicle | None:
+        """The vehicle for digits typed by the caller; None for unknown or mistyped codes."""
+        code = code.strip() if isinstance(code, str) else ""
+        if not lookup_code_valid(code):
+            return None
+        return self._one(vehicles.c.lookup_code == code)
+
+    # -- PIN --------------------------------------------------------------------------
+
+    def set_pin(self, vin: str, pin: str, *, actor: str) -> None:
+        """Store a new PIN (hash only) and clear any failures or lock."""
+        actor = _actor(actor)
+        if not is_valid_pin(pin):
+            raise ValidationError({"pin": _PIN_FORMAT_MESSAGE})
+        pin_hash = self.hasher.hash(pin)
+        now = self._now()
+        with self._tx() as conn:
+            updated = conn.execute(
+                vehicles.update()
+                .where(vehicles.c.vin == vin)
+                .values(pin_hash=pin_hash, updated_at=now)
+            ).rowcount
+            if not updated:
+                raise UnknownVehicleError(vin)
+            self._reset_failures(conn, vin, now)
+            write_audit(conn, vin=vin, actor=actor, action="pin_set", at=now)
+
+    def _reset_failures(self, conn: Connection, vin: str, now: dt.datetime) -> None:
+        reset = conn.execute(
+            pin_failures.update()
+            .where(pin_failures.c.vin == vin)
+            .values(failures=0, locked_until=None, updated_at=now)
+        ).rowcount
+        if not reset:
+            conn.execute(pin_failures.insert().values(vin=vin, failures=0, updated_at=now))
+
+    def _charge(
+        self, vin: str, now: dt.datetime
+    ) -> tuple[bool, int, dt.datetime | None]:
+        """Count one attempt unless locked: ``(charged, failures, locked_until)``.
+
+        One conditional UPDATE, so concurrent attempts from any process cannot
+        get more than ``max_failures`` checks into one lock window.
+        """
+        c = pin_failures.c
+        expired = sa.and_(c.locked_until.is_not(None), c.locked_until <= now)
+        new_failures = sa.case((expired, 1), else_=c.failures + 1)
+        lock_at = now + self.lockout
+        charge = (
+            pin_failures.update()
+            .where(c.vin == vin, sa.or_(c.locked_until.is_(None), c.locked_until <= now))
+            .values(
+                failures=new_failures,
+                locked_until=sa.case(
+                    (new_failures >= self.max_failures, sa.literal(lock_at, TS)), else_=None
+                ),
+                updated_at=now,
+            )
+            .returning(c.failures, c.locked_until)
+        )
+        for _ in range(2):
+            with self._tx() as conn:
+                row = conn.execute(charge).first()
+                if row is not None:
+                    return True, int(row.failures), as_utc(row.locked_until)
+                state = conn.execute(
+                    sa.select(c.failures, c.locked_until).where(c.vin == vin)
+                ).first()
+                if state is not None:
+                    return False, int(state.failures), as_utc(state.locked_until)
+            # no lockout row yet (vehicle added behind our back): create it, try again
+            try:
+                with self.store.engine.begin() as conn:
+                    conn.execute(pin_failures.insert().values(vin=vin, failures=0, updated_at=now))
+            except IntegrityError:
+                pass  # another process created it first
+            except SQLAlchemyError as exc:
+                raise StoreError(f"database error: {type(exc).__name__}") from exc
+        raise StoreError("PIN lockout state could not be created")
+
+    def verify_pin(self, vin: str, pin: str, *, actor: str) -> PinCheck:
+        """Check one PIN attempt against the lockout policy; every attempt is audited."""
+        actor = _actor(actor)
+        now = self._now()
+        with self._tx() as conn:
+            stored = conn.execute(
+                sa.select(vehicles.c.pin_hash).where(vehicles.c.vin == vin)
+            ).first()
+            if stored is None:
+                raise UnknownVehicleError(vin)
+            if stored.pin_hash is None:
+                write_audit(conn, vin=vin, actor=actor, action="pin_not_set", at=now)
+                return PinCheck("not_set", 0, None)
+        pin_hash: str = stored.pin_hash
+
+        charged, failures, locked_until = self._charge(vin, now)
+        if not charged:
+            with self._tx() as conn:
+                write_audit(
+                    conn, vin=vin, actor=actor, action="pin_locked", at=now,
+                    detail={"failures": failures, "locked_until": _iso(locked_until)},
+                )
+            return PinCheck("locked", failures, locked_until)
+
+        try:
+            matched = self.hasher.verify(pin, pin_hash)
+        except ValueError:
+            # a damaged hash row: the attempt stays charged; nobody gets in
+            log.error("stored PIN hash of vehicle %s is unreadable", vin)
+            raise StoreError("stored PIN hash is unreadable") from None
+
+        with self._tx() as conn:
+            if matched:
+                self._reset_failures(conn, vin, now)
+                write_audit(conn, vin=vin, actor=actor, action="pin_ok", at=now)
+                return PinCheck("ok", 0, None)
+            detail: dict[str, Any] = {"failures": failures, "max_failures": self.max_failures}
+            if locked_until is not None:
+                detail["locked_until"] = _iso(locked_until)
+            if not is_valid_pin(pin):
+                detail["malformed"] = True
+            write_audit(conn, vin=vin, actor=actor, action="pin_wrong", at=now, detail=detail)
+        if locked_until is not None:
+            log.warning("vehicle %s locked after %d wrong PIN attempts", vin, failures)
+        return PinCheck("wrong", failures, locked_until)
+
+    # -- immobiliser and tracking -----------------------------------------------------
+
+    def immobilise(self, vin: str, *, actor: str, authority_reference: str) -> Vehicle:
+        """Switch the immobiliser on (agent API only); needs a police/authority reference.
+
+        Already immobilised: nothing changes (the first reference stands), and
+        the repeat request is audited.
+        """
+        actor = _actor(actor)
+        errors: dict[str, str] = {}
+        reference = _reference(authority_reference, "authority_reference", errors)
+        if errors:
+            raise ValidationError(errors)
+        now = self._now()
+        with self._tx() as conn:
+            changed = conn.execute(
+                vehicles.update()
+                .where(vehicles.c.vin == vin, vehicles.c.immobilised.is_(False))
+                .values(
+                    immobilised=True,
+                    immobilised_by=actor,
+                    immobilised_reference=reference,
+                    immobilised_at=now,
+                    updated_at=now,
+                )
+            ).rowcount
+            if not changed and not self._exists(conn, vin):
+                raise UnknownVehicleError(vin)
+            write_audit(
+                conn, vin=vin, actor=actor, action="immobilise", at=now,
+                detail={"authority_reference": reference, "changed": bool(changed)},
+            )
+        return self._get_required(vin)
+
+    def reactivate(self, vin: str, *, actor: str, pin: str) -> Reactivation:
+        """Switch the immobiliser off, only if the owner's PIN checks out in this call."""
+        actor = _actor(actor)
+        check = self.verify_pin(vin, pin, actor=actor)
+        changed = 0
+        if check.ok:
+            now = self._now()
+            with self._tx() as conn:
+                changed = conn.execute(
+                    vehicles.update()
+                    .where(vehicles.c.vin == vin, vehicles.c.immobilised.is_(True))
+                    .values(
+                        immobilised=False, reactivated_by=actor, reactivated_at=now, updated_at=now
+                    )
+                ).rowcount
+                write_audit(
+                    conn, vin=vin, actor=actor, action="reactivate", at=now,
+                    detail={"changed": bool(changed)},
+                )
+        return Reactivation(check=check, vehicle=self._get_required(vin), changed=bool(changed))
+
+    def start_tracking(self, vin: str, *, actor: str, police_reference: str) -> Vehicle:
+        """Start tracking after unauthorised use is confirmed, recording the police report."""
+        actor = _actor(actor)
+        errors: dict[str, str] = {}
+        reference = _reference(police_reference, "police_reference", errors)
+        if errors:
+            raise ValidationError(errors)
+        now = self._now()
+        with self._tx() as conn:
+            changed = conn.execute(
+                vehicles.update()
+                .where(vehicles.c.vin == vin, vehicles.c.tracking.is_(False))
+                .values(
+                    tracking=True,
+                    tracking_started_by=actor,
+                    tracking_police_reference=reference,
+                    tracking_started_at=now,
+                    updated_at=now,
+                )
+            ).rowcount
+            if not changed and not self._exists(conn, vin):
+                raise UnknownVehicleError(vin)
+            write_audit(
+                conn, vin=vin, actor=actor, action="tracking_started", at=now,
+                detail={"police_reference": reference, "changed": bool(changed)},
+            )
+        return self._get_required(vin)
+
+    def record(
+        self, vin: str, *, actor: str, action: str, detail: Mapping[str, Any] | None = None
+    ) -> None:
+        """Audit an action decided elsewhere (e.g. ``unlock_requested``); no PINs in detail."""
+        actor = _actor(actor)
+        with self._tx() as conn:
+            if not self._exists(conn, vin):
+                raise UnknownVehicleError(vin)
+            write_audit(conn, vin=vin, actor=actor, action=action, at=self._now(), detail=detail)
+
+    def audit_for(self, vin: str, *, limit: int = 200) -> list[AuditEntry]:
+        """The vehicle's audit trail, oldest first."""
+        query = (
+            sa.select(audit).where(audit.c.vin == vin).order_by(audit.c.id).limit(limit)
+        )
+        with self._tx() as conn:
+            rows = conn.execute(query).all()
+        return [
+            AuditEntry(
+                id=r.id, at=_utc(r.at), vin=r.vin, actor=r.actor,
+                action=r.action, detail=dict(r.detail or {}),
+            )
+            for r in rows
+        ]
+
+    def lockout_state(self, vin: str) -> tuple[int, dt.datetime | None]:
+        """``(failures, locked_until)`` as stored (``locked_until`` may be in the past)."""
+        with self._tx() as conn:
+            row = conn.execute(
+                sa.select(pin_failures.c.failures, pin_failures.c.locked_until).where(
+                    pin_failures.c.vin == vin
+                )
+            ).first()
+        return (0, None) if row is None else (int(row.failures), as_utc(row.locked_until))
+
+    @staticmethod
+    def _exists(conn: Connection, vin: str) -> bool:
+        return conn.execute(sa.select(vehicles.c.vin).where(vehicles.c.vin == vin)).first() is not None
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None

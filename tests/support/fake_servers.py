@@ -1,0 +1,566 @@
+"""Real HTTP servers on 127.0.0.1 that play the gateway's upstreams in tests.
+
+Each fake is a stdlib :class:`http.server.ThreadingHTTPServer` on an ephemeral
+port, served from a daemon thread, used as a context manager::
+
+    with FakeAssistanceCentre() as centre:
+        client = AssistanceCentreClient(centre.url, timeout_s=0.5)
+        centre.mode = "503"
+        ...
+
+Every fake records what reached it on the wire (``.requests``, thread-safe) and
+can be switched between behaviours with ``.mode`` at any time.  Besides HTTP
+answers the base class can change the *transport*:
+
+``refuse``
+    the listening socket is closed, so connections are refused at once; going
+    back to an HTTP mode listens again on the same port.
+``blackhole``
+    a raw socket listens on the port (backlog 0) and never ``accept()``\\s: the
+    first connection is completed by the kernel and then never read (the client
+    sees a *read* timeout); once that one-slot accept queue is full, further
+    SYNs are dropped (the client sees a *connect* timeout).
+
+Handlers that sleep (``slow``/``timeout`` modes) or hold a connection wait on
+an event that is set on every transport change and on close, so ``close()``
+never waits for a sleeping handler and ``server_close()`` joins every handler
+thread (no thread or socket outlives the ``with`` block).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import secrets
+import socket
+import threading
+import time
+from base64 import b64decode
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any, ClassVar, Self
+from urllib.parse import parse_qs, urlsplit
+
+from requests.structures import CaseInsensitiveDict
+
+HOST = "127.0.0.1"
+
+#: the transport-level modes every fake understands
+TRANSPORT_MODES = frozenset({"refuse", "blackhole"})
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One HTTP request as it arrived on the wire."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: CaseInsensitiveDict[str]
+    body: bytes
+    #: the parsed body when it was JSON, else None
+    json: Any
+    #: the parsed body when it was a form (first value of each field), else None
+    form: dict[str, str] | None
+    #: ``time.monotonic()`` when the request was read
+    time: float
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name)
+
+    @property
+    def idempotency_key(self) -> str | None:
+        return self.headers.get("Idempotency-Key")
+
+
+@dataclass
+class Reply:
+    """What a fake answers; ``None`` from :meth:`FakeServer.respond` means "no answer"."""
+
+    status: int
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = False  # server_close() joins handler threads (block_on_close)
+    fake: FakeServer
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.0"  # one request per connection: no idle keep-alive sockets
+    timeout = 5.0  # a client that connects and never sends cannot pin server_close()
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass
+
+    def _handle(self) -> None:
+        fake = self.server.fake
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        parts = urlsplit(self.path)
+        headers: CaseInsensitiveDict[str] = CaseInsensitiveDict(dict(self.headers.items()))
+        content_type = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        parsed_json: Any = None
+        form: dict[str, str] | None = None
+        if content_type == "application/json" and body:
+            try:
+                parsed_json = json.loads(body)
+            except ValueError:
+                parsed_json = None
+        elif content_type == "application/x-www-form-urlencoded":
+            form = {k: v[0] for k, v in parse_qs(body.decode("utf-8"),
+                                                 keep_blank_values=True).items()}
+        request = RecordedRequest(
+            method=self.command, path=parts.path,
+            query={k: v[0] for k, v in parse_qs(parts.query).items()},
+            headers=headers, body=body, json=parsed_json, form=form, time=time.monotonic(),
+        )
+        fake._record(request)
+        reply = fake.respond(request)
+        if reply is None:  # hold/drop: close without an answer
+            return
+        payload = b"" if reply.body is None else json.dumps(reply.body).encode()
+        try:
+            self.send_response(reply.status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            for name, value in reply.headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(payload)
+        except OSError:  # the client gave up (timed out) before we answered
+            pass
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._handle()
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._handle()
+
+
+class FakeServer:
+    """Base of the fakes: lifecycle, transport modes, request log, waiting helpers."""
+
+    #: HTTP modes of the subclass (besides the transport modes)
+    MODES: ClassVar[frozenset[str]] = frozenset({"up"})
+
+    def __init__(self, *, mode: str = "up", slow_s: float = 2.0) -> None:
+        #: how long ``slow``/``timeout`` handlers sleep (longer than client timeouts)
+        self.slow_s = slow_s
+        self._cond = threading.Condition()
+        self._requests: list[RecordedRequest] = []
+        self._release = threading.Event()  # set: sleeping/holding handlers give up
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._raw: socket.socket | None = None
+        self._port = 0
+        self._closed = False
+        self._mode = "up"
+        self._started = False
+        self._initial_mode = mode
+        self._check_mode(mode)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> Self:
+        if self._started:
+            raise RuntimeError("already started")
+        self._started = True
+        self._listen_http()
+        self.mode = self._initial_mode
+        return self
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop_transport()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self._port}"
+
+    # -- modes -----------------------------------------------------------------------
+
+    def _check_mode(self, mode: str) -> None:
+        if mode not in self.MODES | TRANSPORT_MODES:
+            raise ValueError(f"{type(self).__name__}: unknown mode {mode!r} "
+                             f"(known: {sorted(self.MODES | TRANSPORT_MODES)})")
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        self._check_mode(mode)
+        if self._closed:
+            raise RuntimeError("server is closed")
+        with self._cond:
+            previous, self._mode = self._mode, mode
+            self._on_mode(previous, mode)
+        if mode == "refuse":
+            self._stop_transport()
+        elif mode == "blackhole":
+            self._stop_transport()
+            self._listen_raw()
+        elif self._server is None:
+            self._stop_transport()
+            self._listen_http()
+
+    def _on_mode(self, previous: str, mode: str) -> None:
+        """Hook for subclasses (called under the lock)."""
+
+    def _listen_http(self) -> None:
+        server = _Server((HOST, self._port), _Handler)
+        server.fake = self
+        self._port = server.server_address[1]
+        self._release = threading.Event()
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name=f"{type(self).__name__}:{self._port}", daemon=True)
+        self._thread.start()
+
+    def _listen_raw(self) -> None:
+        raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        raw.bind((HOST, self._port))
+        raw.listen(0)
+        self._raw = raw
+
+    def _stop_transport(self) -> None:
+        self._release.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if self._raw is not None:
+            self._raw.close()
+            self._raw = None
+
+    # -- handler side ----------------------------------------------------------------
+
+    def _record(self, request: RecordedRequest) -> None:
+        with self._cond:
+            self._requests.append(request)
+            self._cond.notify_all()
+
+    def respond(self, request: RecordedRequest) -> Reply | None:
+        raise NotImplementedError
+
+    def pause(self, seconds: float) -> bool:
+        """Sleep in a handler; False when released early (transport change or close)."""
+        return not self._release.wait(seconds)
+
+    def hold(self) -> None:
+        """Never answer (until the transport changes or the server closes)."""
+        self._release.wait()
+
+    # -- test side -------------------------------------------------------------------
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        with self._cond:
+            return list(self._requests)
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+        """Wait until ``predicate()`` holds (re-checked on every request); False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(predicate, timeout)
+
+    def notify(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+
+def _twilio_error(status: int, code: int, message: str) -> Reply:
+    """Twilio's (legacy) REST error body."""
+    return Reply(status, {"code": code, "message": message,
+                          "more_info": f"https://www.twilio.com/docs/errors/{code}",
+                          "status": status})
+
+
+# -------------------------------------------------------------------------------------
+# assistance centre
+
+
+class FakeAssistanceCentre(FakeServer):
+    """``POST /incidents``; honours ``Idempotency-Key``.
+
+    Modes: ``up`` (201, or 200 for a key it already has), ``503``, ``429``,
+    ``400``, ``slow`` (stores the incident, sleeps ``slow_s``, then 201),
+    ``flap`` (503, 201, 503, ... per request), ``refuse``, ``blackhole``.
+    A request without an ``Idempotency-Key`` or without a JSON object body gets 400.
+    """
+
+    MODES = frozenset({"up", "503", "429", "400", "slow", "flap"})
+
+    def __init__(self, *, mode: str = "up", slow_s: float = 2.0) -> None:
+        super().__init__(mode=mode, slow_s=slow_s)
+        #: idempotency key -> the first body stored under it
+        self.incidents: dict[str, Any] = {}
+        #: idempotency key -> requests on the wire carrying it (any outcome)
+        self.deliveries: Counter[str] = Counter()
+        self._flap = itertools.count()
+        self._ids = itertools.count(1)
+
+    def _on_mode(self, previous: str, mode: str) -> None:
+        self._flap = itertools.count()
+
+    def _store(self, key: str, body: Any) -> tuple[bool, str]:
+        with self._cond:
+            new = key not in self.incidents
+            if new:
+                self.incidents[key] = body
+            self._cond.notify_all()
+            return new, f"INC-{list(self.incidents).index(key) + 1:04d}"
+
+    def respond(self, request: RecordedRequest) -> Reply | None:
+        if request.method != "POST" or request.path != "/incidents":
+            return Reply(404, {"error": "not found"})
+        key = request.idempotency_key
+        if key:
+            with self._cond:
+                self.deliveries[key] += 1
+        mode = self.mode
+        if mode == "flap":
+            with self._cond:
+                mode = "503" if next(self._flap) % 2 == 0 else "up"
+        if mode == "503":
+            return Reply(503, {"error": "service unavailable"}, {"Retry-After": "1"})
+        if mode == "429":
+            return Reply(429, {"error": "too many requests"}, {"Retry-After": "1"})
+        if mode == "400":
+            return Reply(400, {"error": "incident rejected: schema"})
+        if not key:
+            return Reply(400, {"error": "Idempotency-Key header required"})
+        if not isinstance(request.json, dict):
+            return Reply(400, {"error": "body must be a JSON object"})
+        new, incident_id = self._store(key, request.json)
+        if mode == "slow" and not self.pause(self.slow_s):
+            return None
+        return Reply(201 if new else 200, {"incident_id": incident_id, "duplicate": not new})
+
+    def wait_for_incidents(self, n: int, timeout: float = 5.0) -> dict[str, Any]:
+        """Wait until at least ``n`` distinct incidents arrived; AssertionError otherwise."""
+        if not self.wait_until(lambda: len(self.incidents) >= n, timeout):
+            raise AssertionError(f"{len(self.incidents)} incident(s) after {timeout}s, wanted {n}")
+        with self._cond:
+            return dict(self.incidents)
+
+
+# -------------------------------------------------------------------------------------
+# Twilio REST API (Messages)
+
+_MESSAGES_PATH = re.compile(r"^/2010-04-01/Accounts/(?P<sid>AC[0-9a-fA-F]{32})/Messages\.json$")
+_E164 = re.compile(r"^\+[1-9][0-9]{6,14}$")
+
+
+class FakeTwilioApi(FakeServer):
+    """Twilio's ``POST /2010-04-01/Accounts/{AccountSid}/Messages.json``.
+
+    Checks HTTP Basic auth (account SID : auth token) -> 401 / 20003, a sender
+    (``From`` or ``MessagingServiceSid``) -> 400 / 21603, a ``Body`` -> 400 / 21602,
+    and that ``To`` is E.164 -> 400 / 21211; answers 201 with a Message resource.
+    Modes: ``up``, ``500``, ``429``, ``400`` (every send rejected with 21211),
+    ``slow`` (sleeps ``slow_s`` then answers), ``refuse``, ``blackhole``.
+    """
+
+    MODES = frozenset({"up", "500", "429", "400", "slow"})
+
+    def __init__(self, account_sid: str, auth_token: str, *, mode: str = "up",
+                 slow_s: float = 2.0) -> None:
+        super().__init__(mode=mode, slow_s=slow_s)
+        self.account_sid = account_sid
+        self.auth_token = auth_token
+        #: the Message resources created, in order
+        self.messages: list[dict[str, Any]] = []
+
+    def _authorised(self, request: RecordedRequest, sid: str) -> bool:
+        scheme, _, encoded = (request.header("Authorization") or "").partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            user, _, password = b64decode(encoded, validate=True).decode().partition(":")
+        except ValueError:
+            return False
+        return (secrets.compare_digest(user, self.account_sid) and sid == self.account_sid
+                and secrets.compare_digest(password, self.auth_token))
+
+    def respond(self, request: RecordedRequest) -> Reply | None:
+        match = _MESSAGES_PATH.match(request.path)
+        if request.method != "POST" or match is None:
+            return _twilio_error(404, 20404, f"The requested resource {request.path} was not found")
+        if not self._authorised(request, match["sid"]):
+            return _twilio_error(401, 20003, "Authenticate")
+        mode = self.mode
+        if mode == "slow" and not self.pause(self.slow_s):
+            return None
+        if mode == "500":
+            return _twilio_error(500, 20500, "Internal Server Error")
+        if mode == "429":
+            return _twilio_error(429, 20429, "Too Many Requests")
+        form = request.form or {}
+        to = form.get("To", "")
+        if mode == "400" or not _E164.match(to):
+            return _twilio_error(400, 21211, f"The 'To' number {to} is not a valid phone number.")
+        if not (form.get("From") or form.get("MessagingServiceSid")):
+            return _twilio_error(400, 21603, "A 'From' phone number is required.")
+        if not form.get("Body"):
+            return _twilio_error(400, 21602, "Message body is required.")
+        sid = "SM" + secrets.token_hex(16)
+        message = {
+            "sid": sid, "account_sid": self.account_sid, "api_version": "2010-04-01",
+            "to": to, "from": form.get("From"), "body": form["Body"],
+            "messaging_service_sid": form.get("MessagingServiceSid"),
+            "status": "queued", "direction": "outbound-api", "num_segments": "1",
+            "num_media": "0", "error_code": None, "error_message": None,
+            "price": None, "price_unit": "USD",
+            "date_created": formatdate(usegmt=True), "date_updated": formatdate(usegmt=True),
+            "date_sent": None,
+            "uri": f"/2010-04-01/Accounts/{self.account_sid}/Messages/{sid}.json",
+            "subresource_uris": {},
+        }
+        with self._cond:
+            self.messages.append(message)
+            self._cond.notify_all()
+        return Reply(201, message)
+
+
+# -------------------------------------------------------------------------------------
+# vehicle command service
+
+_COMMANDS_PATH = re.compile(r"^/vehicles/(?P<vin>[^/]+)/commands$")
+
+
+class FakeVehicleService(FakeServer):
+    """``POST /vehicles/{vin}/commands``.
+
+    Modes: ``up`` (200 ``{"status": "accepted", "command_id": ...}``; 404 for a VIN
+    outside ``known_vins`` when that is set), ``timeout`` (sleeps ``slow_s``, past
+    the client's timeout), ``flaky`` (the first ``flaky_failures`` requests since
+    the mode was set fail as ``flaky_kind``: ``"timeout"`` or ``"503"``; then as
+    ``up``), ``404`` (unknown vehicle), ``refuse``, ``blackhole``.
+    An ``Idempotency-Key`` already accepted gets the same ``command_id`` again.
+    """
+
+    MODES = frozenset({"up", "timeout", "flaky", "404"})
+
+    def __init__(self, *, mode: str = "up", slow_s: float = 2.0, flaky_failures: int = 2,
+                 flaky_kind: str = "timeout", known_vins: frozenset[str] | None = None) -> None:
+        if flaky_kind not in ("timeout", "503"):
+            raise ValueError(f"flaky_kind must be 'timeout' or '503', not {flaky_kind!r}")
+        super().__init__(mode=mode, slow_s=slow_s)
+        self.flaky_failures = flaky_failures
+        self.flaky_kind = flaky_kind
+        self.known_vins = known_vins
+        #: every command request on the wire: {"vin", "body", "idempotency_key", "time"}
+        self.commands: list[dict[str, Any]] = []
+        self._accepted: dict[str, dict[str, Any]] = {}  # idempotency key -> first accepted
+        self._flaky_seen = 0
+        self._ids = itertools.count(1)
+
+    def _on_mode(self, previous: str, mode: str) -> None:
+        self._flaky_seen = 0
+
+    @property
+    def unique_commands(self) -> dict[str, dict[str, Any]]:
+        """Idempotency key -> the command as first accepted (what the car executed)."""
+        with self._cond:
+            return dict(self._accepted)
+
+    def _timeout(self) -> Reply | None:
+        if not self.pause(self.slow_s):
+            return None
+        return Reply(504, {"error": "vehicle did not answer"})
+
+    def respond(self, request: RecordedRequest) -> Reply | None:
+        match = _COMMANDS_PATH.match(request.path)
+        if request.method != "POST" or match is None:
+            return Reply(404, {"error": "not found"})
+        vin, key, body = match["vin"], request.idempotency_key, request.json
+        with self._cond:
+            self.commands.append({"vin": vin, "body": body, "idempotency_key": key,
+                                  "time": request.time})
+            mode = self.mode
+            if mode == "flaky":
+                self._flaky_seen += 1
+                mode = (self.flaky_kind if self._flaky_seen <= self.flaky_failures else "up")
+            self._cond.notify_all()
+        if mode == "timeout":
+            return self._timeout()
+        if mode == "503":
+            return Reply(503, {"error": "vehicle gateway unavailable"})
+        if mode == "404" or (self.known_vins is not None and vin not in self.known_vins):
+            return Reply(404, {"error": "unknown vehicle", "vin": vin})
+        if not key:
+            return Reply(400, {"error": "Idempotency-Key header required"})
+        if not isinstance(body, dict) or not isinstance(body.get("command"), str):
+            return Reply(400, {"error": "body must be a JSON object with a 'command'"})
+        with self._cond:
+            accepted = self._accepted.get(key)
+            if accepted is None:
+                accepted = {"vin": vin, "body": body, "command_id": f"cmd-{next(self._ids)}"}
+                self._accepted[key] = accepted
+        return Reply(200, {"status": "accepted", "command_id": accepted["command_id"],
+                           "vin": vin, "command": body["command"]})
+
+
+# -------------------------------------------------------------------------------------
+# push notifications
+
+
+class FakePush(FakeServer):
+    """``POST /push``: modes ``up`` (202), ``503``, ``refuse``, ``blackhole``.
+
+    ``.pushes`` holds every accepted push: the JSON body plus ``idempotency_key``.
+    """
+
+    MODES = frozenset({"up", "503"})
+
+    def __init__(self, *, mode: str = "up") -> None:
+        super().__init__(mode=mode)
+        self.pushes: list[dict[str, Any]] = []
+
+    @property
+    def push_url(self) -> str:
+        return f"{self.url}/push"
+
+    def respond(self, request: RecordedRequest) -> Reply | None:
+        if request.method != "POST" or request.path != "/push":
+            return Reply(404, {"error": "not found"})
+        if self.mode == "503":
+            return Reply(503, {"error": "push provider unavailable"})
+        if not isinstance(request.json, dict):
+            return Reply(400, {"error": "body must be a JSON object"})
+        with self._cond:
+            self.pushes.append({**request.json, "idempotency_key": request.idempotency_key})
+            self._cond.notify_all()
+        return Reply(202, {"id": f"push-{len(self.pushes)}"})
+
+
+__all__ = [
+    "FakeAssistanceCentre", "FakePush", "FakeServer", "FakeTwilioApi", "FakeVehicleService",
+    "RecordedRequest", "Reply",
+]
