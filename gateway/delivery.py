@@ -188,7 +188,7 @@ class OutboxWorker:
 
         retrying = Retrying(
             stop=stop_after_delay(self.policy.budget_s),
-            wait=wait_exponential_jitter(initial=self.policy.backoff_initial_s,
+            wait=wait_exponential_jitter(multiplier=self.policy.backoff_initial_s,
                                          max=self.policy.backoff_max_s,
                                          jitter=self.policy.backoff_initial_s),
             retry=retry_if_exception_type(TransientUpstreamError),

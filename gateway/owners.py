@@ -277,7 +277,7 @@ class Vehicle:
     updated_at: dt.datetime
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Vehicle:
+    def from_row(cls, row: Mapping[Any, Any]) -> Vehicle:
         return cls(
             vin=row["vin"],
             car_msisdn=row["car_msisdn"],
@@ -396,6 +396,10 @@ def _reference(value: object, field: str, errors: dict[str, str]) -> str:
     elif len(text) > 100:
         errors[field] = "at most 100 characters"
     return text
+
+
+def _vin(value: object) -> str:
+    return value.strip().upper() if isinstance(value, str) else ""
 
 
 def _actor(value: object) -> str:
@@ -546,7 +550,7 @@ class Vehicles:
         return Vehicle.from_row(found._mapping) if found is not None else None
 
     def get(self, vin: str) -> Vehicle | None:
-        return self._one(vehicles.c.vin == vin.strip().upper())
+        return self._one(vehicles.c.vin == _vin(vin))
 
     def _get_required(self, vin: str) -> Vehicle:
         found = self.get(vin)
@@ -580,6 +584,7 @@ class Vehicles:
 
     def set_pin(self, vin: str, pin: str, *, actor: str) -> None:
         """Store a new PIN (hash only) and clear any failures or lock."""
+        vin = _vin(vin)
         actor = _actor(actor)
         if not is_valid_pin(pin):
             raise ValidationError({"pin": _PIN_FORMAT_MESSAGE})
@@ -651,6 +656,7 @@ class Vehicles:
 
     def verify_pin(self, vin: str, pin: str, *, actor: str) -> PinCheck:
         """Check one PIN attempt against the lockout policy; every attempt is audited."""
+        vin = _vin(vin)
         actor = _actor(actor)
         now = self._now()
         with self._tx() as conn:
@@ -703,6 +709,7 @@ class Vehicles:
         Already immobilised: nothing changes (the first reference stands), and
         the repeat request is audited.
         """
+        vin = _vin(vin)
         actor = _actor(actor)
         errors: dict[str, str] = {}
         reference = _reference(authority_reference, "authority_reference", errors)
@@ -731,6 +738,7 @@ class Vehicles:
 
     def reactivate(self, vin: str, *, actor: str, pin: str) -> Reactivation:
         """Switch the immobiliser off, only if the owner's PIN checks out in this call."""
+        vin = _vin(vin)
         actor = _actor(actor)
         check = self.verify_pin(vin, pin, actor=actor)
         changed = 0
@@ -752,6 +760,7 @@ class Vehicles:
 
     def start_tracking(self, vin: str, *, actor: str, police_reference: str) -> Vehicle:
         """Start tracking after unauthorised use is confirmed, recording the police report."""
+        vin = _vin(vin)
         actor = _actor(actor)
         errors: dict[str, str] = {}
         reference = _reference(police_reference, "police_reference", errors)
@@ -782,7 +791,7 @@ class Vehicles:
         self, vin: str, *, actor: str, action: str, detail: Mapping[str, Any] | None = None
     ) -> None:
         """Audit an action decided elsewhere (e.g. ``unlock_requested``); no PINs in detail."""
-        actor = _actor(actor)
+        actor, vin = _actor(actor), _vin(vin)
         with self._tx() as conn:
             if not self._exists(conn, vin):
                 raise UnknownVehicleError(vin)
@@ -790,6 +799,7 @@ class Vehicles:
 
     def audit_for(self, vin: str, *, limit: int = 200) -> list[AuditEntry]:
         """The vehicle's audit trail, oldest first."""
+        vin = _vin(vin)
         query = (
             sa.select(audit).where(audit.c.vin == vin).order_by(audit.c.id).limit(limit)
         )
@@ -805,6 +815,7 @@ class Vehicles:
 
     def lockout_state(self, vin: str) -> tuple[int, dt.datetime | None]:
         """``(failures, locked_until)`` as stored (``locked_until`` may be in the past)."""
+        vin = _vin(vin)
         with self._tx() as conn:
             row = conn.execute(
                 sa.select(pin_failures.c.failures, pin_failures.c.locked_until).where(

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import requests
 
 from gateway.errors import PermanentUpstreamError, TransientUpstreamError, UpstreamError
@@ -46,7 +48,7 @@ def transient_from(service: str, exc: BaseException, timeout_s: float) -> Transi
     return TransientUpstreamError(f"{service} unreachable: {what} ({type(exc).__name__})")
 
 
-def post_json(session: requests.Session, service: str, url: str, body: object, *,
+def post_json(session: requests.Session, service: str, url: str, body: dict[str, Any], *,
               idempotency_key: str, timeout_s: float) -> requests.Response:
     """One POST with an explicit timeout; the 2xx response or an UpstreamError.
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import requests
 
@@ -45,7 +45,7 @@ class AssistanceCentreClient:
         if self._owns_session:
             self._session.close()
 
-    def __enter__(self) -> AssistanceCentreClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
+
 @runtime_checkable
 class IncidentSink(Protocol):
     """The assistance centre: takes an incident, at most once per idempotency key."""

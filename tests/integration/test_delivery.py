@@ -40,7 +40,8 @@ def delivery_app(make_app: Callable[..., Flask], settings: Settings,
 def worker_for(app: Flask, policy: DeliveryPolicy = FAST) -> OutboxWorker:
     svc = app.extensions["gateway"]
     client = AssistanceCentreClient(svc.settings.assistance_url, timeout_s=policy.timeout_s)
-    return OutboxWorker(svc.store, client, policy=policy, health=svc.centre_health)
+    return OutboxWorker(svc.store, client, policy=policy, health=svc.centre_health,
+                        clock=svc.clock)
 
 
 def post(app: Flask, headers: dict[str, str], **overrides: Any) -> dict[str, Any]:

@@ -21,7 +21,7 @@ answers the base class can change the *transport*:
     sees a *read* timeout); once that one-slot accept queue is full, further
     SYNs are dropped (the client sees a *connect* timeout).
 
-Handlers that sleep (``slow``/``timeout`` modes) or hold a connection wait on
+Handlers that sleep (``slow``/``timeout`` modes) wait on
 an event that is set on every transport change and on close, so ``close()``
 never waits for a sleeping handler and ``server_close()`` joins every handler
 thread (no thread or socket outlives the ``with`` block).
@@ -97,7 +97,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"  # one request per connection: no idle keep-alive sockets
     timeout = 5.0  # a client that connects and never sends cannot pin server_close()
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
     def _handle(self) -> None:
@@ -138,10 +138,10 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:  # the client gave up (timed out) before we answered
             pass
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self._handle()
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self._handle()
 
 
@@ -273,10 +273,6 @@ class FakeServer:
         """Sleep in a handler; False when released early (transport change or close)."""
         return not self._release.wait(seconds)
 
-    def hold(self) -> None:
-        """Never answer (until the transport changes or the server closes)."""
-        self._release.wait()
-
     # -- test side -------------------------------------------------------------------
 
     @property
@@ -288,10 +284,6 @@ class FakeServer:
         """Wait until ``predicate()`` holds (re-checked on every request); False on timeout."""
         with self._cond:
             return self._cond.wait_for(predicate, timeout)
-
-    def notify(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
 
 
 def _twilio_error(status: int, code: int, message: str) -> Reply:
@@ -430,7 +422,7 @@ class FakeTwilioApi(FakeServer):
         if not form.get("Body"):
             return _twilio_error(400, 21602, "Message body is required.")
         sid = "SM" + secrets.token_hex(16)
-        message = {
+        message: dict[str, Any] = {
             "sid": sid, "account_sid": self.account_sid, "api_version": "2010-04-01",
             "to": to, "from": form.get("From"), "body": form["Body"],
             "messaging_service_sid": form.get("MessagingServiceSid"),
