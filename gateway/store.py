@@ -308,7 +308,7 @@ class Store:
 
 
 #: modules that define tables on ``metadata`` besides this one
-TABLE_MODULES = ("gateway.delivery", "gateway.centre_health")
+TABLE_MODULES = ("gateway.delivery", "gateway.centre_health", "gateway.owners", "gateway.theft")
 
 
 def register_tables() -> None:
