@@ -39,6 +39,12 @@ class Services:
     on_incident: Callable[[dict[str, Any]], None] | None = None
     worker: Any = None
     metrics: Any = None
+    #: the vehicle registry (owners, PINs, immobiliser)
+    vehicles: Any = None
+    #: vehicle command service, SMS, push (None when not configured)
+    commands: Any = None
+    notifier: Any = None
+    market_rule: Any = None
     #: what failed to load at start-up (the app still serves the emergency path)
     problems: dict[str, str] = field(default_factory=dict)
 
@@ -61,6 +67,25 @@ def load_plan_or_none(settings: Settings, problems: dict[str, str]) -> NumberPla
         log.exception("number plan failed to load")
         problems["number_plan"] = f"{type(exc).__name__}: {exc}"
         return None
+
+
+def build_adapters(settings: Settings) -> dict[str, Any]:
+    """Clients for the outside services that are configured (None for the others)."""
+    from gateway.adapters.assistance import AssistanceCentreClient
+    from gateway.adapters.messaging import PushClient, TwilioSms
+    from gateway.adapters.vehicle_commands import VehicleCommandClient
+
+    return {
+        "commands": VehicleCommandClient(settings.vehicle_command_url, timeout_s=2.5)
+        if settings.vehicle_command_url else None,
+        "sms": TwilioSms(settings.twilio_account_sid, settings.twilio_auth_token,
+                         from_number=settings.sms_from, api_url=settings.twilio_api_url)
+        if settings.twilio_account_sid and settings.sms_from else None,
+        "push": PushClient(settings.push_url, timeout_s=5.0) if settings.push_url else None,
+        "centre": AssistanceCentreClient(settings.assistance_url,
+                                         timeout_s=settings.delivery.timeout_s)
+        if settings.assistance_url else None,
+    }
 
 
 def build_health(settings: Settings, store: Store, plan: NumberPlan | None,
@@ -89,6 +114,9 @@ def create_app(
     locator: Locator | None = _UNSET,
     clock: Callable[[], float] | None = None,
     start_worker: bool = False,
+    commands: Any = _UNSET,
+    sms: Any = _UNSET,
+    push: Any = _UNSET,
 ) -> Flask:
     """Build the app.  Anything not passed in is built from ``settings``."""
     settings = settings or Settings.from_env()
@@ -112,6 +140,17 @@ def create_app(
     health = build_health(settings, store, plan, clock)
     worker = delivery.build_worker(settings, store, health, clock) if start_worker else None
 
+    from gateway.entitlement import MarketRule
+    from gateway.notify import NotificationWorker
+    from gateway.owners import PinHasher, Vehicles
+
+    adapters = build_adapters(settings)
+    commands = adapters["commands"] if commands is _UNSET else commands
+    sms = adapters["sms"] if sms is _UNSET else sms
+    push = adapters["push"] if push is _UNSET else push
+    notifier = NotificationWorker(store, sms=sms, push=push, centre=adapters["centre"],
+                                  clock=clock, poll_s=settings.delivery.poll_s)
+
     app = Flask("gateway")
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
     app.extensions["gateway"] = Services(
@@ -126,15 +165,20 @@ def create_app(
         on_incident=(lambda _incident: worker.wake.set()) if worker else None,
         worker=worker,
         metrics=Metrics(),
+        vehicles=Vehicles(store, PinHasher(n=settings.pin_scrypt_n), clock=clock),
+        commands=commands,
+        notifier=notifier,
+        market_rule=MarketRule(settings.roadside_free_markets),
     )
     if worker is not None:
         worker.start_thread()
+    if start_worker:
+        notifier.start_thread()
 
-    from gateway.views import ops, vehicle, voice
+    from gateway.views import agent, ivr, ops, vehicle, voice
 
-    app.register_blueprint(ops.bp)
-    app.register_blueprint(vehicle.bp)
-    app.register_blueprint(voice.bp)
+    for module in (ops, vehicle, voice, ivr, agent):
+        app.register_blueprint(module.bp)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Any:

@@ -113,6 +113,19 @@ class Settings:
     emergency_caller_id: str | None = None
     #: how long an incident stays "open" for a call from the car, seconds
     incident_window_s: int = 3600
+    #: calls to these numbers are owners' calls: the IVR answers them
+    ivr_numbers: frozenset[str] = frozenset()
+    vehicle_command_url: str | None = None
+    #: seconds the car stays unlocked after a remote unlock before it relocks
+    unlock_relock_s: int = 60
+    push_url: str | None = None
+    twilio_account_sid: str | None = None
+    twilio_api_url: str = "https://api.twilio.com"
+    sms_from: str | None = None
+    #: markets where roadside assistance stays free after the included years if serviced
+    roadside_free_markets: frozenset[str] = frozenset()
+    #: scrypt cost for PIN hashes (2**14 ~ 60 ms); tests lower it
+    pin_scrypt_n: int = 2**14
     voice: VoicePolicy = field(default_factory=VoicePolicy)
     delivery: DeliveryPolicy = field(default_factory=DeliveryPolicy)
 
@@ -165,7 +178,23 @@ class Settings:
             incident_window_s=reader.integer("GATEWAY_INCIDENT_WINDOW_S", 3600),
             voice=voice,
             delivery=delivery,
+            ivr_numbers=frozenset(
+                reader.e164_value("GATEWAY_IVR_NUMBERS", n) for n in reader.csv("GATEWAY_IVR_NUMBERS")
+            ),
+            vehicle_command_url=reader.url("GATEWAY_VEHICLE_COMMAND_URL", default=None),
+            unlock_relock_s=reader.integer("GATEWAY_UNLOCK_RELOCK_S", 60),
+            push_url=reader.url("GATEWAY_PUSH_URL", default=None),
+            twilio_account_sid=reader.text("GATEWAY_TWILIO_ACCOUNT_SID") or None,
+            twilio_api_url=reader.url("GATEWAY_TWILIO_API_URL", default="https://api.twilio.com"),
+            sms_from=reader.e164("GATEWAY_SMS_FROM"),
+            roadside_free_markets=_markets(reader.text("GATEWAY_ROADSIDE_FREE_MARKETS")),
+            pin_scrypt_n=reader.integer("GATEWAY_PIN_SCRYPT_N", 2**14),
         )
+        if not 10 <= settings.unlock_relock_s <= 600:
+            raise ConfigError("GATEWAY_UNLOCK_RELOCK_S: must be between 10 and 600")
+        n = settings.pin_scrypt_n
+        if n < 2**8 or n & (n - 1):
+            raise ConfigError("GATEWAY_PIN_SCRYPT_N: must be a power of two, at least 256")
         for t in settings.vehicle_api_tokens | set(settings.agent_api_tokens):
             if len(t) < 16:
                 raise ConfigError("API tokens must be at least 16 characters long")
@@ -223,8 +252,9 @@ class _Reader:
 
     def e164(self, name: str) -> str | None:
         raw = self.text(name)
-        if not raw:
-            return None
+        return self.e164_value(name, raw) if raw else None
+
+    def e164_value(self, name: str, raw: str) -> str:
         try:
             number = phonenumbers.parse(raw, None)
         except phonenumbers.NumberParseException:
@@ -244,6 +274,14 @@ class _Reader:
                 raise ConfigError(f"{name}: unknown role(s) {sorted(unknown)}")
             tokens[token] = role_set
         return tokens
+
+
+def _markets(raw: str) -> frozenset[str]:
+    if not raw.strip():
+        return frozenset()
+    from gateway.entitlement import parse_market_rule
+
+    return parse_market_rule(raw)
 
 
 AGENT_ROLES = frozenset({"read", "dispatch", "immobilise", "supervisor"})

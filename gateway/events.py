@@ -21,7 +21,10 @@ import phonenumbers
 from gateway.errors import ValidationError
 
 EMERGENCY_TYPES = ("crash", "sos")
-EVENT_TYPES = ("crash", "sos", "on_call")
+ALARM_TYPES = ("alarm_triggered", "alarm_disarmed")
+EVENT_TYPES = ("crash", "sos", "on_call", *ALARM_TYPES)
+#: how an alarm was disarmed; only the car's key interrupts theft notification
+DISARM_METHODS = ("key", "app", "other")
 
 _VIN = re.compile(r"^[A-HJ-NPR-Z0-9]{17}$")
 _EVENT_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -57,6 +60,7 @@ class VehicleEvent:
     crash: dict[str, Any] | None
     occupants: dict[str, Any] | None
     payload_sha256: str
+    disarmed_by: str | None = None
 
 
 def parse_event(body: Any) -> VehicleEvent:
@@ -83,6 +87,9 @@ def parse_event(body: Any) -> VehicleEvent:
     crash = _crash(body.get("crash"), errors)
     occupants = _occupants(body.get("occupants"), errors)
 
+    disarmed_by = body.get("disarmed_by")
+    if kind == "alarm_disarmed" and disarmed_by not in DISARM_METHODS:
+        errors["disarmed_by"] = f"required for alarm_disarmed: one of {', '.join(DISARM_METHODS)}"
     if errors:
         raise ValidationError(errors)
     assert isinstance(event_id, str) and isinstance(kind, str) and isinstance(vin, str)
@@ -98,6 +105,7 @@ def parse_event(body: Any) -> VehicleEvent:
         crash=crash,
         occupants=occupants,
         payload_sha256=digest,
+        disarmed_by=disarmed_by if kind == "alarm_disarmed" else None,
     )
 
 

@@ -60,6 +60,127 @@ _TEXT: dict[str, dict[str, str]] = {
         "sv": "Vi kunde inte koppla samtalet. Lägg på och ring {number}.",
         "da": "Vi kunne ikke forbinde opkaldet. Læg på og ring {number}.",
     },
+    "ivr_menu": {
+        "en": "Welcome to vehicle assistance. For roadside assistance, press 1. To unlock your "
+              "car, press 2. To report your car stolen, press 3. To reactivate an immobilised "
+              "car, press 4. To speak to an agent, press 0.",
+        "de": "Willkommen bei der Fahrzeugassistenz. Für Pannenhilfe drücken Sie 1. Um Ihr Auto "
+              "zu entriegeln, drücken Sie 2. Um einen Diebstahl zu melden, drücken Sie 3. Um ein "
+              "stillgelegtes Auto wieder freizuschalten, drücken Sie 4. Für einen Mitarbeiter "
+              "drücken Sie 0.",
+        "sv": "Välkommen till fordonsassistans. För vägassistans, tryck 1. För att låsa upp "
+              "bilen, tryck 2. För att anmäla bilen stulen, tryck 3. För att återaktivera en "
+              "spärrad bil, tryck 4. För att tala med en handläggare, tryck 0.",
+        "fr": "Bienvenue à l'assistance véhicule. Pour le dépannage, tapez 1. Pour déverrouiller "
+              "votre voiture, tapez 2. Pour déclarer un vol, tapez 3. Pour réactiver une voiture "
+              "immobilisée, tapez 4. Pour parler à un conseiller, tapez 0.",
+    },
+    "ivr_invalid": {
+        "en": "Sorry, that is not one of the options.",
+        "de": "Diese Auswahl gibt es leider nicht.",
+        "sv": "Det valet finns tyvärr inte.",
+        "fr": "Désolé, ce choix n'existe pas.",
+    },
+    "ivr_identify": {
+        "en": "Please enter your eight digit customer number.",
+        "de": "Bitte geben Sie Ihre achtstellige Kundennummer ein.",
+        "sv": "Ange ditt åttasiffriga kundnummer.",
+        "fr": "Veuillez saisir votre numéro client à huit chiffres.",
+    },
+    "ivr_unknown_vehicle": {
+        "en": "We could not find a car with that number.",
+        "de": "Zu dieser Nummer haben wir kein Fahrzeug gefunden.",
+        "sv": "Vi hittade ingen bil med det numret.",
+        "fr": "Nous n'avons trouvé aucun véhicule avec ce numéro.",
+    },
+    "ivr_pin": {
+        "en": "Please enter your PIN, followed by the hash key.",
+        "de": "Bitte geben Sie Ihre PIN ein und drücken Sie die Rautetaste.",
+        "sv": "Ange din PIN-kod följd av fyrkant.",
+        "fr": "Veuillez saisir votre code PIN, suivi de la touche dièse.",
+    },
+    "ivr_pin_wrong": {
+        "en": "That PIN is not correct.",
+        "de": "Diese PIN ist nicht korrekt.",
+        "sv": "PIN-koden är inte korrekt.",
+        "fr": "Ce code PIN n'est pas correct.",
+    },
+    "ivr_pin_locked": {
+        "en": "For your security, PIN entry for this car is locked for fifteen minutes. "
+              "Connecting you to an agent.",
+        "de": "Zu Ihrer Sicherheit ist die PIN-Eingabe für dieses Fahrzeug fünfzehn Minuten "
+              "gesperrt. Sie werden mit einem Mitarbeiter verbunden.",
+        "sv": "För din säkerhet är PIN-inmatningen för bilen spärrad i femton minuter. "
+              "Vi kopplar dig till en handläggare.",
+        "fr": "Pour votre sécurité, la saisie du code PIN est bloquée pendant quinze minutes. "
+              "Nous vous passons un conseiller.",
+    },
+    "ivr_unlocked": {
+        "en": "Your car is unlocked. Press the door handle within {seconds} seconds, "
+              "or the car will lock again.",
+        "de": "Ihr Auto ist entriegelt. Betätigen Sie den Türgriff innerhalb von {seconds} "
+              "Sekunden, sonst verriegelt es wieder.",
+        "sv": "Bilen är upplåst. Tryck på dörrhandtaget inom {seconds} sekunder, annars låses "
+              "bilen igen.",
+        "fr": "Votre voiture est déverrouillée. Actionnez la poignée dans les {seconds} "
+              "secondes, sinon elle se verrouillera.",
+    },
+    "ivr_car_unreachable": {
+        "en": "We could not reach your car right now; it may have poor signal. "
+              "Connecting you to an agent.",
+        "de": "Ihr Auto ist gerade nicht erreichbar, vielleicht wegen schlechten Empfangs. "
+              "Sie werden mit einem Mitarbeiter verbunden.",
+        "sv": "Vi når inte bilen just nu, den kan ha dålig täckning. Vi kopplar dig till en "
+              "handläggare.",
+        "fr": "Nous ne pouvons pas joindre votre voiture, le réseau est peut-être faible. "
+              "Nous vous passons un conseiller.",
+    },
+    "ivr_reactivated": {
+        "en": "Your car is reactivated. You can start it again.",
+        "de": "Ihr Auto ist wieder freigeschaltet. Sie können es wieder starten.",
+        "sv": "Bilen är återaktiverad. Du kan starta den igen.",
+        "fr": "Votre voiture est réactivée. Vous pouvez la redémarrer.",
+    },
+    "ivr_not_immobilised": {
+        "en": "Your car is not immobilised.",
+        "de": "Ihr Auto ist nicht stillgelegt.",
+        "sv": "Bilen är inte spärrad.",
+        "fr": "Votre voiture n'est pas immobilisée.",
+    },
+    "ivr_costs_apply": {
+        "en": "Please note: your roadside assistance cover has ended, so costs apply for this "
+              "service. Connecting you now.",
+        "de": "Bitte beachten Sie: Ihre Pannenhilfe ist abgelaufen, für diesen Einsatz fallen "
+              "Kosten an. Sie werden jetzt verbunden.",
+        "sv": "Observera: din vägassistans har upphört, så tjänsten kostar. Vi kopplar dig nu.",
+        "fr": "Attention : votre assistance dépannage a expiré, ce service est payant. "
+              "Nous vous mettons en relation.",
+    },
+    "ivr_agent": {
+        "en": "Connecting you to an agent.",
+        "de": "Sie werden mit einem Mitarbeiter verbunden.",
+        "sv": "Vi kopplar dig till en handläggare.",
+        "fr": "Nous vous passons un conseiller.",
+    },
+    "callback": {
+        "en": "The assistance centre cannot take your call right now. We have recorded a "
+              "callback request and an agent will call you back on this number. If this is an "
+              "emergency, hang up and press the S O S button in your car.",
+        "de": "Die Assistenzzentrale ist gerade nicht erreichbar. Wir haben einen Rückruf "
+              "notiert. Im Notfall legen Sie auf und drücken Sie die S O S Taste im Auto.",
+        "sv": "Assistanscentralen kan inte ta ditt samtal just nu. Vi har registrerat en "
+              "begäran om återuppringning. Vid en nödsituation, lägg på och tryck på S O S "
+              "knappen i bilen.",
+        "fr": "Le centre d'assistance ne peut pas prendre votre appel. Nous avons noté une "
+              "demande de rappel. En cas d'urgence, raccrochez et appuyez sur le bouton S O S "
+              "de votre voiture.",
+    },
+    "goodbye": {
+        "en": "Thank you for calling. Goodbye.",
+        "de": "Vielen Dank für Ihren Anruf. Auf Wiederhören.",
+        "sv": "Tack för ditt samtal. Hej då.",
+        "fr": "Merci de votre appel. Au revoir.",
+    },
 }
 
 

@@ -108,6 +108,20 @@ call_status = sa.Table(
 )
 
 
+callbacks = sa.Table(
+    "callbacks",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("call_sid", sa.String(64), nullable=False, unique=True),
+    sa.Column("number", sa.String(32)),
+    sa.Column("vin", sa.String(17)),
+    sa.Column("incident_id", sa.String(36)),
+    sa.Column("reason", sa.String(300), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False, server_default="open"),
+    sa.Column("created_at", TS, nullable=False),
+)
+
+
 class Store:
     """All database access goes through here; methods raise StoreError, nothing else."""
 
@@ -281,6 +295,23 @@ class Store:
             query = query.where(routing_decisions.c.call_sid == call_sid)
         with self.begin() as conn:
             return [dict(r._mapping) for r in conn.execute(query)]
+
+    # -- callbacks ----------------------------------------------------------------------
+
+    def record_callback(self, values: Mapping[str, Any]) -> bool:
+        """A callback the centre owes a caller; once per call."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(callbacks.insert().values(created_at=utcnow(), **values))
+            return True
+        except IntegrityError:
+            return False
+        except SQLAlchemyError as exc:
+            raise StoreError(f"database error: {type(exc).__name__}") from exc
+
+    def callbacks(self) -> list[dict[str, Any]]:
+        with self.begin() as conn:
+            return [dict(r._mapping) for r in conn.execute(sa.select(callbacks))]
 
     # -- status callbacks -------------------------------------------------------------
 

@@ -35,10 +35,18 @@ def dial_centre(
     caller_id: str | None,
     language: str | None,
     first: bool,
+    notices: tuple[str, ...] = (),
+    announce: str | None = None,
 ) -> VoiceResponse:
-    """Ring the assistance centre; the agent hears the whisper before the bridge."""
+    """Ring the assistance centre; the agent hears the whisper before the bridge.
+
+    ``notices`` are prompt keys said first (e.g. that costs apply)."""
     response = VoiceResponse()
-    text, lang = prompts.say("connecting_centre" if first else "trying_again", language)
+    for key in notices:
+        text, lang = prompts.say(key, language)
+        response.say(text, language=lang)
+    text, lang = prompts.say(announce or ("connecting_centre" if first else "trying_again"),
+                             language)
     response.say(text, language=lang)
     dial = response.dial(
         action=action_url,
@@ -115,6 +123,41 @@ def whisper_result(accepted: bool, *, language: str = "en-GB") -> VoiceResponse:
     if not accepted:
         response.say("Call not accepted.", language=language)
         response.hangup()
+    return response
+
+
+def say_and_hangup(key: str, *, language: str | None) -> VoiceResponse:
+    """Tell the caller something (e.g. a callback was recorded) and end the call."""
+    response = VoiceResponse()
+    text, lang = prompts.say(key, language)
+    response.say(text, language=lang)
+    response.hangup()
+    return response
+
+
+def gather(
+    keys: tuple[str, ...],
+    *,
+    action_url: str,
+    language: str | None,
+    num_digits: int | None = 1,
+    finish_on_key: str = "#",
+    timeout_s: int = 6,
+    no_input_url: str,
+    values: dict[str, str] | None = None,
+) -> VoiceResponse:
+    """Say the prompts inside a DTMF <Gather>; with no input, go to ``no_input_url``.
+
+    Digits come back in the action request's body, never in a URL or in TwiML.
+    """
+    response = VoiceResponse()
+    gathered = response.gather(input="dtmf", action=action_url, method="POST", timeout=timeout_s,
+                               num_digits=num_digits, finish_on_key=finish_on_key,
+                               action_on_empty_result=False)
+    for key in keys:
+        text, lang = prompts.say(key, language, **(values or {}))
+        gathered.say(text, language=lang)
+    response.redirect(no_input_url, method="POST")
     return response
 
 

@@ -7,7 +7,7 @@ OpenStreetMap admin_level=2 boundaries *including 12 nm territorial waters*
 and the measured figures.
 
 Index: the world is cut into 1 degree cells. A cell is either wholly one code
-(or sea), or split into 16 x 16 sub-cells, each wholly one code (or sea) or an
+(or sea), or split into 32 x 32 sub-cells, each wholly one code (or sea) or an
 ordered list of candidate polygons (the country clipped to the 1 degree cell,
 GEOS-prepared) tested with an exact point-in-polygon. Most lookups are two list
 indexings; points near a border or coastline cost one or two prepared
@@ -18,11 +18,13 @@ Nothing is loaded at import time; call :func:`load_locator`.
 
 from __future__ import annotations
 
+import array
 import hashlib
 import io
 import json
 import lzma
 import pathlib
+import threading
 from typing import Any
 
 import numpy as np
@@ -33,11 +35,12 @@ from gateway.errors import GeoDataError
 DEFAULT_DATA = pathlib.Path(__file__).resolve().parent / "data" / "boundaries.bin"
 MAGIC = b"GWGEO1\n"
 
-__all__ = ["BoundaryLocator", "load_locator", "DEFAULT_DATA"]
+__all__ = ["DEFAULT_DATA", "BoundaryLocator", "load_locator"]
 
 
 class BoundaryLocator:
-    """Immutable after construction; safe for concurrent reads from many threads."""
+    """Immutable after construction; safe for concurrent reads from many threads
+    (the GEOS point-in-polygon step near borders is serialised by a lock)."""
 
     source: str
 
@@ -47,7 +50,7 @@ class BoundaryLocator:
         source: str,
         codes: list[str | None],
         base: list[int],
-        subgrids: list[int],
+        subgrids: array.array[int] | list[int],
         leaves: list[tuple[tuple[Any, str], ...]],
         sub: int,
         suboff: int,
@@ -61,6 +64,7 @@ class BoundaryLocator:
         self._sub = sub
         self._suboff = suboff
         self.meta = meta
+        self._lock = threading.Lock()
 
     def country_at(self, lat: float, lon: float) -> str | None:
         """ISO 3166-1 alpha-2 code (upper case; "XK" for Kosovo) at the point, or
@@ -92,9 +96,13 @@ class BoundaryLocator:
         w = self._subgrids[(v - self._suboff) * sub * sub + sy * sub + sx]
         if w < self._suboff:
             return self._codes[w]
-        for geom, code in self._leaves[w - self._suboff]:
-            if _intersects_xy(geom, lon, lat):
-                return code
+        # GEOS prepared geometries are not safe for concurrent queries (shapely
+        # releases the GIL; an abort was seen in the concurrency test), so the
+        # exact test is serialised. It only runs near borders and coasts.
+        with self._lock:
+            for geom, code in self._leaves[w - self._suboff]:
+                if _intersects_xy(geom, lon, lat):
+                    return code
         return None
 
     def __repr__(self) -> str:
@@ -172,7 +180,7 @@ def _build(payload: bytes) -> BoundaryLocator:
         raise GeoDataError("piece code out of range")
     shapely.prepare(pieces)
     # Build every prepared point locator now (GEOS builds it lazily on first
-    # query), so that later concurrent reads never mutate shared state.
+    # query) so that the first crash call does not pay for it.
     reps = shapely.point_on_surface(pieces)
     shapely.intersects_xy(pieces, shapely.get_x(reps), shapely.get_y(reps))
     piece_list = list(pieces)
@@ -186,8 +194,8 @@ def _build(payload: bytes) -> BoundaryLocator:
         source=str(header["source"]),
         codes=codes,
         base=base.tolist(),
-        subgrids=subgrids.tolist(),
-        leaves=leaves,  # type: ignore[arg-type]
+        subgrids=array.array("i", subgrids.astype(np.int32).tobytes()),
+        leaves=leaves,
         sub=sub,
         suboff=suboff,
         meta={k: header[k] for k in ("overrides", "rank") if k in header},

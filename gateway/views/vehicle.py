@@ -10,7 +10,8 @@ from flask import Blueprint, jsonify, request
 
 from gateway.app import services
 from gateway.errors import StoreError, ValidationError
-from gateway.events import parse_event
+from gateway import theft
+from gateway.events import ALARM_TYPES, VehicleEvent, parse_event
 from gateway.incidents import EventConflictError, incident_answer, record_event
 from gateway.security import vehicle_token
 
@@ -37,6 +38,14 @@ def post_event() -> Any:
     except ValidationError as exc:
         return _error(422, "invalid_event", "the event has invalid fields", fields=exc.errors)
     svc = services()
+    if event.type in ALARM_TYPES:
+        try:
+            registered = svc.vehicles.get(event.vin) is not None
+        except StoreError:
+            registered = True  # let the store attempt below answer 503
+        if not registered:
+            return _error(422, "invalid_event", "the alarm event has invalid fields",
+                          fields={"vin": "no registered vehicle with this VIN"})
     extra_rows = svc.outbox_rows if svc.outbox_rows is not None else None
     try:
         incident, created = record_event(
@@ -54,8 +63,38 @@ def post_event() -> Any:
         return response
     if created and svc.on_incident is not None:
         svc.on_incident(incident)
+    if event.type in ALARM_TYPES:
+        # idempotent on event_id: a replay after a crash here completes the work
+        try:
+            theft_answer = _alarm(event, svc)
+        except ValidationError as exc:
+            return _error(422, "invalid_event", "the alarm event has invalid fields",
+                          fields=exc.errors)
+        except StoreError:
+            log.exception("alarm not handled")
+            response = _error(503, "unavailable", "retry with the same event_id")
+            response.headers["Retry-After"] = "1"
+            return response
     body = incident_answer(incident, voice_number=svc.settings.voice_number)
     body["replayed"] = not created
+    if event.type in ALARM_TYPES:
+        body["notifications"] = theft_answer
     response = jsonify(body)
     response.status_code = 201 if created else 200
     return response
+
+
+def _alarm(event: VehicleEvent, svc: Any) -> list[dict[str, Any]]:
+    now = dt.datetime.fromtimestamp(svc.clock(), tz=dt.UTC)
+    if event.type == "alarm_triggered":
+        rows = theft.on_alarm_triggered(store=svc.store, vehicles=svc.vehicles, vin=event.vin,
+                                        event_id=event.event_id, occurred_at=event.occurred_at,
+                                        now=now)
+        if svc.notifier is not None:
+            svc.notifier.wake.set()
+    elif event.disarmed_by == "key":
+        rows = theft.on_alarm_disarmed(store=svc.store, vin=event.vin, event_id=event.event_id,
+                                       now=now, reason="alarm disarmed with the car's key")
+    else:
+        rows = []  # disarmed some other way: theft notification goes on
+    return [theft.as_public(r) for r in rows]

@@ -50,20 +50,15 @@ F = TypeVar("F", bound=Callable[..., Any])
 # -- call state carried in action URLs -------------------------------------------------
 
 
-@dataclass(frozen=True)
-class CallState:
-    """What a later step needs to know; signed by Twilio along with the URL."""
+S = TypeVar("S", bound="UrlState")
 
-    i: str = ""  # incident id ("" when the car sent no data message)
-    t0: int = 0  # call arrival, epoch seconds
-    h: str = ""  # home country: the centre that serves it is tried first
-    c: str = ""  # route country: whose emergency route is the fallback
-    n: int = 0  # centre attempts made so far
-    e: int = 0  # emergency attempts made so far
-    p: str = ""  # the caller's CallSid (whisper requests come on the agent's leg)
+
+@dataclass(frozen=True)
+class UrlState:
+    """State carried in a Twilio action URL (Twilio signs the URL with the request)."""
 
     @classmethod
-    def parse(cls, args: Mapping[str, str]) -> CallState:
+    def parse(cls: type[S], args: Mapping[str, str]) -> S:
         """Lenient: a missing or garbled value falls back to its default."""
         values: dict[str, Any] = {}
         for name, default in asdict(cls()).items():
@@ -83,7 +78,20 @@ class CallState:
         return {k: str(v) for k, v in asdict(self).items() if v not in ("", 0)}
 
 
-def _url(endpoint: str, state: CallState | None = None, **extra: str) -> str:
+@dataclass(frozen=True)
+class CallState(UrlState):
+    """What a later step of a car's call needs to know."""
+
+    i: str = ""  # incident id ("" when the car sent no data message)
+    t0: int = 0  # call arrival, epoch seconds
+    h: str = ""  # home country: the centre that serves it is tried first
+    c: str = ""  # route country: whose emergency route is the fallback
+    n: int = 0  # centre attempts made so far
+    e: int = 0  # emergency attempts made so far
+    p: str = ""  # the caller's CallSid (whisper requests come on the agent's leg)
+
+
+def _url(endpoint: str, state: UrlState | None = None, **extra: str) -> str:
     params: dict[str, Any] = state.params() if state else {}
     params.update(extra)
     return services().settings.public_url + url_for(endpoint, **params)
@@ -294,6 +302,20 @@ def incoming() -> Response:
             )
         except StoreError:
             why = "database unavailable: routing from the SIM's country"
+    if incident is None and msisdn:
+        try:
+            incident = svc.store.open_incident_for(msisdn, since=_since(now), types=("on_call",))
+        except StoreError:
+            pass
+        if incident is not None:
+            state = CallState(i=incident["id"], t0=int(now), h=incident["home_country"] or "",
+                              c=incident["route_country"] or "", p=call_sid)
+            return roadside_call(state, step="voice")
+    if incident is None:
+        from gateway.views import ivr
+
+        if ivr.normalised_to() in svc.settings.ivr_numbers:
+            return ivr.start(call_sid=call_sid, caller=msisdn)
     if incident is not None:
         state = CallState(i=incident["id"], t0=int(now), h=incident["home_country"] or "",
                           c=incident["route_country"] or "", p=call_sid)
@@ -302,6 +324,84 @@ def incoming() -> Response:
         country = sim_country(msisdn) or ""
         state = CallState(t0=int(now), h=country, c=country, p=call_sid)
     return route_call(state, step="voice", why=why, unreachable=unreachable_centres())
+
+
+def _costs_apply(incident_id: str) -> tuple[bool, str | None]:
+    """(costs apply?, the entitlement sentence) for the incident's car; unknown = no notice."""
+    from gateway.views.ivr import entitlement_of
+
+    svc = services()
+    try:
+        incident = svc.store.incident(incident_id) if incident_id else None
+        vehicle = svc.vehicles.get(incident["vin"]) if incident else None
+    except StoreError:
+        return False, None
+    if vehicle is None:
+        return False, None
+    entitlement = entitlement_of(vehicle)
+    return not entitlement.included, entitlement.reason
+
+
+def roadside_call(state: CallState, *, step: str) -> Response:
+    """ON CALL: the centre's roadside line; a callback if it cannot be reached.
+
+    Never the emergency number: the caller is told to use SOS in an emergency."""
+    svc = services()
+    attempt = state.n + 1
+    choice = next_centre_attempt(
+        home_country=state.h or None, route_country=state.c or None, attempt=attempt,
+        elapsed_s=max(0.0, _now() - state.t0), policy=svc.settings.voice, plan=svc.plan,
+        unreachable=unreachable_centres(), roadside=True)
+    if not isinstance(choice, DialCentre):
+        try:
+            svc.store.record_callback({
+                "call_sid": state.p or request.form.get("CallSid", ""),
+                "number": _msisdn(request.form.get("From")), "incident_id": state.i or None,
+                "reason": f"on_call: {choice}"[:300]})
+        except StoreError:
+            log.error("could not record the callback request")
+        return _answer(twiml.say_and_hangup("callback", language=_caller_language(state)),
+                       step=step, state=state, detail={"why": choice},
+                       decision={"target": "callback", "number": None, "reason": choice})
+    costs, _ = _costs_apply(state.i) if attempt == 1 else (False, None)
+    next_state = replace(state, n=attempt)
+    centre = choice.centre.centre_id
+    response = twiml.dial_centre(
+        choice,
+        action_url=_url("voice.roadside_result", next_state, centre=centre),
+        whisper_url=_url("voice.whisper", next_state, centre=centre),
+        status_url=_url("voice.status", None, centre=centre, **({"i": state.i} if state.i else {})),
+        caller_id=None, language=_caller_language(state), first=attempt == 1,
+        notices=("ivr_costs_apply",) if costs else ())
+    return _answer(response, step=step, state=next_state, detail={"costs_apply": costs},
+                   decision={"target": "centre", "number": choice.number, "centre_id": centre,
+                             "reason": f"on_call roadside; {choice.reason}"})
+
+
+@bp.post("/roadside-result")
+@twilio_signed
+@fail_safe
+def roadside_result() -> Response:
+    """The roadside <Dial action>: done, the next roadside line, or a callback."""
+    svc = services()
+    state = CallState.parse(request.args)
+    call_sid = request.form.get("CallSid", "")
+    step = f"roadside-result:{state.n}"
+    replay = _replay(call_sid, step)
+    if replay:
+        return replay
+    status = request.form.get("DialCallStatus", "")
+    try:
+        accepted: bool | None = svc.store.call_step(call_sid, f"accept:{state.n}") is not None
+    except StoreError:
+        accepted = None
+    centre = request.args.get("centre", "")
+    if centre_answered(status, request.form.get("DialBridged"), accepted):
+        svc.centre_health.record_safely(centre, ok=True, reason=f"roadside dial {status}")
+        return _answer(twiml.hangup(), step=step, state=state, detail={"outcome": "answered"})
+    if status in ("busy", "no-answer", "failed"):
+        svc.centre_health.record_safely(centre, ok=False, reason=f"roadside dial {status}")
+    return roadside_call(state, step=step)
 
 
 @bp.post("/dial-result")
@@ -381,6 +481,10 @@ def whisper() -> Response:
         except StoreError:
             log.error("incident unavailable for the whisper")
     summary = whisper_summary(incident, plan=svc.plan, sim_country=state.h or None)
+    if incident is not None and incident["type"] == "on_call":
+        _, entitlement = _costs_apply(state.i)
+        if entitlement:
+            summary += " " + entitlement
     response = twiml.whisper(
         summary,
         accept_url=_url("voice.whisper_accept", state, centre=request.args.get("centre", "")),

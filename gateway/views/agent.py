@@ -1,0 +1,206 @@
+"""The agent API: what the assistance centre's agents do through the gateway.
+
+Bearer tokens with roles (``GATEWAY_AGENT_API_TOKENS``): ``read``, ``dispatch``,
+``immobilise``; ``supervisor`` may do everything.  Every change is audited with the
+agent's (hashed) token id.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Blueprint, g, jsonify, request
+
+from gateway.app import services
+from gateway.errors import PermanentUpstreamError, StoreError, TransientUpstreamError, ValidationError
+from gateway.incidents import incident_answer
+from gateway.routing import emergency_route
+from gateway.security import agent_role
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("agent", __name__, url_prefix="/v1/agent")
+
+
+def _error(status: int, error: str, detail: str, **extra: Any) -> Any:
+    response = jsonify(error=error, detail=detail, **extra)
+    response.status_code = status
+    return response
+
+
+def _body(*required: str) -> dict[str, Any]:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise ValidationError({"body": "must be a JSON object"})
+    missing = {k: "required: a non-empty string" for k in required
+               if not isinstance(body.get(k), str) or not body[k].strip()}
+    if missing:
+        raise ValidationError(missing)
+    return body
+
+
+def _actor() -> str:
+    return f"agent:{g.agent}"
+
+
+def _incident_or_404(incident_id: str) -> Any:
+    return services().store.incident(incident_id)
+
+
+def _vehicle_json(vehicle: Any) -> dict[str, Any]:
+    data = {k: getattr(vehicle, k) for k in (
+        "vin", "market", "immobilised", "immobilised_by", "immobilised_reference",
+        "reactivated_by", "tracking", "tracking_started_by", "tracking_police_reference")}
+    for k in ("immobilised_at", "reactivated_at", "tracking_started_at", "updated_at"):
+        value = getattr(vehicle, k)
+        data[k] = value.isoformat() if value else None
+    data["has_pin"] = vehicle.has_pin
+    return data
+
+
+@bp.errorhandler(ValidationError)
+def _invalid(exc: ValidationError) -> Any:
+    return _error(422, "invalid_request", "the request has invalid fields", fields=exc.errors)
+
+
+@bp.errorhandler(StoreError)
+def _unavailable(exc: StoreError) -> Any:
+    response = _error(503, "unavailable", "the database is unavailable; retry")
+    response.headers["Retry-After"] = "1"
+    return response
+
+
+@bp.get("/incidents/<incident_id>")
+@agent_role("read")
+def read_incident(incident_id: str) -> Any:
+    incident = _incident_or_404(incident_id)
+    if incident is None:
+        return _error(404, "not_found", "no such incident")
+    body = incident_answer(incident, voice_number=None)
+    body.update({k: incident[k] for k in ("vin", "msisdn", "lat", "lon", "heading_deg",
+                                          "accuracy_m", "trusted", "crash", "occupants",
+                                          "status", "home_country")})
+    body["occurred_at"] = incident["occurred_at"].isoformat()
+    body["decisions"] = [
+        {"call_sid": d["call_sid"], "step": d["step"], "target": d["target"],
+         "number": d["number"], "reason": d["reason"], "at": d["created_at"].isoformat()}
+        for d in services().store.decisions_for(incident_id=incident_id)]
+    return jsonify(body)
+
+
+@bp.post("/incidents/<incident_id>/dispatch")
+@agent_role("dispatch")
+def dispatch(incident_id: str) -> Any:
+    """Record that emergency services were dispatched; answer the route for the place."""
+    svc = services()
+    incident = _incident_or_404(incident_id)
+    if incident is None:
+        return _error(404, "not_found", "no such incident")
+    body = request.get_json(silent=True) or {}
+    route = emergency_route(incident["route_country"], svc.plan)
+    svc.store.set_incident_status(incident_id, "dispatched")
+    svc.vehicles.record(incident["vin"], actor=_actor(), action="emergency_dispatched",
+                        detail={"incident_id": incident_id,
+                                "note": str(body.get("note", ""))[:200],
+                                "route_country": route.country})
+    return jsonify(incident_id=incident_id, status="dispatched", country=route.country,
+                   emergency_number=route.emergency_number, fallback_dial=route.fallback_dial,
+                   source=route.source)
+
+
+@bp.post("/incidents/<incident_id>/misuse")
+@agent_role("dispatch")
+def misuse(incident_id: str) -> Any:
+    """Mark an SOS as misuse (may be charged to the owner)."""
+    svc = services()
+    incident = _incident_or_404(incident_id)
+    if incident is None:
+        return _error(404, "not_found", "no such incident")
+    if incident["type"] != "sos":
+        return _error(409, "not_sos", "only an SOS incident can be marked as misuse")
+    body = _body("reason")
+    svc.store.set_incident_status(incident_id, "misuse")
+    svc.vehicles.record(incident["vin"], actor=_actor(), action="sos_misuse",
+                        detail={"incident_id": incident_id, "reason": body["reason"][:200],
+                                "chargeable": True})
+    return jsonify(incident_id=incident_id, status="misuse", chargeable=True)
+
+
+@bp.get("/vehicles/<vin>")
+@agent_role("read")
+def read_vehicle(vin: str) -> Any:
+    vehicle = services().vehicles.get(vin)
+    if vehicle is None:
+        return _error(404, "not_found", "no such vehicle")
+    return jsonify(_vehicle_json(vehicle))
+
+
+def _command(vin: str, command: str, **params: Any) -> Any:
+    """Send a vehicle command; an error answer (502/504) if the car cannot be reached."""
+    commands = services().commands
+    if commands is None:
+        return _error(503, "no_command_service", "GATEWAY_VEHICLE_COMMAND_URL is not configured")
+    try:
+        commands.send(vin, command, **params)
+    except TransientUpstreamError as exc:
+        return _error(504, "vehicle_unreachable", str(exc))
+    except PermanentUpstreamError as exc:
+        return _error(502, "vehicle_refused", str(exc))
+    return None
+
+
+@bp.post("/vehicles/<vin>/immobilise")
+@agent_role("immobilise")
+def immobilise(vin: str) -> Any:
+    body = _body("authority_reference")
+    svc = services()
+    if svc.vehicles.get(vin) is None:
+        return _error(404, "not_found", "no such vehicle")
+    failed = _command(vin, "immobilise", authority_reference=body["authority_reference"])
+    if failed is not None:
+        return failed
+    vehicle = svc.vehicles.immobilise(vin, actor=_actor(),
+                                      authority_reference=body["authority_reference"])
+    return jsonify(_vehicle_json(vehicle))
+
+
+@bp.post("/vehicles/<vin>/reactivate")
+@agent_role("immobilise")
+def reactivate(vin: str) -> Any:
+    """Only with the owner's PIN (read to the agent by the owner)."""
+    body = request.get_json(silent=True)
+    pin = body.get("pin") if isinstance(body, dict) else None
+    if not isinstance(pin, str):
+        raise ValidationError({"pin": "required: the owner's PIN as a string of digits"})
+    svc = services()
+    if svc.vehicles.get(vin) is None:
+        return _error(404, "not_found", "no such vehicle")
+    result = svc.vehicles.reactivate(vin, actor=_actor(), pin=pin)
+    svc.metrics.pin_attempts.labels(result.check.outcome).inc()
+    if not result.ok:
+        status = 423 if result.check.locked_until or result.check.outcome == "locked" else 403
+        return _error(status, f"pin_{result.check.outcome}", "the PIN was not accepted",
+                      locked_until=result.check.locked_until.isoformat()
+                      if result.check.locked_until else None)
+    if result.changed:
+        failed = _command(vin, "reactivate")
+        if failed is not None:
+            return failed
+    return jsonify(_vehicle_json(result.vehicle))
+
+
+@bp.post("/vehicles/<vin>/tracking")
+@agent_role("dispatch")
+def start_tracking(vin: str) -> Any:
+    """Unauthorised use confirmed: start tracking, recording the police notification."""
+    body = _body("police_reference")
+    svc = services()
+    if svc.vehicles.get(vin) is None:
+        return _error(404, "not_found", "no such vehicle")
+    failed = _command(vin, "start_tracking")
+    if failed is not None:
+        return failed
+    vehicle = svc.vehicles.start_tracking(vin, actor=_actor(),
+                                          police_reference=body["police_reference"])
+    return jsonify(_vehicle_json(vehicle))

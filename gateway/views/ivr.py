@@ -1,0 +1,360 @@
+"""The owners' IVR: roadside help, remote unlock, theft report, reactivation, an agent.
+
+Calls to a number in ``GATEWAY_IVR_NUMBERS`` land here (a car with an open crash or
+SOS incident never does: it is routed as an emergency first).  The vehicle is found by
+the caller's registered number, or by the customer number typed on the keypad.  PINs
+arrive as ``Digits`` in the request body: they are passed to the registry and never
+written to a URL, a log line, the TwiML or the database.  Any failure here puts the
+caller through to an agent; never to the emergency number (that is the SOS button's).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar, cast
+
+import phonenumbers
+from flask import Blueprint, Response, request
+from twilio.twiml.voice_response import VoiceResponse
+
+from gateway import prompts, twiml
+from gateway.app import services
+from gateway.errors import PermanentUpstreamError, StoreError, TransientUpstreamError
+from gateway.logs import call_sid_var
+from gateway.routing import DialCentre, centre_answered, next_centre_attempt, sim_country
+from gateway.security import twilio_signed
+from gateway.views.voice import UrlState, _msisdn, _url, _xml, unreachable_centres
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("ivr", __name__, url_prefix="/twilio/ivr")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+MENU = {"1": "roadside", "2": "unlock", "3": "theft", "4": "reactivate", "0": "agent"}
+MAX_REPLAYS = 2
+TOPICS = {
+    "roadside": "Roadside assistance request",
+    "theft": "Owner reports the car stolen",
+    "agent": "Owner asked for an agent",
+    "unlock": "Owner wants the car unlocked; the remote unlock did not complete",
+    "reactivate": "Owner wants the immobilised car reactivated",
+    "pin-locked": "PIN entry locked after repeated wrong PINs",
+    "error": "The automated menu failed; the owner needs help",
+}
+
+
+@dataclass(frozen=True)
+class IvrState(UrlState):
+    v: str = ""  # VIN, once known
+    lang: str = ""  # <Say> language
+    h: str = ""  # country whose centre takes the call
+    want: str = ""  # what the caller chose (MENU value)
+    r: int = 0  # replays / retries of the current prompt
+    n: int = 0  # agent attempts made (the whisper-accept handler keys on it)
+    p: str = ""  # the caller's CallSid
+    topic: str = ""  # what the agent is told
+
+
+def _state() -> IvrState:
+    return IvrState.parse(request.args)
+
+
+def _language_for(country: str | None, vehicle: Any = None) -> str:
+    if vehicle is not None and vehicle.language:
+        return str(vehicle.language)
+    plan = services().plan
+    entry = plan.get(country) if plan is not None and country else None
+    return entry.language if entry is not None else prompts.FALLBACK_LANGUAGE
+
+
+def fail_to_agent(view: F) -> F:
+    """Any exception: put the caller through to an agent (or say how to get help)."""
+
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        call_sid_var.set(request.form.get("CallSid"))
+        try:
+            return view(*args, **kwargs)
+        except Exception:
+            log.exception("IVR step failed; putting the caller through to an agent")
+        try:
+            state = replace(_state(), topic="error")
+            return connect_agent(state, topic="error", record=False)
+        except Exception:
+            log.exception("IVR fallback failed")
+            response = VoiceResponse()
+            response.say("Sorry, we cannot take your call right now. In an emergency, "
+                          "hang up and dial 1 1 2.", language=prompts.FALLBACK_LANGUAGE)
+            response.hangup()
+            return _xml(response)
+
+    return cast(F, wrapper)
+
+
+def _vehicle(vin: str) -> Any:
+    return services().vehicles.get(vin) if vin else None
+
+
+def menu(state: IvrState, *, notice: str | None = None) -> Response:
+    keys = ((notice,) if notice else ()) + ("ivr_menu",)
+    return _xml(twiml.gather(keys, action_url=_url("ivr.choose", state), language=state.lang,
+                             no_input_url=_url("ivr.replay", state)))
+
+
+def start(*, call_sid: str, caller: str | None) -> Response:
+    """The first answer to an owner's call (called from the Voice URL handler)."""
+    svc = services()
+    vehicle = None
+    if caller:
+        try:
+            owned = svc.vehicles.by_owner_phone(caller)
+        except StoreError:
+            owned = []
+        vehicle = owned[0] if len(owned) == 1 else None
+    country = vehicle.market if vehicle is not None else sim_country(caller)
+    state = IvrState(v=vehicle.vin if vehicle else "", lang=_language_for(country, vehicle),
+                     h=country or "", p=call_sid)
+    return menu(state)
+
+
+@bp.post("/replay")
+@twilio_signed
+@fail_to_agent
+def replay() -> Response:
+    """No key pressed: say the menu again, then hand over to an agent."""
+    state = _state()
+    if state.r >= MAX_REPLAYS:
+        return connect_agent(state, topic="agent")
+    return menu(replace(state, r=state.r + 1))
+
+
+@bp.post("/choose")
+@twilio_signed
+@fail_to_agent
+def choose() -> Response:
+    state = replace(_state(), r=0)
+    want = MENU.get(request.form.get("Digits", ""))
+    if want is None:
+        return menu(state, notice="ivr_invalid")
+    state = replace(state, want=want)
+    if want in ("theft", "agent"):
+        if want == "theft" and state.v:
+            services().vehicles.record(state.v, actor=_actor(), action="theft_reported",
+                                       detail={"channel": "ivr"})
+        return connect_agent(state, topic=want)
+    if not state.v:
+        return _ask_customer_number(state)
+    return _continue(state)
+
+
+def _ask_customer_number(state: IvrState) -> Response:
+    return _xml(twiml.gather(("ivr_identify",), action_url=_url("ivr.identify", state),
+                             language=state.lang, num_digits=8,
+                             no_input_url=_url("ivr.replay", state)))
+
+
+@bp.post("/identify")
+@twilio_signed
+@fail_to_agent
+def identify() -> Response:
+    state = _state()
+    vehicle = services().vehicles.by_lookup_code(request.form.get("Digits", ""))
+    if vehicle is None:
+        if state.r + 1 >= 3:
+            return connect_agent(state, topic=state.want or "agent")
+        retry = replace(state, r=state.r + 1)
+        return _xml(twiml.gather(("ivr_unknown_vehicle", "ivr_identify"),
+                                 action_url=_url("ivr.identify", retry), language=state.lang,
+                                 num_digits=8, no_input_url=_url("ivr.replay", retry)))
+    state = replace(state, v=vehicle.vin, r=0, h=vehicle.market,
+                    lang=_language_for(vehicle.market, vehicle))
+    return _continue(state)
+
+
+def _continue(state: IvrState) -> Response:
+    if state.want == "roadside":
+        return roadside(state)
+    return _ask_pin(state)
+
+
+def _ask_pin(state: IvrState, *, notice: str | None = None) -> Response:
+    keys = ((notice,) if notice else ()) + ("ivr_pin",)
+    return _xml(twiml.gather(keys, action_url=_url("ivr.pin", state), language=state.lang,
+                             num_digits=None, finish_on_key="#", timeout_s=10,
+                             no_input_url=_url("ivr.replay", state)))
+
+
+def _actor() -> str:
+    return f"ivr:{request.form.get('CallSid', 'unknown')}"
+
+
+@bp.post("/pin")
+@twilio_signed
+@fail_to_agent
+def pin() -> Response:
+    """Check the PIN, then unlock or reactivate.  The digits go nowhere else."""
+    svc = services()
+    state = _state()
+    digits = request.form.get("Digits", "")
+    if state.want == "reactivate":
+        result = svc.vehicles.reactivate(state.v, actor=_actor(), pin=digits)
+        check = result.check
+    else:
+        result = None
+        check = svc.vehicles.verify_pin(state.v, digits, actor=_actor())
+    del digits
+    svc.metrics.pin_attempts.labels(check.outcome).inc()
+    if check.outcome == "wrong" and check.locked_until is None:
+        return _ask_pin(replace(state, r=state.r + 1), notice="ivr_pin_wrong")
+    if check.outcome in ("wrong", "locked"):
+        return connect_agent(state, topic="pin-locked", notice="ivr_pin_locked", announce=None)
+    if check.outcome == "not_set":
+        return connect_agent(state, topic=state.want)
+    if state.want == "reactivate":
+        assert result is not None
+        if not result.changed:
+            return _xml(twiml.say_and_hangup("ivr_not_immobilised", language=state.lang))
+        return _vehicle_command(state, "reactivate", {}, done_key="ivr_reactivated")
+    relock = svc.settings.unlock_relock_s
+    return _vehicle_command(state, "unlock", {"relock_after_s": relock}, done_key="ivr_unlocked",
+                            values={"seconds": str(relock)})
+
+
+def _vehicle_command(state: IvrState, command: str, params: dict[str, Any], *, done_key: str,
+                     values: dict[str, str] | None = None) -> Response:
+    svc = services()
+    if svc.commands is None:
+        log.error("no vehicle command service configured (GATEWAY_VEHICLE_COMMAND_URL)")
+        return connect_agent(state, topic=state.want, notice="ivr_car_unreachable")
+    svc.vehicles.record(state.v, actor=_actor(), action=f"{command}_requested",
+                        detail={k: v for k, v in params.items()})
+    try:
+        svc.commands.send(state.v, command, **params)
+    except (TransientUpstreamError, PermanentUpstreamError) as exc:
+        log.warning("vehicle command %s failed: %s", command, exc)
+        svc.vehicles.record(state.v, actor=_actor(), action=f"{command}_failed",
+                            detail={"error": str(exc)[:200]})
+        return connect_agent(state, topic=state.want, notice="ivr_car_unreachable")
+    response = VoiceResponse()
+    text, lang = prompts.say(done_key, state.lang, **(values or {}))
+    response.say(text, language=lang)
+    response.pause(length=1)
+    response.say(text, language=lang)
+    bye, lang = prompts.say("goodbye", state.lang)
+    response.say(bye, language=lang)
+    response.hangup()
+    return _xml(response)
+
+
+def entitlement_of(vehicle: Any) -> Any:
+    """The roadside entitlement of a registered vehicle, today."""
+    svc = services()
+    today = dt.datetime.fromtimestamp(svc.clock(), tz=dt.UTC).date()
+    return svc.market_rule.entitlement(purchase_date=vehicle.purchase_date, today=today,
+                                       market=vehicle.market,
+                                       serviced_regularly=vehicle.serviced_regularly)
+
+
+def roadside(state: IvrState) -> Response:
+    vehicle = _vehicle(state.v)
+    notices: tuple[str, ...] = ()
+    if vehicle is not None and not entitlement_of(vehicle).included:
+        notices = ("ivr_costs_apply",)
+    return connect_agent(state, topic="roadside", notices=notices, announce=None)
+
+
+def connect_agent(state: IvrState, *, topic: str, notice: str | None = None,
+                  notices: tuple[str, ...] = (), announce: str | None = "ivr_agent",
+                  record: bool = True) -> Response:
+    """Ring the centre (roadside line for roadside); a callback if none can be reached."""
+    svc = services()
+    attempt = state.n + 1
+    choice = next_centre_attempt(
+        home_country=state.h or None, route_country=None, attempt=attempt, elapsed_s=0.0,
+        policy=svc.settings.voice, plan=svc.plan, unreachable=unreachable_centres(),
+        roadside=topic == "roadside")
+    if not isinstance(choice, DialCentre):
+        return callback(state, reason=f"{topic}: {choice}", record=record)
+    next_state = replace(state, n=attempt, topic=topic,
+                         p=state.p or request.form.get("CallSid", ""))
+    centre = choice.centre.centre_id
+    response = twiml.dial_centre(
+        choice,
+        action_url=_url("ivr.agent_result", next_state, centre=centre),
+        whisper_url=_url("ivr.whisper", next_state, centre=centre),
+        status_url=_url("voice.status", None, centre=centre),
+        caller_id=None, language=state.lang, first=attempt == 1,
+        notices=((notice,) if notice else ()) + notices,
+        announce=announce if attempt == 1 else None)
+    return _xml(response)
+
+
+def callback(state: IvrState, *, reason: str, record: bool = True,
+             incident_id: str | None = None) -> Response:
+    """No agent can be reached: record a callback and say so (never the emergency number)."""
+    if record:
+        try:
+            services().store.record_callback({
+                "call_sid": state.p or request.form.get("CallSid", ""),
+                "number": _msisdn(request.form.get("From")), "vin": state.v or None,
+                "incident_id": incident_id, "reason": reason[:300]})
+        except StoreError:
+            log.error("could not record the callback request")
+    return _xml(twiml.say_and_hangup("callback", language=state.lang))
+
+
+@bp.post("/agent-result")
+@twilio_signed
+@fail_to_agent
+def agent_result() -> Response:
+    svc = services()
+    state = _state()
+    status = request.form.get("DialCallStatus", "")
+    call_sid = request.form.get("CallSid", "")
+    try:
+        accepted: bool | None = svc.store.call_step(call_sid, f"accept:{state.n}") is not None
+    except StoreError:
+        accepted = None
+    centre = request.args.get("centre", "")
+    if centre_answered(status, request.form.get("DialBridged"), accepted):
+        svc.centre_health.record_safely(centre, ok=True, reason=f"ivr dial {status}")
+        return _xml(twiml.hangup())
+    if status in ("busy", "no-answer", "failed"):
+        svc.centre_health.record_safely(centre, ok=False, reason=f"ivr dial {status}")
+    return connect_agent(state, topic=state.topic or "agent", announce=None)
+
+
+@bp.post("/whisper")
+@twilio_signed
+@fail_to_agent
+def whisper() -> Response:
+    state = _state()
+    parts = [TOPICS.get(state.topic, "Owner call") + "."]
+    vehicle = _vehicle(state.v)
+    if vehicle is not None:
+        parts.append(f"Vehicle ending {' '.join(vehicle.vin[-6:])}, owner {vehicle.owner_name}, "
+                     f"market {vehicle.market}.")
+        if state.topic == "roadside":
+            parts.append(entitlement_of(vehicle).reason)
+        if vehicle.immobilised:
+            parts.append("The car is immobilised.")
+    else:
+        parts.append("The caller's vehicle is not identified.")
+    return _xml(twiml.whisper(" ".join(parts),
+                              accept_url=_url("voice.whisper_accept", state,
+                                              centre=request.args.get("centre", "")),
+                              timeout_s=services().settings.voice.whisper_accept_timeout_s))
+
+
+def normalised_to() -> str | None:
+    raw = request.form.get("To", "")
+    try:
+        number = phonenumbers.parse(raw, None)
+    except phonenumbers.NumberParseException:
+        return None
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
