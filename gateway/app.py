@@ -149,7 +149,8 @@ def create_app(
     sms = adapters["sms"] if sms is _UNSET else sms
     push = adapters["push"] if push is _UNSET else push
     notifier = NotificationWorker(store, sms=sms, push=push, centre=adapters["centre"],
-                                  clock=clock, poll_s=settings.delivery.poll_s)
+                                  clock=clock, poll_s=settings.delivery.poll_s,
+                                  retry_after_s=settings.notify_retry_s)
 
     app = Flask("gateway")
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024

@@ -126,6 +126,8 @@ class Settings:
     roadside_free_markets: frozenset[str] = frozenset()
     #: scrypt cost for PIN hashes (2**14 ~ 60 ms); tests lower it
     pin_scrypt_n: int = 2**14
+    #: a notification that failed for a passing reason is retried after this, seconds
+    notify_retry_s: float = 60.0
     voice: VoicePolicy = field(default_factory=VoicePolicy)
     delivery: DeliveryPolicy = field(default_factory=DeliveryPolicy)
 
@@ -189,6 +191,7 @@ class Settings:
             sms_from=reader.e164("GATEWAY_SMS_FROM"),
             roadside_free_markets=_markets(reader.text("GATEWAY_ROADSIDE_FREE_MARKETS")),
             pin_scrypt_n=reader.integer("GATEWAY_PIN_SCRYPT_N", 2**14),
+            notify_retry_s=reader.number("GATEWAY_NOTIFY_RETRY_S", 60.0),
         )
         if not 10 <= settings.unlock_relock_s <= 600:
             raise ConfigError("GATEWAY_UNLOCK_RELOCK_S: must be between 10 and 600")

@@ -33,11 +33,13 @@ class NotificationWorker:
         centre: IncidentSink | None,
         clock: Callable[[], float] = time.time,
         poll_s: float = 1.0,
+        retry_after_s: float = 60.0,
     ) -> None:
         self.store = store
         self.sms, self.push, self.centre = sms, push, centre
         self.clock = clock
         self.poll_s = poll_s
+        self.retry_after = dt.timedelta(seconds=retry_after_s)
         self.wake = threading.Event()
         self.stopping = threading.Event()
 
@@ -75,7 +77,8 @@ class NotificationWorker:
                 continue
             except TransientUpstreamError as exc:
                 log.warning("notification %s (%s) will be retried: %s", row["id"], row["kind"], exc)
-                theft.mark_failed(self.store, row["id"], str(exc), permanent=False, now=self._now())
+                theft.mark_failed(self.store, row["id"], str(exc), permanent=False, now=self._now(),
+                                  retry_after=self.retry_after)
                 continue
             if not theft.mark_sent(self.store, row["id"], now=self._now()):
                 log.warning("notification %s was cancelled while it was being sent", row["id"])
