@@ -54,7 +54,7 @@ def load_locator_or_none(settings: Settings, problems: dict[str, str]) -> Locato
         from gateway.geo import load_locator
 
         return load_locator(settings.boundaries_path)
-    except Exception as exc:  # noqa: BLE001 - reported by /readyz, emergency path goes on
+    except Exception as exc:
         log.exception("boundary data failed to load")
         problems["boundaries"] = f"{type(exc).__name__}: {exc}"
         return None
@@ -63,7 +63,7 @@ def load_locator_or_none(settings: Settings, problems: dict[str, str]) -> Locato
 def load_plan_or_none(settings: Settings, problems: dict[str, str]) -> NumberPlan | None:
     try:
         return load_plan(settings.number_plan_dir)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         log.exception("number plan failed to load")
         problems["number_plan"] = f"{type(exc).__name__}: {exc}"
         return None
@@ -94,7 +94,7 @@ def build_health(settings: Settings, store: Store, plan: NumberPlan | None,
 
     try:
         centre_ids = [c.centre_id for c in plan.centres] if plan is not None else []
-    except Exception:  # noqa: BLE001 - a broken plan must not stop the app
+    except Exception:
         log.exception("could not list the plan's centres")
         centre_ids = []
     return CentreHealth(

@@ -9,6 +9,7 @@ setting is under the ``GATEWAY_`` prefix; a missing or invalid value raises
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -231,7 +232,7 @@ class _Reader:
 
     def number(self, name: str, default: float) -> float:
         value = self._parse(name, default, float, "a number")
-        if value != value or value in (float("inf"), float("-inf")):
+        if not math.isfinite(value):
             raise ConfigError(f"{name}: must be a finite number")
         return value
 

@@ -129,7 +129,7 @@ def _timestamp(value: Any, errors: dict[str, str]) -> dt.datetime | None:
         errors["occurred_at"] = "required: an ISO 8601 timestamp with a time zone"
         return None
     try:
-        stamp = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        stamp = dt.datetime.fromisoformat(value)
     except ValueError:
         errors["occurred_at"] = "not an ISO 8601 timestamp"
         return None

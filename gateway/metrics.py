@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+from gateway.errors import StoreError
+
+log = logging.getLogger(__name__)
 
 
 class Metrics:
@@ -41,12 +46,12 @@ class Metrics:
                 self.delivery.labels(name).set(value)
             try:
                 self.outbox_pending.set(worker.pending())
-            except Exception:
+            except StoreError:
                 self.outbox_pending.set(float("nan"))
         if health is not None:
             try:
                 for key, state in health.states().items():
                     self.centre_state.labels(key).set(1.0 if state != "closed" else 0.0)
-            except Exception:
-                pass
+            except StoreError:
+                log.warning("centre health unavailable for metrics")
         return bytes(generate_latest(self.registry))

@@ -11,7 +11,7 @@ path can catch one type and carry on.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -162,7 +162,7 @@ class Store:
     # -- incidents --------------------------------------------------------------------
 
     def insert_incident(
-        self, row: Mapping[str, Any], *, extra: list[tuple[sa.Table, Mapping[str, Any]]] = []
+        self, row: Mapping[str, Any], *, extra: Sequence[tuple[sa.Table, Mapping[str, Any]]] = ()
     ) -> tuple[dict[str, Any], bool]:
         """Insert an incident (and rows that must commit with it).
 

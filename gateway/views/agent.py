@@ -13,7 +13,12 @@ from typing import Any
 from flask import Blueprint, g, jsonify, request
 
 from gateway.app import services
-from gateway.errors import PermanentUpstreamError, StoreError, TransientUpstreamError, ValidationError
+from gateway.errors import (
+    PermanentUpstreamError,
+    StoreError,
+    TransientUpstreamError,
+    ValidationError,
+)
 from gateway.incidents import incident_answer
 from gateway.routing import emergency_route
 from gateway.security import agent_role

@@ -8,9 +8,9 @@ from typing import Any
 
 from flask import Blueprint, jsonify, request
 
+from gateway import theft
 from gateway.app import services
 from gateway.errors import StoreError, ValidationError
-from gateway import theft
 from gateway.events import ALARM_TYPES, VehicleEvent, parse_event
 from gateway.incidents import EventConflictError, incident_answer, record_event
 from gateway.security import vehicle_token

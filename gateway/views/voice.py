@@ -15,7 +15,7 @@ import functools
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import Any, TypeVar, cast
+from typing import Any, Self, TypeVar, cast
 from urllib.parse import parse_qs, urlsplit
 
 import phonenumbers
@@ -58,7 +58,7 @@ class UrlState:
     """State carried in a Twilio action URL (Twilio signs the URL with the request)."""
 
     @classmethod
-    def parse(cls: type[S], args: Mapping[str, str]) -> S:
+    def parse(cls, args: Mapping[str, str]) -> Self:
         """Lenient: a missing or garbled value falls back to its default."""
         values: dict[str, Any] = {}
         for name, default in asdict(cls()).items():
