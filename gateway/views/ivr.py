@@ -25,9 +25,16 @@ from gateway import prompts, twiml
 from gateway.app import services
 from gateway.errors import PermanentUpstreamError, StoreError, TransientUpstreamError
 from gateway.logs import call_sid_var
-from gateway.routing import DialCentre, centre_answered, next_centre_attempt, sim_country
+from gateway.routing import DialCentre, next_centre_attempt, sim_country
 from gateway.security import twilio_signed
-from gateway.views.voice import UrlState, _msisdn, _url, _xml, unreachable_centres
+from gateway.views.voice import (
+    UrlState,
+    _msisdn,
+    _url,
+    _xml,
+    dial_outcome,
+    unreachable_centres,
+)
 
 log = logging.getLogger(__name__)
 
@@ -312,20 +319,10 @@ def callback(state: IvrState, *, reason: str, record: bool = True,
 @twilio_signed
 @fail_to_agent
 def agent_result() -> Response:
-    svc = services()
     state = _state()
-    status = request.form.get("DialCallStatus", "")
-    call_sid = request.form.get("CallSid", "")
-    try:
-        accepted: bool | None = svc.store.call_step(call_sid, f"accept:{state.n}") is not None
-    except StoreError:
-        accepted = None
-    centre = request.args.get("centre", "")
-    if centre_answered(status, request.form.get("DialBridged"), accepted):
-        svc.centre_health.record_safely(centre, ok=True, reason=f"ivr dial {status}")
+    answered, _ = dial_outcome(state.n, kind="ivr")
+    if answered:
         return _xml(twiml.hangup())
-    if status in ("busy", "no-answer", "failed"):
-        svc.centre_health.record_safely(centre, ok=False, reason=f"ivr dial {status}")
     return connect_agent(state, topic=state.topic or "agent", announce=None)
 
 

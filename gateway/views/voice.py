@@ -326,6 +326,23 @@ def incoming() -> Response:
     return route_call(state, step="voice", why=why, unreachable=unreachable_centres())
 
 
+def dial_outcome(attempt: int, *, kind: str) -> tuple[bool, str]:
+    """``(answered, DialCallStatus)`` of a centre <Dial action>; feeds the line's health."""
+    svc = services()
+    status = request.form.get("DialCallStatus", "")
+    accepted: bool | None
+    try:
+        accepted = svc.store.call_step(request.form.get("CallSid", ""),
+                                       f"accept:{attempt}") is not None
+    except StoreError:
+        accepted = None
+    answered = centre_answered(status, request.form.get("DialBridged"), accepted)
+    centre = request.args.get("centre", "")
+    if svc.centre_health is not None and (answered or status in ("busy", "no-answer", "failed")):
+        svc.centre_health.record_safely(centre, ok=answered, reason=f"{kind} dial {status}")
+    return answered, status
+
+
 def _costs_apply(incident_id: str) -> tuple[bool, str | None]:
     """(costs apply?, the entitlement sentence) for the incident's car; unknown = no notice."""
     from gateway.views.ivr import entitlement_of
@@ -383,24 +400,15 @@ def roadside_call(state: CallState, *, step: str) -> Response:
 @fail_safe
 def roadside_result() -> Response:
     """The roadside <Dial action>: done, the next roadside line, or a callback."""
-    svc = services()
     state = CallState.parse(request.args)
     call_sid = request.form.get("CallSid", "")
     step = f"roadside-result:{state.n}"
     replay = _replay(call_sid, step)
     if replay:
         return replay
-    status = request.form.get("DialCallStatus", "")
-    try:
-        accepted: bool | None = svc.store.call_step(call_sid, f"accept:{state.n}") is not None
-    except StoreError:
-        accepted = None
-    centre = request.args.get("centre", "")
-    if centre_answered(status, request.form.get("DialBridged"), accepted):
-        svc.centre_health.record_safely(centre, ok=True, reason=f"roadside dial {status}")
+    answered, _ = dial_outcome(state.n, kind="roadside")
+    if answered:
         return _answer(twiml.hangup(), step=step, state=state, detail={"outcome": "answered"})
-    if status in ("busy", "no-answer", "failed"):
-        svc.centre_health.record_safely(centre, ok=False, reason=f"roadside dial {status}")
     return roadside_call(state, step=step)
 
 
@@ -409,28 +417,16 @@ def roadside_result() -> Response:
 @fail_safe
 def dial_result() -> Response:
     """The centre ``<Dial action>``: done if an agent took the call, else the next try."""
-    svc = services()
     state = CallState.parse(request.args)
     call_sid = request.form.get("CallSid", "")
     step = f"dial-result:{state.n}"
     replay = _replay(call_sid, step)
     if replay:
         return replay
-    status = request.form.get("DialCallStatus", "")
-    accepted: bool | None
-    try:
-        accepted = svc.store.call_step(call_sid, f"accept:{state.n}") is not None
-    except StoreError:
-        accepted = None
-    centre = request.args.get("centre", "")
-    health = svc.centre_health
-    if centre_answered(status, request.form.get("DialBridged"), accepted):
-        if health is not None:
-            health.record_safely(centre, ok=True, reason=f"dial {status}")
+    answered, status = dial_outcome(state.n, kind="centre")
+    if answered:
         return _answer(twiml.hangup(), step=step, state=state,
                        detail={"dial_status": status, "outcome": "answered"})
-    if health is not None and status in ("busy", "no-answer", "failed"):
-        health.record_safely(centre, ok=False, reason=f"dial {status}")
     why = f"centre attempt {state.n}: {status or 'no status'}"
     if status in ("completed", "answered"):
         why += " but no agent accepted (voicemail or no key pressed)"
