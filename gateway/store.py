@@ -298,16 +298,20 @@ class Store:
 
     # -- callbacks ----------------------------------------------------------------------
 
-    def record_callback(self, values: Mapping[str, Any]) -> bool:
-        """A callback the centre owes a caller; once per call."""
+    def insert_once(self, table: sa.Table, values: Mapping[str, Any]) -> bool:
+        """Insert a row stamped ``created_at``; False if a unique key says it exists."""
         try:
             with self.engine.begin() as conn:
-                conn.execute(callbacks.insert().values(created_at=utcnow(), **values))
+                conn.execute(table.insert().values(created_at=utcnow(), **values))
             return True
         except IntegrityError:
             return False
         except SQLAlchemyError as exc:
             raise StoreError(f"database error: {type(exc).__name__}") from exc
+
+    def record_callback(self, values: Mapping[str, Any]) -> bool:
+        """A callback the centre owes a caller; once per call."""
+        return self.insert_once(callbacks, values)
 
     def callbacks(self) -> list[dict[str, Any]]:
         with self.begin() as conn:
@@ -317,14 +321,7 @@ class Store:
 
     def record_status(self, values: Mapping[str, Any]) -> bool:
         """Store one status callback; False if this (call, source, sequence) was seen."""
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(call_status.insert().values(created_at=utcnow(), **values))
-            return True
-        except IntegrityError:
-            return False
-        except SQLAlchemyError as exc:
-            raise StoreError(f"database error: {type(exc).__name__}") from exc
+        return self.insert_once(call_status, values)
 
     def latest_status(self, call_sid: str) -> dict[str, Any] | None:
         """The call's status by SequenceNumber, not by arrival order."""
