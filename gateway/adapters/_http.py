@@ -9,7 +9,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import requests
 
@@ -66,3 +67,25 @@ def post_json(session: requests.Session, service: str, url: str, body: dict[str,
     if error is not None:
         raise error
     return response
+
+
+class SessionClient:
+    """Base of the JSON clients: owns (or borrows) a ``requests.Session``.
+
+    A session passed in belongs to the caller and is never closed here.
+    """
+
+    def __init__(self, session: requests.Session | None) -> None:
+        self._owns_session = session is None
+        self._session = session if session is not None else requests.Session()
+
+    def close(self) -> None:
+        if self._owns_session:
+            self._session.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

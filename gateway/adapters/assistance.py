@@ -7,17 +7,16 @@ worker's job, so an incident is never sent twice from here.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import requests
 
-from gateway.adapters._http import post_json
+from gateway.adapters._http import SessionClient, post_json
 
 SERVICE = "assistance centre"
 
 
-class AssistanceCentreClient:
+class AssistanceCentreClient(SessionClient):
     """``send_incident`` -> the 2xx status, or Transient/PermanentUpstreamError.
 
     ``timeout_s`` bounds the connect and each read separately (``requests``
@@ -31,8 +30,7 @@ class AssistanceCentreClient:
             raise ValueError("timeout_s must be positive")
         self.url = base_url.rstrip("/") + "/incidents"
         self.timeout_s = timeout_s
-        self._owns_session = session is None
-        self._session = session if session is not None else requests.Session()
+        super().__init__(session)
 
     def send_incident(self, payload: Mapping[str, Any], *, idempotency_key: str) -> int:
         if not idempotency_key:
@@ -41,13 +39,3 @@ class AssistanceCentreClient:
                              idempotency_key=idempotency_key, timeout_s=self.timeout_s)
         return response.status_code
 
-    def close(self) -> None:
-        if self._owns_session:
-            self._session.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()

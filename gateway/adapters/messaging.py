@@ -31,6 +31,7 @@ from twilio.rest import Client
 
 from gateway.adapters._http import (
     TRANSIENT_REQUEST_ERRORS,
+    SessionClient,
     error_for_status,
     post_json,
     transient_from,
@@ -156,7 +157,7 @@ class TwilioSms:
         self.close()
 
 
-class PushClient:
+class PushClient(SessionClient):
     """``send(vin, title, body, idempotency_key=...)``: ``POST {url}`` JSON, one attempt."""
 
     def __init__(self, url: str, *, timeout_s: float,
@@ -165,8 +166,7 @@ class PushClient:
             raise ValueError("timeout_s must be positive")
         self.url = url
         self.timeout_s = timeout_s
-        self._owns_session = session is None
-        self._session = session if session is not None else requests.Session()
+        super().__init__(session)
 
     def send(self, vin: str, title: str, body: str, *, idempotency_key: str) -> None:
         if not idempotency_key:
@@ -175,13 +175,3 @@ class PushClient:
                   {"vin": vin, "title": title, "body": body},
                   idempotency_key=idempotency_key, timeout_s=self.timeout_s)
 
-    def close(self) -> None:
-        if self._owns_session:
-            self._session.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()

@@ -21,8 +21,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 from urllib.parse import quote
 
 import requests
@@ -36,7 +35,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from gateway.adapters._http import post_json
+from gateway.adapters._http import SessionClient, post_json
 from gateway.errors import PermanentUpstreamError, TransientUpstreamError
 
 SERVICE = "vehicle command service"
@@ -47,7 +46,7 @@ MAX_TOTAL_BUDGET_S = 12.0
 MIN_ATTEMPT_S = 0.05
 
 
-class VehicleCommandClient:
+class VehicleCommandClient(SessionClient):
     """``send(vin, command, **params)`` -> the service's JSON answer."""
 
     def __init__(
@@ -78,8 +77,7 @@ class VehicleCommandClient:
         self.backoff_max_s = backoff_max_s
         self.total_budget_s = total_budget_s
         self._sleep = sleep
-        self._owns_session = session is None
-        self._session = session if session is not None else requests.Session()
+        super().__init__(session)
 
     def command_url(self, vin: str) -> str:
         return f"{self.base_url}/vehicles/{quote(vin, safe='')}/commands"
@@ -134,16 +132,6 @@ class VehicleCommandClient:
                 f"last: {cause})"
             ) from cause
 
-    def close(self) -> None:
-        if self._owns_session:
-            self._session.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
 
 def _backoff(initial_s: float, max_s: float) -> wait_exponential_jitter:
