@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar, cast
 
-import phonenumbers
 from flask import Blueprint, Response, request
 from twilio.twiml.voice_response import VoiceResponse
 
@@ -347,11 +346,3 @@ def whisper() -> Response:
                                               centre=request.args.get("centre", "")),
                               timeout_s=services().settings.voice.whisper_accept_timeout_s))
 
-
-def normalised_to() -> str | None:
-    raw = request.form.get("To", "")
-    try:
-        number = phonenumbers.parse(raw, None)
-    except phonenumbers.NumberParseException:
-        return None
-    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)

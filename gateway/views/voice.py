@@ -314,7 +314,7 @@ def incoming() -> Response:
     if incident is None:
         from gateway.views import ivr
 
-        if ivr.normalised_to() in svc.settings.ivr_numbers:
+        if _msisdn(request.form.get("To")) in svc.settings.ivr_numbers:
             return ivr.start(call_sid=call_sid, caller=msisdn)
     if incident is not None:
         state = CallState(i=incident["id"], t0=int(now), h=incident["home_country"] or "",
@@ -343,14 +343,17 @@ def dial_outcome(attempt: int, *, kind: str) -> tuple[bool, str]:
     return answered, status
 
 
-def _costs_apply(incident_id: str) -> tuple[bool, str | None]:
-    """(costs apply?, the entitlement sentence) for the incident's car; unknown = no notice."""
+def _costs_apply(*, incident_id: str = "", vin: str = "") -> tuple[bool, str | None]:
+    """(costs apply?, the entitlement sentence) for the car of an incident (give the VIN
+    when the incident is already loaded); an unknown car gets no notice."""
     from gateway.views.ivr import entitlement_of
 
     svc = services()
     try:
-        incident = svc.store.incident(incident_id) if incident_id else None
-        vehicle = svc.vehicles.get(incident["vin"]) if incident else None
+        if not vin and incident_id:
+            incident = svc.store.incident(incident_id)
+            vin = incident["vin"] if incident else ""
+        vehicle = svc.vehicles.get(vin) if vin else None
     except StoreError:
         return False, None
     if vehicle is None:
@@ -380,7 +383,7 @@ def roadside_call(state: CallState, *, step: str) -> Response:
         return _answer(twiml.say_and_hangup("callback", language=_caller_language(state)),
                        step=step, state=state, detail={"why": choice},
                        decision={"target": "callback", "number": None, "reason": choice})
-    costs, _ = _costs_apply(state.i) if attempt == 1 else (False, None)
+    costs, _ = _costs_apply(incident_id=state.i) if attempt == 1 else (False, None)
     next_state = replace(state, n=attempt)
     centre = choice.centre.centre_id
     response = twiml.dial_centre(
@@ -478,7 +481,7 @@ def whisper() -> Response:
             log.error("incident unavailable for the whisper")
     summary = whisper_summary(incident, plan=svc.plan, sim_country=state.h or None)
     if incident is not None and incident["type"] == "on_call":
-        _, entitlement = _costs_apply(state.i)
+        _, entitlement = _costs_apply(vin=incident["vin"])
         if entitlement:
             summary += " " + entitlement
     response = twiml.whisper(
