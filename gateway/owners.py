@@ -709,32 +709,10 @@ class Vehicles:
         Already immobilised: nothing changes (the first reference stands), and
         the repeat request is audited.
         """
-        vin = _vin(vin)
-        actor = _actor(actor)
-        errors: dict[str, str] = {}
-        reference = _reference(authority_reference, "authority_reference", errors)
-        if errors:
-            raise ValidationError(errors)
-        now = self._now()
-        with self._tx() as conn:
-            changed = conn.execute(
-                vehicles.update()
-                .where(vehicles.c.vin == vin, vehicles.c.immobilised.is_(False))
-                .values(
-                    immobilised=True,
-                    immobilised_by=actor,
-                    immobilised_reference=reference,
-                    immobilised_at=now,
-                    updated_at=now,
-                )
-            ).rowcount
-            if not changed and not self._exists(conn, vin):
-                raise UnknownVehicleError(vin)
-            write_audit(
-                conn, vin=vin, actor=actor, action="immobilise", at=now,
-                detail={"authority_reference": reference, "changed": bool(changed)},
-            )
-        return self._get_required(vin)
+        return self._switch_on(
+            vin, actor=actor, flag=vehicles.c.immobilised, action="immobilise",
+            reference=(authority_reference, "authority_reference"),
+            columns=("immobilised_by", "immobilised_reference", "immobilised_at"))
 
     def reactivate(self, vin: str, *, actor: str, pin: str) -> Reactivation:
         """Switch the immobiliser off, only if the owner's PIN checks out in this call."""
@@ -760,30 +738,43 @@ class Vehicles:
 
     def start_tracking(self, vin: str, *, actor: str, police_reference: str) -> Vehicle:
         """Start tracking after unauthorised use is confirmed, recording the police report."""
+        return self._switch_on(
+            vin, actor=actor, flag=vehicles.c.tracking, action="tracking_started",
+            reference=(police_reference, "police_reference"),
+            columns=("tracking_started_by", "tracking_police_reference", "tracking_started_at"))
+
+    def _switch_on(
+        self,
+        vin: str,
+        *,
+        actor: str,
+        flag: sa.Column[Any],
+        action: str,
+        reference: tuple[str, str],
+        columns: tuple[str, str, str],
+    ) -> Vehicle:
+        """Set a state flag with who, which reference and when; a repeat changes nothing
+        (the first reference stands) but is audited.  ``columns`` name the by/reference/at
+        columns; ``reference`` is (value, field name for the error)."""
         vin = _vin(vin)
         actor = _actor(actor)
         errors: dict[str, str] = {}
-        reference = _reference(police_reference, "police_reference", errors)
+        value = _reference(reference[0], reference[1], errors)
         if errors:
             raise ValidationError(errors)
         now = self._now()
+        by, ref, at = columns
         with self._tx() as conn:
             changed = conn.execute(
                 vehicles.update()
-                .where(vehicles.c.vin == vin, vehicles.c.tracking.is_(False))
-                .values(
-                    tracking=True,
-                    tracking_started_by=actor,
-                    tracking_police_reference=reference,
-                    tracking_started_at=now,
-                    updated_at=now,
-                )
+                .where(vehicles.c.vin == vin, flag.is_(False))
+                .values({flag.name: True, by: actor, ref: value, at: now, "updated_at": now})
             ).rowcount
             if not changed and not self._exists(conn, vin):
                 raise UnknownVehicleError(vin)
             write_audit(
-                conn, vin=vin, actor=actor, action="tracking_started", at=now,
-                detail={"police_reference": reference, "changed": bool(changed)},
+                conn, vin=vin, actor=actor, action=action, at=now,
+                detail={reference[1]: value, "changed": bool(changed)},
             )
         return self._get_required(vin)
 
