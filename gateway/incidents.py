@@ -103,3 +103,28 @@ def incident_answer(incident: Mapping[str, Any], *, voice_number: str | None) ->
         # the car calls the gateway; without a gateway number it dials the emergency number
         "call_number": voice_number or incident["emergency_number"],
     }
+
+
+def mark_incident(
+    store: Store,
+    incident: Mapping[str, Any],
+    *,
+    status: str,
+    actor: str,
+    action: str,
+    detail: Mapping[str, Any],
+    now: dt.datetime,
+) -> None:
+    """Change an incident's status and audit it in one transaction.
+
+    The audit row is keyed by the incident's VIN whether or not the car is in the
+    vehicle registry: a car that sent an SOS need not be registered.
+    """
+    from gateway.owners import write_audit
+    from gateway.store import incidents
+
+    with store.begin() as conn:
+        conn.execute(incidents.update().where(incidents.c.id == incident["id"])
+                     .values(status=status))
+        write_audit(conn, vin=str(incident["vin"]), actor=actor, action=action, at=now,
+                    detail={"incident_id": incident["id"], **detail})

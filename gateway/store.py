@@ -225,12 +225,6 @@ class Store:
             value = conn.execute(query).scalar()
         return str(value) if value else None
 
-    def set_incident_status(self, incident_id: str, status: str) -> None:
-        with self.begin() as conn:
-            conn.execute(
-                incidents.update().where(incidents.c.id == incident_id).values(status=status)
-            )
-
     # -- call steps -------------------------------------------------------------------
 
     def call_step(self, call_sid: str, step: str) -> dict[str, Any] | None:

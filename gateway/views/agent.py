@@ -7,10 +7,11 @@ agent's (hashed) token id.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from typing import Any
 
-from flask import Blueprint, g, jsonify, request
+from flask import Blueprint, abort, g, jsonify, request
 
 from gateway.app import services
 from gateway.errors import (
@@ -19,7 +20,7 @@ from gateway.errors import (
     TransientUpstreamError,
     ValidationError,
 )
-from gateway.incidents import incident_answer
+from gateway.incidents import incident_answer, mark_incident
 from gateway.routing import emergency_route
 from gateway.security import agent_role
 
@@ -49,8 +50,22 @@ def _actor() -> str:
     return f"agent:{g.agent}"
 
 
-def _incident_or_404(incident_id: str) -> Any:
-    return services().store.incident(incident_id)
+def _incident_or_404(incident_id: str) -> dict[str, Any]:
+    incident = services().store.incident(incident_id)
+    if incident is None:
+        abort(404, description="no such incident")
+    return incident
+
+
+def _vehicle_or_404(vin: str) -> Any:
+    vehicle = services().vehicles.get(vin)
+    if vehicle is None:
+        abort(404, description="no such vehicle")
+    return vehicle
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.fromtimestamp(services().clock(), tz=dt.UTC)
 
 
 def _vehicle_json(vehicle: Any) -> dict[str, Any]:
@@ -80,8 +95,6 @@ def _unavailable(exc: StoreError) -> Any:
 @agent_role("read")
 def read_incident(incident_id: str) -> Any:
     incident = _incident_or_404(incident_id)
-    if incident is None:
-        return _error(404, "not_found", "no such incident")
     body = incident_answer(incident, voice_number=None)
     body.update({k: incident[k] for k in ("vin", "msisdn", "lat", "lon", "heading_deg",
                                           "accuracy_m", "trusted", "crash", "occupants",
@@ -100,15 +113,11 @@ def dispatch(incident_id: str) -> Any:
     """Record that emergency services were dispatched; answer the route for the place."""
     svc = services()
     incident = _incident_or_404(incident_id)
-    if incident is None:
-        return _error(404, "not_found", "no such incident")
     body = request.get_json(silent=True) or {}
     route = emergency_route(incident["route_country"], svc.plan)
-    svc.store.set_incident_status(incident_id, "dispatched")
-    svc.vehicles.record(incident["vin"], actor=_actor(), action="emergency_dispatched",
-                        detail={"incident_id": incident_id,
-                                "note": str(body.get("note", ""))[:200],
-                                "route_country": route.country})
+    mark_incident(svc.store, incident, status="dispatched", actor=_actor(),
+                  action="emergency_dispatched", now=_now(),
+                  detail={"note": str(body.get("note", ""))[:200], "route_country": route.country})
     return jsonify(incident_id=incident_id, status="dispatched", country=route.country,
                    emergency_number=route.emergency_number, fallback_dial=route.fallback_dial,
                    source=route.source)
@@ -120,25 +129,18 @@ def misuse(incident_id: str) -> Any:
     """Mark an SOS as misuse (may be charged to the owner)."""
     svc = services()
     incident = _incident_or_404(incident_id)
-    if incident is None:
-        return _error(404, "not_found", "no such incident")
     if incident["type"] != "sos":
         return _error(409, "not_sos", "only an SOS incident can be marked as misuse")
     body = _body("reason")
-    svc.store.set_incident_status(incident_id, "misuse")
-    svc.vehicles.record(incident["vin"], actor=_actor(), action="sos_misuse",
-                        detail={"incident_id": incident_id, "reason": body["reason"][:200],
-                                "chargeable": True})
+    mark_incident(svc.store, incident, status="misuse", actor=_actor(), action="sos_misuse",
+                  now=_now(), detail={"reason": body["reason"][:200], "chargeable": True})
     return jsonify(incident_id=incident_id, status="misuse", chargeable=True)
 
 
 @bp.get("/vehicles/<vin>")
 @agent_role("read")
 def read_vehicle(vin: str) -> Any:
-    vehicle = services().vehicles.get(vin)
-    if vehicle is None:
-        return _error(404, "not_found", "no such vehicle")
-    return jsonify(_vehicle_json(vehicle))
+    return jsonify(_vehicle_json(_vehicle_or_404(vin)))
 
 
 def _command(vin: str, command: str, **params: Any) -> Any:
@@ -160,8 +162,7 @@ def _command(vin: str, command: str, **params: Any) -> Any:
 def immobilise(vin: str) -> Any:
     body = _body("authority_reference")
     svc = services()
-    if svc.vehicles.get(vin) is None:
-        return _error(404, "not_found", "no such vehicle")
+    _vehicle_or_404(vin)
     failed = _command(vin, "immobilise", authority_reference=body["authority_reference"])
     if failed is not None:
         return failed
@@ -179,8 +180,7 @@ def reactivate(vin: str) -> Any:
     if not isinstance(pin, str):
         raise ValidationError({"pin": "required: the owner's PIN as a string of digits"})
     svc = services()
-    if svc.vehicles.get(vin) is None:
-        return _error(404, "not_found", "no such vehicle")
+    _vehicle_or_404(vin)
     result = svc.vehicles.reactivate(vin, actor=_actor(), pin=pin)
     svc.metrics.pin_attempts.labels(result.check.outcome).inc()
     if not result.ok:
@@ -201,8 +201,7 @@ def start_tracking(vin: str) -> Any:
     """Unauthorised use confirmed: start tracking, recording the police notification."""
     body = _body("police_reference")
     svc = services()
-    if svc.vehicles.get(vin) is None:
-        return _error(404, "not_found", "no such vehicle")
+    _vehicle_or_404(vin)
     failed = _command(vin, "start_tracking")
     if failed is not None:
         return failed
