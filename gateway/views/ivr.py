@@ -28,10 +28,10 @@ from gateway.routing import DialCentre, next_centre_attempt, sim_country
 from gateway.security import twilio_signed
 from gateway.views.voice import (
     UrlState,
-    _msisdn,
     _url,
     _xml,
     dial_outcome,
+    record_callback_safely,
     unreachable_centres,
 )
 
@@ -300,17 +300,11 @@ def connect_agent(state: IvrState, *, topic: str, notice: str | None = None,
     return _xml(response)
 
 
-def callback(state: IvrState, *, reason: str, record: bool = True,
-             incident_id: str | None = None) -> Response:
+def callback(state: IvrState, *, reason: str, record: bool = True) -> Response:
     """No agent can be reached: record a callback and say so (never the emergency number)."""
     if record:
-        try:
-            services().store.record_callback({
-                "call_sid": state.p or request.form.get("CallSid", ""),
-                "number": _msisdn(request.form.get("From")), "vin": state.v or None,
-                "incident_id": incident_id, "reason": reason[:300]})
-        except StoreError:
-            log.error("could not record the callback request")
+        record_callback_safely(call_sid=state.p, vin=state.v or None, incident_id=None,
+                               reason=reason)
     return _xml(twiml.say_and_hangup("callback", language=state.lang))
 
 

@@ -362,10 +362,43 @@ def _costs_apply(*, incident_id: str = "", vin: str = "") -> tuple[bool, str | N
     return not entitlement.included, entitlement.reason
 
 
+def record_callback_safely(*, call_sid: str, vin: str | None, incident_id: str | None,
+                           reason: str) -> None:
+    """A callback the centre owes this caller (best effort: the caller is told anyway)."""
+    try:
+        services().store.record_callback({
+            "call_sid": call_sid or request.form.get("CallSid", ""),
+            "number": _msisdn(request.form.get("From")), "vin": vin,
+            "incident_id": incident_id, "reason": reason[:300]})
+    except StoreError:
+        log.error("could not record the callback request")
+
+
+def _roadside_callback(state: CallState, *, step: str, reason: str) -> Response:
+    record_callback_safely(call_sid=state.p, vin=None, incident_id=state.i or None,
+                           reason=f"on_call: {reason}")
+    return _answer(twiml.say_and_hangup("callback", language=_caller_language(state)),
+                   step=step, state=state, detail={"why": reason},
+                   decision={"target": "callback", "number": None, "reason": reason})
+
+
 def roadside_call(state: CallState, *, step: str) -> Response:
     """ON CALL: the centre's roadside line; a callback if it cannot be reached.
 
-    Never the emergency number: the caller is told to use SOS in an emergency."""
+    Never the emergency number, not even on a bug here: the caller is told to use SOS
+    in an emergency."""
+    try:
+        return _roadside_call(state, step=step)
+    except Exception:
+        log.exception("roadside step failed; recording a callback")
+    try:
+        return _roadside_callback(state, step=step, reason="handler error")
+    except Exception:
+        log.exception("callback answer failed")
+        return _xml(twiml.say_and_hangup("callback", language=None))
+
+
+def _roadside_call(state: CallState, *, step: str) -> Response:
     svc = services()
     attempt = state.n + 1
     choice = next_centre_attempt(
@@ -373,16 +406,7 @@ def roadside_call(state: CallState, *, step: str) -> Response:
         elapsed_s=max(0.0, _now() - state.t0), policy=svc.settings.voice, plan=svc.plan,
         unreachable=unreachable_centres(), roadside=True)
     if not isinstance(choice, DialCentre):
-        try:
-            svc.store.record_callback({
-                "call_sid": state.p or request.form.get("CallSid", ""),
-                "number": _msisdn(request.form.get("From")), "incident_id": state.i or None,
-                "reason": f"on_call: {choice}"[:300]})
-        except StoreError:
-            log.error("could not record the callback request")
-        return _answer(twiml.say_and_hangup("callback", language=_caller_language(state)),
-                       step=step, state=state, detail={"why": choice},
-                       decision={"target": "callback", "number": None, "reason": choice})
+        return _roadside_callback(state, step=step, reason=choice)
     costs, _ = _costs_apply(incident_id=state.i) if attempt == 1 else (False, None)
     next_state = replace(state, n=attempt)
     centre = choice.centre.centre_id

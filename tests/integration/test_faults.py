@@ -161,3 +161,18 @@ def test_last_resort_twiml_dials_112() -> None:
     root = parse(twiml.LAST_RESORT)
     assert dialled_number(root) == "112"
     assert dial_of(root).get("answerOnBridge") == "true"
+
+
+def test_a_bug_on_the_on_call_path_records_a_callback_never_an_emergency_dial(
+    make_app: Any, vehicle_headers: dict[str, str]
+) -> None:
+    app = make_app(plan=ExplodingPlan())
+    client = app.test_client()
+    assert client.post("/v1/events", json=crash_event(type="on_call"),
+                       headers=vehicle_headers).status_code == 201
+    response = Twilio(client).post("/twilio/voice", call_params("CAoc", SWEDISH_CAR["msisdn"]))
+    root = parse(response.data)
+    assert root.find("Dial") is None and root.find("Hangup") is not None
+    assert "S O S" in " ".join(s.text or "" for s in root.iter("Say"))
+    callbacks = app.extensions["gateway"].store.callbacks()
+    assert [c["call_sid"] for c in callbacks] == ["CAoc"]
