@@ -30,7 +30,6 @@ from gateway.logs import call_sid_var
 from gateway.routing import (
     DialCentre,
     DialEmergency,
-    EmergencyRoute,
     centre_answered,
     emergency_route,
     next_centre_attempt,
@@ -123,16 +122,34 @@ def _caller_language(state: CallState) -> str | None:
 # -- never fail closed -----------------------------------------------------------------
 
 
-def emergency_answer(state: CallState, *, reason: str) -> Response:
-    """TwiML that dials the emergency route of the best country we know."""
+def emergency_step(state: CallState, *, reason: str, step: str | None,
+                   detail: Mapping[str, Any] | None = None, retry: bool = False) -> Response:
+    """Dial the next number of the emergency route of ``state.c`` (or tell the caller
+    what to dial when every attempt is used).  Recorded as ``step`` unless it is None
+    (the fail-safe path, which touches nothing it does not need)."""
     svc = services()
-    country = state.c or sim_country(_msisdn(request.form.get("From"))) or None
-    route = emergency_route(country, svc.plan)
+    route = emergency_route(state.c or None, svc.plan)
     decision = next_emergency_attempt(route, attempt=state.e + 1, policy=svc.settings.voice,
                                       reason=reason)
-    if not isinstance(decision, DialEmergency):
-        return _xml(twiml.give_up(decision, language=_caller_language(state)))
-    return _xml(_dial_emergency(decision, replace(state, e=decision.attempt, c=route.country or "")))
+    record: dict[str, Any]
+    if isinstance(decision, DialEmergency):
+        state = replace(state, e=decision.attempt)
+        response = _dial_emergency(decision, state, retry=retry)
+        record = {"target": "emergency", "number": decision.number,
+                  "reason": f"{reason}; route of {route.country or 'unknown country'} "
+                            f"({route.source})"}
+    else:
+        response = twiml.give_up(decision, language=_caller_language(state))
+        record = {"target": "none", "number": None, "reason": decision.reason}
+    if step is None:
+        return _xml(response)
+    return _answer(response, step=step, state=state, detail=detail or {}, decision=record)
+
+
+def emergency_answer(state: CallState, *, reason: str) -> Response:
+    """TwiML that dials the emergency route of the best country we know."""
+    country = state.c or sim_country(_msisdn(request.form.get("From"))) or ""
+    return emergency_step(replace(state, c=country), reason=reason, step=None)
 
 
 def fail_safe(view: F) -> F:
@@ -249,19 +266,7 @@ def route_call(state: CallState, *, step: str, why: str, unreachable: frozenset[
         return _answer(response, step=step, state=next_state, detail={"why": why},
                        decision=decision)
 
-    route = emergency_route(state.c or None, svc.plan)
-    emergency = next_emergency_attempt(route, attempt=state.e + 1, policy=svc.settings.voice,
-                                       reason=choice)
-    if not isinstance(emergency, DialEmergency):
-        return _answer(twiml.give_up(emergency, language=_caller_language(state)), step=step,
-                       state=state, detail={"why": why},
-                       decision={"target": "none", "number": None, "reason": emergency.reason})
-    next_state = replace(state, e=emergency.attempt)
-    response = _dial_emergency(emergency, next_state)
-    decision = {"target": "emergency", "number": emergency.number,
-                "reason": f"{why}; {choice}; route of {route.country or 'unknown country'} "
-                          f"({route.source})"}
-    return _answer(response, step=step, state=next_state, detail={"why": why}, decision=decision)
+    return emergency_step(state, reason=f"{why}; {choice}", step=step, detail={"why": why})
 
 
 def unreachable_centres() -> frozenset[str]:
@@ -465,7 +470,6 @@ def dial_result() -> Response:
 @fail_safe
 def emergency_result() -> Response:
     """The emergency ``<Dial action>``: retry the emergency route until it connects."""
-    svc = services()
     state = CallState.parse(request.args)
     call_sid = request.form.get("CallSid", "")
     step = f"emergency-result:{state.e}"
@@ -476,18 +480,8 @@ def emergency_result() -> Response:
     if status in ("completed", "answered"):
         return _answer(twiml.hangup(), step=step, state=state,
                        detail={"dial_status": status, "outcome": "answered"})
-    route: EmergencyRoute = emergency_route(state.c or None, svc.plan)
-    decision = next_emergency_attempt(route, attempt=state.e + 1, policy=svc.settings.voice,
-                                      reason=f"emergency attempt {state.e}: {status or 'no status'}")
-    if not isinstance(decision, DialEmergency):
-        return _answer(twiml.give_up(decision, language=_caller_language(state)), step=step,
-                       state=state, detail={"dial_status": status},
-                       decision={"target": "none", "number": None, "reason": decision.reason})
-    next_state = replace(state, e=decision.attempt)
-    return _answer(_dial_emergency(decision, next_state, retry=True), step=step, state=next_state,
-                   detail={"dial_status": status},
-                   decision={"target": "emergency", "number": decision.number,
-                             "reason": decision.reason})
+    return emergency_step(state, reason=f"emergency attempt {state.e}: {status or 'no status'}",
+                          step=step, detail={"dial_status": status}, retry=True)
 
 
 @bp.post("/whisper")
@@ -598,13 +592,6 @@ def fallback() -> Response:
             state = replace(state, c=sim_country(msisdn) or "")
     log.warning("fallback URL requested (ErrorCode %s)", request.form.get("ErrorCode", "?"))
     step = f"fallback:{request.form.get('ErrorCode', '')}:{state.e}"
-    route = emergency_route(state.c or None, svc.plan)
-    decision = next_emergency_attempt(route, attempt=state.e + 1, policy=svc.settings.voice,
-                                      reason=f"Twilio fallback (error {request.form.get('ErrorCode', '?')})")
-    if not isinstance(decision, DialEmergency):
-        return _xml(twiml.give_up(decision, language=_caller_language(state)))
-    next_state = replace(state, e=decision.attempt)
-    return _answer(_dial_emergency(decision, next_state), step=step, state=next_state,
-                   detail={"error_code": request.form.get("ErrorCode", "")},
-                   decision={"target": "emergency", "number": decision.number,
-                             "reason": decision.reason})
+    error_code = request.form.get("ErrorCode", "")
+    return emergency_step(state, reason=f"Twilio fallback (error {error_code or '?'})", step=step,
+                          detail={"error_code": error_code})
