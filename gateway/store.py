@@ -195,10 +195,10 @@ class Store:
             found = conn.execute(sa.select(incidents).where(incidents.c.id == incident_id)).first()
         return _row(found)
 
-    def open_incident_for(
+    def open_incidents_for(
         self, msisdn: str, *, since: dt.datetime, types: tuple[str, ...]
-    ) -> dict[str, Any] | None:
-        """The newest open incident of these types from this MSISDN since ``since``."""
+    ) -> list[dict[str, Any]]:
+        """Open incidents of these types from this MSISDN since ``since``, newest first."""
         query = (
             sa.select(incidents)
             .where(
@@ -208,10 +208,10 @@ class Store:
                 incidents.c.received_at >= since,
             )
             .order_by(incidents.c.received_at.desc())
-            .limit(1)
+            .limit(50)
         )
         with self.begin() as conn:
-            return _row(conn.execute(query).first())
+            return [dict(_row(r) or {}) for r in conn.execute(query)]
 
     def last_known_country(self, vin: str) -> str | None:
         """The location country of the newest incident of this car that had one."""

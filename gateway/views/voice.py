@@ -104,9 +104,20 @@ def _now() -> float:
     return services().clock()
 
 
-def _since(now: float) -> dt.datetime:
-    """The oldest incident a call may still belong to."""
-    return dt.datetime.fromtimestamp(now - services().settings.incident_window_s, tz=dt.UTC)
+def _incident_of_caller(msisdn: str | None, now: float) -> tuple[dict[str, Any] | None, bool]:
+    """``(incident, database answered)``: the caller's open crash or SOS incident, else
+    its open ON CALL incident (an emergency always wins), within the incident window."""
+    if not msisdn:
+        return None, True
+    since = dt.datetime.fromtimestamp(now - services().settings.incident_window_s, tz=dt.UTC)
+    try:
+        found = services().store.open_incidents_for(
+            msisdn, since=since, types=(*EMERGENCY_TYPES, "on_call"))
+    except StoreError:
+        return None, False
+    emergencies = [i for i in found if i["type"] in EMERGENCY_TYPES]
+    chosen = emergencies or found
+    return (chosen[0] if chosen else None), True
 
 
 def _caller_language(state: CallState) -> str | None:
@@ -298,29 +309,17 @@ def incoming() -> Response:
     now = _now()
     incident = None
     why = "no data message from this car"
-    if msisdn:
-        try:
-            incident = svc.store.open_incident_for(
-                msisdn,
-                since=_since(now),
-                types=EMERGENCY_TYPES,
-            )
-        except StoreError:
-            why = "database unavailable: routing from the SIM's country"
-    if incident is None and msisdn:
-        try:
-            incident = svc.store.open_incident_for(msisdn, since=_since(now), types=("on_call",))
-        except StoreError:
-            pass
-        if incident is not None:
-            state = CallState(i=incident["id"], t0=int(now), h=incident["home_country"] or "",
-                              c=incident["route_country"] or "", p=call_sid)
-            return roadside_call(state, step="voice")
-    if incident is None:
+    incident, db_ok = _incident_of_caller(msisdn, now)
+    if not db_ok:
+        why = "database unavailable: routing from the SIM's country"
+    if incident is not None and incident["type"] == "on_call":
+        state = CallState(i=incident["id"], t0=int(now), h=incident["home_country"] or "",
+                          c=incident["route_country"] or "", p=call_sid)
+        return roadside_call(state, step="voice")
+    if incident is None and _msisdn(request.form.get("To")) in svc.settings.ivr_numbers:
         from gateway.views import ivr
 
-        if _msisdn(request.form.get("To")) in svc.settings.ivr_numbers:
-            return ivr.start(call_sid=call_sid, caller=msisdn)
+        return ivr.start(call_sid=call_sid, caller=msisdn)
     if incident is not None:
         state = CallState(i=incident["id"], t0=int(now), h=incident["home_country"] or "",
                           c=incident["route_country"] or "", p=call_sid)
@@ -569,25 +568,21 @@ def status() -> Response:
 @twilio_signed
 @fail_safe
 def fallback() -> Response:
-    """Twilio's Fallback URL: our handler failed, so dial the emergency route now."""
-    svc = services()
-    error_url = request.form.get("ErrorUrl", "")
-    state = CallState.parse({k: v[0] for k, v in parse_qs(urlsplit(error_url).query).items()})
+    """Twilio's Fallback URL: our handler failed, so dial the emergency route now
+    (an ON CALL call gets the roadside line or a callback instead)."""
+    error_url = urlsplit(request.form.get("ErrorUrl", ""))
+    state = CallState.parse({k: v[0] for k, v in parse_qs(error_url.query).items()})
+    state = replace(state, t0=state.t0 or int(_now()))
+    if error_url.path.endswith("/roadside-result"):
+        return roadside_call(replace(state, p=request.form.get("CallSid", "")), step="fallback")
     if not state.c:
         msisdn = _msisdn(request.form.get("From"))
-        incident = None
-        if msisdn:
-            try:
-                incident = svc.store.open_incident_for(
-                    msisdn,
-                    since=_since(_now()),
-                    types=EMERGENCY_TYPES,
-                )
-            except StoreError:
-                pass
+        incident, _ = _incident_of_caller(msisdn, _now())
         if incident is not None:
             state = replace(state, i=incident["id"], c=incident["route_country"] or "",
-                            h=incident["home_country"] or "")
+                            h=incident["home_country"] or "", p=request.form.get("CallSid", ""))
+            if incident["type"] == "on_call":  # never the emergency number for ON CALL
+                return roadside_call(state, step="fallback")
         else:
             state = replace(state, c=sim_country(msisdn) or "")
     log.warning("fallback URL requested (ErrorCode %s)", request.form.get("ErrorCode", "?"))

@@ -176,3 +176,24 @@ def test_a_bug_on_the_on_call_path_records_a_callback_never_an_emergency_dial(
     assert "S O S" in " ".join(s.text or "" for s in root.iter("Say"))
     callbacks = app.extensions["gateway"].store.callbacks()
     assert [c["call_sid"] for c in callbacks] == ["CAoc"]
+
+
+@pytest.mark.parametrize("error_url", [
+    "https://gateway.example.com/twilio/voice",
+    "https://gateway.example.com/twilio/voice/roadside-result?i=x&t0=1&h=SE&c=DK&n=1",
+])
+def test_fallback_url_never_dials_emergency_for_an_on_call_call(
+    make_app: Any, vehicle_headers: dict[str, str], plan: NumberPlan, error_url: str
+) -> None:
+    app = make_app()
+    client = app.test_client()
+    client.post("/v1/events", json=crash_event(type="on_call"), headers=vehicle_headers)
+    root = parse(Twilio(client).post("/twilio/voice/fallback", call_params(
+        "CAocfb", SWEDISH_CAR["msisdn"], ErrorCode="11200", ErrorUrl=error_url)).data)
+    emergency = {plan.entry(c).emergency_number for c in ("SE", "DK")} | {"112"}
+    numbers = {n.text for n in root.iter("Number")}
+    assert not numbers & emergency, numbers
+    if "roadside-result" in error_url:  # the call's budget (from t0=1) is long gone
+        assert root.find("Dial") is None and root.find("Hangup") is not None
+    else:
+        assert numbers == {plan.centres_for("SE")[0].roadside_number}

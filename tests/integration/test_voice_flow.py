@@ -211,3 +211,18 @@ def test_fallback_recovers_the_state_from_the_failed_url(twilio: Twilio, plan: A
     root = parse(twilio.post("/twilio/voice/fallback", call_params(
         "CA13", "+46701234567", ErrorCode="11205", ErrorUrl=failed)).data)
     assert dialled_number(root) == plan.entry("FR").fallback_dial
+
+
+def test_the_newest_emergency_wins_and_an_emergency_beats_a_newer_on_call(
+    client: FlaskClient, twilio: Twilio, vehicle_headers: dict[str, str], plan: Any, clock: Clock,
+) -> None:
+    post_event(client, vehicle_headers)  # crash in Copenhagen
+    clock.advance(60)
+    newer = post_event(client, vehicle_headers, type="sos",
+                       location={"lat": 59.33, "lon": 18.07})  # SOS in Stockholm
+    clock.advance(60)
+    post_event(client, vehicle_headers, type="on_call")  # ON CALL pressed afterwards
+    root = parse(twilio.post("/twilio/voice", call_params("CAprio", SWEDISH_CAR["msisdn"])).data)
+    action = dial_of(root).get("action", "")
+    assert "dial-result" in action  # the emergency path, not the roadside line
+    assert f"i={newer['incident_id']}" in action and "c=SE" in action
