@@ -28,10 +28,10 @@ from gateway.routing import DialCentre, next_centre_attempt, sim_country
 from gateway.security import twilio_signed
 from gateway.views.voice import (
     UrlState,
-    _url,
-    _xml,
+    action_url,
     dial_outcome,
     record_callback_safely,
+    twiml_response,
     unreachable_centres,
 )
 
@@ -97,7 +97,7 @@ def fail_to_agent(view: F) -> F:
             response.say("Sorry, we cannot take your call right now. In an emergency, "
                           "hang up and dial 1 1 2.", language=prompts.FALLBACK_LANGUAGE)
             response.hangup()
-            return _xml(response)
+            return twiml_response(response)
 
     return cast(F, wrapper)
 
@@ -108,8 +108,8 @@ def _vehicle(vin: str) -> Any:
 
 def menu(state: IvrState, *, notice: str | None = None) -> Response:
     keys = ((notice,) if notice else ()) + ("ivr_menu",)
-    return _xml(twiml.gather(keys, action_url=_url("ivr.choose", state), language=state.lang,
-                             no_input_url=_url("ivr.replay", state)))
+    return twiml_response(twiml.gather(keys, action_url=action_url("ivr.choose", state), language=state.lang,
+                             no_input_url=action_url("ivr.replay", state)))
 
 
 def start(*, call_sid: str, caller: str | None) -> Response:
@@ -159,9 +159,9 @@ def choose() -> Response:
 
 
 def _ask_customer_number(state: IvrState) -> Response:
-    return _xml(twiml.gather(("ivr_identify",), action_url=_url("ivr.identify", state),
+    return twiml_response(twiml.gather(("ivr_identify",), action_url=action_url("ivr.identify", state),
                              language=state.lang, num_digits=8,
-                             no_input_url=_url("ivr.replay", state)))
+                             no_input_url=action_url("ivr.replay", state)))
 
 
 @bp.post("/identify")
@@ -174,9 +174,9 @@ def identify() -> Response:
         if state.r + 1 >= 3:
             return connect_agent(state, topic=state.want or "agent")
         retry = replace(state, r=state.r + 1)
-        return _xml(twiml.gather(("ivr_unknown_vehicle", "ivr_identify"),
-                                 action_url=_url("ivr.identify", retry), language=state.lang,
-                                 num_digits=8, no_input_url=_url("ivr.replay", retry)))
+        return twiml_response(twiml.gather(("ivr_unknown_vehicle", "ivr_identify"),
+                                 action_url=action_url("ivr.identify", retry), language=state.lang,
+                                 num_digits=8, no_input_url=action_url("ivr.replay", retry)))
     state = replace(state, v=vehicle.vin, r=0, h=vehicle.market,
                     lang=_language_for(vehicle.market, vehicle))
     return _continue(state)
@@ -190,9 +190,9 @@ def _continue(state: IvrState) -> Response:
 
 def _ask_pin(state: IvrState, *, notice: str | None = None) -> Response:
     keys = ((notice,) if notice else ()) + ("ivr_pin",)
-    return _xml(twiml.gather(keys, action_url=_url("ivr.pin", state), language=state.lang,
+    return twiml_response(twiml.gather(keys, action_url=action_url("ivr.pin", state), language=state.lang,
                              num_digits=None, finish_on_key="#", timeout_s=10,
-                             no_input_url=_url("ivr.replay", state)))
+                             no_input_url=action_url("ivr.replay", state)))
 
 
 def _actor() -> str:
@@ -224,7 +224,7 @@ def pin() -> Response:
     if state.want == "reactivate":
         assert result is not None
         if not result.changed:
-            return _xml(twiml.say_and_hangup("ivr_not_immobilised", language=state.lang))
+            return twiml_response(twiml.say_and_hangup("ivr_not_immobilised", language=state.lang))
         return _vehicle_command(state, "reactivate", {}, done_key="ivr_reactivated")
     relock = svc.settings.unlock_relock_s
     return _vehicle_command(state, "unlock", {"relock_after_s": relock}, done_key="ivr_unlocked",
@@ -254,7 +254,7 @@ def _vehicle_command(state: IvrState, command: str, params: dict[str, Any], *, d
     bye, lang = prompts.say("goodbye", state.lang)
     response.say(bye, language=lang)
     response.hangup()
-    return _xml(response)
+    return twiml_response(response)
 
 
 def entitlement_of(vehicle: Any) -> Any:
@@ -291,13 +291,13 @@ def connect_agent(state: IvrState, *, topic: str, notice: str | None = None,
     centre = choice.centre.centre_id
     response = twiml.dial_centre(
         choice,
-        action_url=_url("ivr.agent_result", next_state, centre=centre),
-        whisper_url=_url("ivr.whisper", next_state, centre=centre),
-        status_url=_url("voice.status", None, centre=centre),
+        action_url=action_url("ivr.agent_result", next_state, centre=centre),
+        whisper_url=action_url("ivr.whisper", next_state, centre=centre),
+        status_url=action_url("voice.status", None, centre=centre),
         caller_id=None, language=state.lang, first=attempt == 1,
         notices=((notice,) if notice else ()) + notices,
         announce=announce if attempt == 1 else None)
-    return _xml(response)
+    return twiml_response(response)
 
 
 def callback(state: IvrState, *, reason: str, record: bool = True) -> Response:
@@ -305,7 +305,7 @@ def callback(state: IvrState, *, reason: str, record: bool = True) -> Response:
     if record:
         record_callback_safely(call_sid=state.p, vin=state.v or None, incident_id=None,
                                reason=reason)
-    return _xml(twiml.say_and_hangup("callback", language=state.lang))
+    return twiml_response(twiml.say_and_hangup("callback", language=state.lang))
 
 
 @bp.post("/agent-result")
@@ -315,7 +315,7 @@ def agent_result() -> Response:
     state = _state()
     answered, _ = dial_outcome(state.n, kind="ivr")
     if answered:
-        return _xml(twiml.hangup())
+        return twiml_response(twiml.hangup())
     return connect_agent(state, topic=state.topic or "agent", announce=None)
 
 
@@ -335,8 +335,8 @@ def whisper() -> Response:
             parts.append("The car is immobilised.")
     else:
         parts.append("The caller's vehicle is not identified.")
-    return _xml(twiml.whisper(" ".join(parts),
-                              accept_url=_url("voice.whisper_accept", state,
+    return twiml_response(twiml.whisper(" ".join(parts),
+                              accept_url=action_url("voice.whisper_accept", state,
                                               centre=request.args.get("centre", "")),
                               timeout_s=services().settings.voice.whisper_accept_timeout_s))
 

@@ -90,13 +90,13 @@ class CallState(UrlState):
     p: str = ""  # the caller's CallSid (whisper requests come on the agent's leg)
 
 
-def _url(endpoint: str, state: UrlState | None = None, **extra: str) -> str:
+def action_url(endpoint: str, state: UrlState | None = None, **extra: str) -> str:
     params: dict[str, Any] = state.params() if state else {}
     params.update(extra)
     return services().settings.public_url + url_for(endpoint, **params)
 
 
-def _xml(response: VoiceResponse | str) -> Response:
+def twiml_response(response: VoiceResponse | str) -> Response:
     return Response(str(response), status=200, mimetype="text/xml")
 
 
@@ -153,13 +153,13 @@ def emergency_step(state: CallState, *, reason: str, step: str | None,
         response = twiml.give_up(decision, language=_caller_language(state))
         record = {"target": "none", "number": None, "reason": decision.reason}
     if step is None:
-        return _xml(response)
+        return twiml_response(response)
     return _answer(response, step=step, state=state, detail=detail or {}, decision=record)
 
 
 def emergency_answer(state: CallState, *, reason: str) -> Response:
     """TwiML that dials the emergency route of the best country we know."""
-    country = state.c or sim_country(_msisdn(request.form.get("From"))) or ""
+    country = state.c or sim_country(e164_or_none(request.form.get("From"))) or ""
     return emergency_step(replace(state, c=country), reason=reason, step=None)
 
 
@@ -175,7 +175,7 @@ def fail_safe(view: F) -> F:
             return emergency_answer(CallState.parse(request.args), reason="handler error")
         except Exception:
             log.exception("emergency answer failed; answering with the last-resort TwiML")
-            return _xml(twiml.LAST_RESORT)
+            return twiml_response(twiml.LAST_RESORT)
 
     return cast(F, wrapper)
 
@@ -193,7 +193,7 @@ def _replay(call_sid: str, step: str) -> Response | None:
         return None
     if found and found.get("twiml"):
         log.info("replaying step %s", step)
-        return _xml(str(found["twiml"]))
+        return twiml_response(str(found["twiml"]))
     return None
 
 
@@ -220,10 +220,10 @@ def _answer(
             )
         except StoreError:
             log.error("could not record step %s; answering anyway", step)
-    return _xml(body)
+    return twiml_response(body)
 
 
-def _msisdn(raw: str | None) -> str | None:
+def e164_or_none(raw: str | None) -> str | None:
     if not raw or not raw.startswith("+"):
         return None
     try:
@@ -239,8 +239,8 @@ def _msisdn(raw: str | None) -> str | None:
 def _dial_emergency(decision: DialEmergency, state: CallState, *, retry: bool = False) -> VoiceResponse:
     return twiml.dial_emergency(
         decision,
-        action_url=_url("voice.emergency_result", state),
-        status_url=_url("voice.status", None, **({"i": state.i} if state.i else {})),
+        action_url=action_url("voice.emergency_result", state),
+        status_url=action_url("voice.status", None, **({"i": state.i} if state.i else {})),
         caller_id=services().settings.emergency_caller_id,
         language=_caller_language(state),
         announce="emergency_retry" if retry else "connecting_emergency",
@@ -265,9 +265,9 @@ def route_call(state: CallState, *, step: str, why: str, unreachable: frozenset[
         centre = choice.centre.centre_id
         response = twiml.dial_centre(
             choice,
-            action_url=_url("voice.dial_result", next_state, centre=centre),
-            whisper_url=_url("voice.whisper", next_state, centre=centre),
-            status_url=_url("voice.status", None, centre=centre, **({"i": state.i} if state.i else {})),
+            action_url=action_url("voice.dial_result", next_state, centre=centre),
+            whisper_url=action_url("voice.whisper", next_state, centre=centre),
+            status_url=action_url("voice.status", None, centre=centre, **({"i": state.i} if state.i else {})),
             caller_id=None,  # Twilio passes the car's number through to the agent
             language=_caller_language(state),
             first=attempt == 1,
@@ -305,7 +305,7 @@ def incoming() -> Response:
     replay = _replay(call_sid, "voice")
     if replay:
         return replay
-    msisdn = _msisdn(request.form.get("From"))
+    msisdn = e164_or_none(request.form.get("From"))
     now = _now()
     incident = None
     why = "no data message from this car"
@@ -316,7 +316,7 @@ def incoming() -> Response:
         state = CallState(i=incident["id"], t0=int(now), h=incident["home_country"] or "",
                           c=incident["route_country"] or "", p=call_sid)
         return roadside_call(state, step="voice")
-    if incident is None and _msisdn(request.form.get("To")) in svc.settings.ivr_numbers:
+    if incident is None and e164_or_none(request.form.get("To")) in svc.settings.ivr_numbers:
         from gateway.views import ivr
 
         return ivr.start(call_sid=call_sid, caller=msisdn)
@@ -372,7 +372,7 @@ def record_callback_safely(*, call_sid: str, vin: str | None, incident_id: str |
     try:
         services().store.record_callback({
             "call_sid": call_sid or request.form.get("CallSid", ""),
-            "number": _msisdn(request.form.get("From")), "vin": vin,
+            "number": e164_or_none(request.form.get("From")), "vin": vin,
             "incident_id": incident_id, "reason": reason[:300]})
     except StoreError:
         log.error("could not record the callback request")
@@ -399,7 +399,7 @@ def roadside_call(state: CallState, *, step: str) -> Response:
         return _roadside_callback(state, step=step, reason="handler error")
     except Exception:
         log.exception("callback answer failed")
-        return _xml(twiml.say_and_hangup("callback", language=None))
+        return twiml_response(twiml.say_and_hangup("callback", language=None))
 
 
 def _roadside_call(state: CallState, *, step: str) -> Response:
@@ -416,9 +416,9 @@ def _roadside_call(state: CallState, *, step: str) -> Response:
     centre = choice.centre.centre_id
     response = twiml.dial_centre(
         choice,
-        action_url=_url("voice.roadside_result", next_state, centre=centre),
-        whisper_url=_url("voice.whisper", next_state, centre=centre),
-        status_url=_url("voice.status", None, centre=centre, **({"i": state.i} if state.i else {})),
+        action_url=action_url("voice.roadside_result", next_state, centre=centre),
+        whisper_url=action_url("voice.whisper", next_state, centre=centre),
+        status_url=action_url("voice.status", None, centre=centre, **({"i": state.i} if state.i else {})),
         caller_id=None, language=_caller_language(state), first=attempt == 1,
         notices=("ivr_costs_apply",) if costs else ())
     return _answer(response, step=step, state=next_state, detail={"costs_apply": costs},
@@ -503,10 +503,10 @@ def whisper() -> Response:
             summary += " " + entitlement
     response = twiml.whisper(
         summary,
-        accept_url=_url("voice.whisper_accept", state, centre=request.args.get("centre", "")),
+        accept_url=action_url("voice.whisper_accept", state, centre=request.args.get("centre", "")),
         timeout_s=svc.settings.voice.whisper_accept_timeout_s,
     )
-    return _xml(response)
+    return twiml_response(response)
 
 
 @bp.post("/whisper/accept")
@@ -530,7 +530,7 @@ def whisper_accept() -> Response:
             )
         except StoreError:
             log.error("could not record the agent's acceptance; bridging anyway")
-    return _xml(twiml.whisper_result(accepted))
+    return twiml_response(twiml.whisper_result(accepted))
 
 
 @bp.post("/status")
@@ -561,7 +561,7 @@ def status() -> Response:
     except StoreError:
         log.error("could not record a status callback")
         return Response("database unavailable\n", status=503, mimetype="text/plain")
-    return _xml(twiml.empty())
+    return twiml_response(twiml.empty())
 
 
 @bp.post("/fallback")
@@ -576,7 +576,7 @@ def fallback() -> Response:
     if error_url.path.endswith("/roadside-result"):
         return roadside_call(replace(state, p=request.form.get("CallSid", "")), step="fallback")
     if not state.c:
-        msisdn = _msisdn(request.form.get("From"))
+        msisdn = e164_or_none(request.form.get("From"))
         incident, _ = _incident_of_caller(msisdn, _now())
         if incident is not None:
             state = replace(state, i=incident["id"], c=incident["route_country"] or "",
