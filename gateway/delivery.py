@@ -225,8 +225,7 @@ class OutboxWorker:
         return "delivered"
 
     def _interruptible_sleep(self, seconds: float) -> None:
-        if self.stopping.wait(seconds):
-            return
+        self.stopping.wait(seconds)  # a stop cuts the backoff short
 
     def _feed_health(self, *, ok: bool, reason: str) -> None:
         if self.health is not None:
