@@ -30,16 +30,20 @@ DEFAULT_SQLITE_FILE = "assist-gateway.sqlite3"
 class VoicePolicy:
     """How hard the router tries the assistance centre before the emergency fallback."""
 
-    #: centre dial attempts per call (cycling through primary and backup centres)
-    dial_attempts: int = 2
-    #: ring timeout of one centre attempt, seconds (Twilio adds about 5 s)
+    #: centre lines rung at most per call (each line once, in the call plan's order)
+    dial_attempts: int = 3
+    #: ring timeout of one centre leg, seconds (Twilio adds about 5 s)
     ring_timeout_s: int = 15
-    #: from call arrival, the time after which no new centre attempt starts, seconds
-    budget_s: int = 45
+    #: roadside (ON CALL) calls: no new roadside leg starts after this, seconds
+    budget_s: int = 90
     #: seconds the agent has to press the accept key during the whisper
-    whisper_accept_timeout_s: int = 8
-    #: emergency dial attempts before the gateway gives up and says so
-    emergency_attempts: int = 4
+    whisper_accept_timeout_s: int = 5
+    #: emergency legs (PSAP/TPS number, local number through Twilio) before the hand-back
+    emergency_attempts: int = 2
+    #: from call arrival, the first emergency leg starts no later than this, seconds
+    emergency_deadline_s: int = 40
+    #: ring timeout of an emergency <Dial>, seconds
+    emergency_ring_s: int = 30
 
     def validate(self) -> None:
         if not 1 <= self.dial_attempts <= 10:
@@ -52,6 +56,10 @@ class VoicePolicy:
             raise ConfigError("GATEWAY_WHISPER_TIMEOUT_S: must be between 3 and 30")
         if not 1 <= self.emergency_attempts <= 10:
             raise ConfigError("GATEWAY_EMERGENCY_ATTEMPTS: must be between 1 and 10")
+        if not 15 <= self.emergency_deadline_s <= 120:
+            raise ConfigError("GATEWAY_EMERGENCY_DEADLINE_S: must be between 15 and 120")
+        if not 10 <= self.emergency_ring_s <= 120:
+            raise ConfigError("GATEWAY_EMERGENCY_RING_S: must be between 10 and 120")
 
 
 @dataclass(frozen=True)
@@ -107,15 +115,12 @@ class Settings:
     assistance_url: str | None = None
     number_plan_dir: Path | None = None
     boundaries_path: Path | None = None
-    #: the Twilio number cars call (returned to the car in the event answer)
-    voice_number: str | None = None
-    #: caller ID for emergency dials: a Twilio number with a registered emergency
-    #: address (US/CA/GB need one); unset, Twilio passes the car's number through
-    emergency_caller_id: str | None = None
+    #: country -> caller ID for emergency dials through Twilio: a Twilio number of that
+    #: country (with a registered emergency address where Twilio needs one: US, CA, GB).
+    #: Twilio dials a short emergency number only from a caller ID of the same country.
+    emergency_caller_ids: Mapping[str, str] = field(default_factory=dict)
     #: how long an incident stays "open" for a call from the car, seconds
     incident_window_s: int = 3600
-    #: calls to these numbers are owners' calls: the IVR answers them
-    ivr_numbers: frozenset[str] = frozenset()
     vehicle_command_url: str | None = None
     #: seconds the car stays unlocked after a remote unlock before it relocks
     unlock_relock_s: int = 60
@@ -137,6 +142,9 @@ class Settings:
         cls, env: Mapping[str, str] | None = None, *, require_auth_token: bool = True
     ) -> Settings:
         env = os.environ if env is None else env
+        for old, new in _REPLACED.items():
+            if env.get(old, "").strip():
+                raise ConfigError(f"{old}: no longer read; {new}")
         reader = _Reader(env)
         token = reader.text("GATEWAY_TWILIO_AUTH_TOKEN", required=require_auth_token)
         if token and len(token) < 16:
@@ -151,6 +159,10 @@ class Settings:
             emergency_attempts=reader.integer(
                 "GATEWAY_EMERGENCY_ATTEMPTS", VoicePolicy.emergency_attempts
             ),
+            emergency_deadline_s=reader.integer(
+                "GATEWAY_EMERGENCY_DEADLINE_S", VoicePolicy.emergency_deadline_s),
+            emergency_ring_s=reader.integer("GATEWAY_EMERGENCY_RING_S",
+                                            VoicePolicy.emergency_ring_s),
         )
         voice.validate()
         delivery = DeliveryPolicy(
@@ -176,14 +188,10 @@ class Settings:
             assistance_url=reader.url("GATEWAY_ASSISTANCE_URL", default=None),
             number_plan_dir=reader.path("GATEWAY_NUMBER_PLAN"),
             boundaries_path=reader.path("GATEWAY_BOUNDARIES"),
-            voice_number=reader.e164("GATEWAY_VOICE_NUMBER"),
-            emergency_caller_id=reader.e164("GATEWAY_EMERGENCY_CALLER_ID"),
+            emergency_caller_ids=reader.caller_ids("GATEWAY_EMERGENCY_CALLER_IDS"),
             incident_window_s=reader.integer("GATEWAY_INCIDENT_WINDOW_S", 3600),
             voice=voice,
             delivery=delivery,
-            ivr_numbers=frozenset(
-                reader.e164_value("GATEWAY_IVR_NUMBERS", n) for n in reader.csv("GATEWAY_IVR_NUMBERS")
-            ),
             vehicle_command_url=reader.url("GATEWAY_VEHICLE_COMMAND_URL", default=None),
             unlock_relock_s=reader.integer("GATEWAY_UNLOCK_RELOCK_S", 60),
             push_url=reader.url("GATEWAY_PUSH_URL", default=None),
@@ -267,6 +275,19 @@ class _Reader:
             raise ConfigError(f"{name}: {raw!r} is not a valid phone number")
         return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
+    def caller_ids(self, name: str) -> dict[str, str]:
+        """``+44...,+49...`` -> {"GB": "+44...", "DE": "+49..."}: one per country."""
+        found: dict[str, str] = {}
+        for raw in self.csv(name):
+            number = self.e164_value(name, raw)
+            region = phonenumbers.region_code_for_number(phonenumbers.parse(number, None))
+            if not region or region == "001":
+                raise ConfigError(f"{name}: {raw!r} belongs to no country")
+            if region in found:
+                raise ConfigError(f"{name}: two caller IDs for {region} ({found[region]}, {number})")
+            found[region] = number
+        return found
+
     def agent_tokens(self, name: str) -> dict[str, frozenset[str]]:
         """``token:role+role,token2:role`` -> {token: roles}."""
         tokens: dict[str, frozenset[str]] = {}
@@ -287,5 +308,15 @@ def _markets(raw: str) -> frozenset[str]:
 
     return parse_market_rule(raw)
 
+
+#: variables earlier releases read, and what replaced them
+_REPLACED = {
+    "GATEWAY_VOICE_NUMBER": "list the gateway's numbers in the number plan's inbound.csv "
+                            "(service emergency, roadside or owner)",
+    "GATEWAY_IVR_NUMBERS": "list the owners' numbers in the number plan's inbound.csv "
+                           "(service owner)",
+    "GATEWAY_EMERGENCY_CALLER_ID": "set GATEWAY_EMERGENCY_CALLER_IDS: one caller ID per "
+                                   "country, used only for that country's emergency number",
+}
 
 AGENT_ROLES = frozenset({"read", "dispatch", "immobilise", "supervisor"})

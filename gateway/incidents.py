@@ -9,9 +9,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from gateway.calls.call_plan import emergency_route, hand_back_after_s
+from gateway.config import VoicePolicy
 from gateway.events import VehicleEvent
 from gateway.plan import NumberPlan
-from gateway.routing import Locator, choose_country, emergency_route, sim_country
+from gateway.routing import Locator, choose_country, sim_country
 from gateway.store import Store, utcnow
 
 #: Extra rows to commit with an incident (the outbox, in the delivery module).
@@ -30,6 +32,7 @@ def record_event(
     plan: NumberPlan | None,
     extra_rows: ExtraRows | None = None,
     now: dt.datetime | None = None,
+    caller_ids: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """Store the event as an incident; ``(incident, created)``.
 
@@ -48,7 +51,7 @@ def record_event(
         last_known=lambda: store.last_known_country(event.vin),
         msisdn=event.msisdn,
     )
-    route = emergency_route(choice.country, plan)
+    route = emergency_route(choice.country, plan, caller_ids or {})
     reason = choice.reason
     if event.location.trusted is False:
         reason += "; position flagged untrusted by the car"
@@ -73,7 +76,7 @@ def record_event(
         "route_country": choice.country,
         "route_reason": reason[:200],
         "emergency_number": route.emergency_number,
-        "fallback_dial": route.fallback_dial,
+        "fallback_dial": route.fallback_dial or "",  # "" = the gateway hands back
         "status": "open",
     }
     extra = extra_rows(row) if extra_rows else []
@@ -89,8 +92,18 @@ def _same_or_conflict(existing: dict[str, Any], event: VehicleEvent) -> dict[str
     return existing
 
 
-def incident_answer(incident: Mapping[str, Any], *, voice_number: str | None) -> dict[str, Any]:
-    """What the car is told: where the call goes and what to dial if it cannot reach us."""
+def incident_answer(incident: Mapping[str, Any], *, plan: NumberPlan | None,
+                    policy: VoicePolicy, caller_ids: Mapping[str, str]) -> dict[str, Any]:
+    """What the car is told: the number to call for this event's service, and what to
+    dial itself if no agent has taken the call after ``hand_back_after_s`` seconds (or
+    if it cannot reach the gateway at all)."""
+    service = {"crash": "emergency", "sos": "emergency", "on_call": "roadside"}.get(
+        str(incident["type"]))
+    row = None
+    if service is not None and plan is not None:  # the number for the car's home market
+        row = plan.inbound_for(service, incident["home_country"] or incident["route_country"])
+    call_number = row.number if row is not None else None
+    route = emergency_route(incident["route_country"], plan, caller_ids)
     return {
         "incident_id": incident["id"],
         "event_id": incident["event_id"],
@@ -99,9 +112,9 @@ def incident_answer(incident: Mapping[str, Any], *, voice_number: str | None) ->
         "route_country": incident["route_country"],
         "route_reason": incident["route_reason"],
         "emergency_number": incident["emergency_number"],
-        "fallback_dial": incident["fallback_dial"],
-        # the car calls the gateway; without a gateway number it dials the emergency number
-        "call_number": voice_number or incident["emergency_number"],
+        "fallback_dial": incident["fallback_dial"] or None,
+        "call_number": call_number,
+        "hand_back_after_s": hand_back_after_s(route, policy) if service == "emergency" else None,
     }
 
 

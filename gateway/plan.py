@@ -35,6 +35,8 @@ __all__ = [
     "DEFAULT_EMERGENCY",
     "Centre",
     "CountryEntry",
+    "InboundNumber",
+    "TwilioEmergency",
     "NumberPlan",
     "load_plan",
     "plan_dir_default",
@@ -45,16 +47,24 @@ DEFAULT_EMERGENCY = "112"
 
 COUNTRIES_FILE = "countries.csv"
 CENTRES_FILE = "centres.csv"
+INBOUND_FILE = "inbound.csv"
+TWILIO_EMERGENCY_FILE = "twilio_emergency.csv"
+
+#: what a call to one of the gateway's own numbers is
+SERVICES = ("emergency", "roadside", "owner")
 
 COUNTRY_COLUMNS: tuple[str, ...] = (
     "country",
     "name",
     "emergency_number",
-    "fallback_dial",
+    "psap_number",
+    "psap_caller_id",
     "language",
     "source",
     "exception",
 )
+INBOUND_COLUMNS: tuple[str, ...] = ("number", "service", "country", "source")
+TWILIO_EMERGENCY_COLUMNS: tuple[str, ...] = ("country", "numbers", "address_required", "source")
 CENTRE_COLUMNS: tuple[str, ...] = (
     "centre_id",
     "name",
@@ -88,7 +98,10 @@ class CountryEntry:
     country: str
     name: str
     emergency_number: str
-    fallback_dial: str
+    #: a PSAP or TPS long number (E.164) that takes forwarded emergency calls, or ""
+    psap_number: str
+    #: the caller ID to present to ``psap_number`` ("" = pass the car's number through)
+    psap_caller_id: str
     language: str
     source: str
     exception: str
@@ -116,6 +129,28 @@ class Centre:
         return self.is_catch_all or country.strip().upper() in self.countries
 
 
+@dataclass(frozen=True)
+class InboundNumber:
+    """One row of ``inbound.csv``: a number cars or owners call, and what it is for."""
+
+    number: str
+    service: str
+    #: the country whose cars call it, or ``*``
+    country: str
+    source: str
+
+
+@dataclass(frozen=True)
+class TwilioEmergency:
+    """One row of ``twilio_emergency.csv``: where Twilio itself can dial emergency numbers."""
+
+    country: str
+    numbers: tuple[str, ...]
+    #: the caller ID needs a registered emergency address (routing follows that address)
+    address_required: bool
+    source: str
+
+
 class NumberPlan:
     """A loaded, validated number plan."""
 
@@ -124,10 +159,32 @@ class NumberPlan:
         source: str,
         entries: Mapping[str, CountryEntry],
         centres: Sequence[Centre],
+        inbound: Sequence[InboundNumber] = (),
+        twilio_emergency: Mapping[str, TwilioEmergency] | None = None,
     ) -> None:
         self.source = source
         self._entries: dict[str, CountryEntry] = dict(entries)
         self._centres: tuple[Centre, ...] = tuple(centres)
+        self.inbound: tuple[InboundNumber, ...] = tuple(inbound)
+        self._inbound = {n.number: n for n in self.inbound}
+        self._twilio: dict[str, TwilioEmergency] = dict(twilio_emergency or {})
+
+    def inbound_number(self, number: str | None) -> InboundNumber | None:
+        """The row of one of the gateway's own numbers (E.164), or None."""
+        return self._inbound.get(number or "")
+
+    def inbound_for(self, service: str, country: str | None) -> InboundNumber | None:
+        """The number to call for ``service`` from a car of ``country``: one for that
+        country first, else one for any country (``*``)."""
+        rows = [n for n in self.inbound if n.service == service]
+        for row in rows:
+            if country and row.country == country.upper():
+                return row
+        return next((row for row in rows if row.country == WILDCARD), None)
+
+    def twilio_emergency(self, country: str | None) -> TwilioEmergency | None:
+        """Whether (and which numbers) Twilio dials as emergency calls in ``country``."""
+        return self._twilio.get((country or "").upper())
 
     def entry(self, country: str) -> CountryEntry:
         """The entry for ``country`` (case-insensitive); raises PlanEntryMissingError."""
@@ -139,6 +196,10 @@ class NumberPlan:
     def get(self, country: str) -> CountryEntry | None:
         """The entry for ``country`` (case-insensitive), or None."""
         return self._entries.get(country.strip().upper())
+
+    def centre(self, centre_id: str) -> Centre | None:
+        """The centre with this id, or None."""
+        return next((c for c in self._centres if c.centre_id == centre_id), None)
 
     def centres_for(self, country: str) -> list[Centre]:
         """Every centre serving ``country``, primary first.
@@ -200,7 +261,9 @@ def load_plan(path: pathlib.Path | None = None) -> NumberPlan:
         raise PlanError(f"{directory}: number plan directory not found")
     entries = _load_countries(directory / COUNTRIES_FILE)
     centres = _load_centres(directory / CENTRES_FILE, entries)
-    return NumberPlan(str(directory), entries, centres)
+    inbound = _load_inbound(directory / INBOUND_FILE)
+    twilio = _load_twilio_emergency(directory / TWILIO_EMERGENCY_FILE, entries)
+    return NumberPlan(str(directory), entries, centres, inbound, twilio)
 
 
 # --------------------------------------------------------------------------- reading
@@ -289,18 +352,15 @@ def _load_countries(file: pathlib.Path) -> dict[str, CountryEntry]:
                 line,
                 f"emergency_number {emergency!r} for {country} must be 2 to 8 digits only",
             )
-        fallback = _require(file, line, row, "fallback_dial")
-        if fallback.startswith("+"):
-            problem = _e164_problem(fallback)
+        psap: dict[str, str] = {}
+        for column in ("psap_number", "psap_caller_id"):
+            value = row[column]
+            problem = _e164_problem(value) if value else None
             if problem is not None:
-                raise _fail(file, line, f"fallback_dial {fallback!r} for {country} {problem}")
-        elif not _SHORT_RE.fullmatch(fallback):
-            raise _fail(
-                file,
-                line,
-                f"fallback_dial {fallback!r} for {country} must be a short number "
-                "(2 to 8 digits) or an E.164 number",
-            )
+                raise _fail(file, line, f"{column} {value!r} for {country} {problem}")
+            psap[column] = value
+        if psap["psap_caller_id"] and not psap["psap_number"]:
+            raise _fail(file, line, f"psap_caller_id for {country} needs a psap_number")
         language = _require(file, line, row, "language")
         if not _LANGUAGE_RE.fullmatch(language):
             raise _fail(file, line, f"language {language!r} for {country} is not a language tag")
@@ -309,7 +369,8 @@ def _load_countries(file: pathlib.Path) -> dict[str, CountryEntry]:
             country=country,
             name=name,
             emergency_number=emergency,
-            fallback_dial=fallback,
+            psap_number=psap["psap_number"],
+            psap_caller_id=psap["psap_caller_id"],
             language=language,
             source=source,
             exception=row["exception"],
@@ -387,3 +448,46 @@ def _load_centres(file: pathlib.Path, entries: Mapping[str, CountryEntry]) -> li
     if not centres:
         raise _fail(file, None, "no centre rows")
     return centres
+
+
+def _load_inbound(file: pathlib.Path) -> list[InboundNumber]:
+    rows: list[InboundNumber] = []
+    seen: dict[str, int] = {}
+    for line, row in _read_rows(file, INBOUND_COLUMNS):
+        number = _require(file, line, row, "number")
+        problem = _e164_problem(number)
+        if problem is not None:
+            raise _fail(file, line, f"number {number!r} {problem}")
+        if number in seen:
+            raise _fail(file, line, f"duplicate number {number} (first given on line {seen[number]})")
+        service = _require(file, line, row, "service")
+        if service not in SERVICES:
+            raise _fail(file, line, f"service {service!r} is not one of {', '.join(SERVICES)}")
+        country = _require(file, line, row, "country")
+        if country != WILDCARD and country not in _KNOWN_CODES:
+            raise _fail(file, line, f"country {country!r} is neither '*' nor a known country code")
+        rows.append(InboundNumber(number, service, country, _require(file, line, row, "source")))
+        seen[number] = line
+    return rows
+
+
+def _load_twilio_emergency(
+    file: pathlib.Path, entries: Mapping[str, CountryEntry]
+) -> dict[str, TwilioEmergency]:
+    found: dict[str, TwilioEmergency] = {}
+    for line, row in _read_rows(file, TWILIO_EMERGENCY_COLUMNS):
+        country = _require(file, line, row, "country")
+        if country not in entries:
+            raise _fail(file, line, f"country {country!r} has no row in {COUNTRIES_FILE}")
+        if country in found:
+            raise _fail(file, line, f"duplicate country {country}")
+        numbers = tuple(_require(file, line, row, "numbers").split())
+        bad = [n for n in numbers if not _SHORT_RE.fullmatch(n)]
+        if bad:
+            raise _fail(file, line, f"numbers {bad} for {country} are not short numbers")
+        flag = _require(file, line, row, "address_required")
+        if flag not in ("yes", "no"):
+            raise _fail(file, line, f"address_required {flag!r} for {country} must be yes or no")
+        found[country] = TwilioEmergency(country, numbers, flag == "yes",
+                                         _require(file, line, row, "source"))
+    return found

@@ -50,6 +50,16 @@ _TEXT: dict[str, dict[str, str]] = {
         "sv": "Larmsamtalet kopplades inte. Vi försöker igen.",
         "da": "Alarmopkaldet blev ikke forbundet. Vi prøver igen.",
     },
+    "hand_back": {
+        "en": "The car will now call the emergency number {number} itself. Please stay in the car and keep the line free.",
+        "de": "Das Fahrzeug ruft jetzt selbst den Notruf {number} an. Bitte bleiben Sie im Fahrzeug und halten Sie die Leitung frei.",
+        "fr": "La voiture va maintenant appeler elle-même le {number}. Restez dans la voiture et laissez la ligne libre.",
+        "es": "El coche llamará ahora por sí mismo al {number}. Permanezca en el coche y deje la línea libre.",
+        "it": "L'auto chiamerà ora da sola il {number}. Resti nell'auto e lasci la linea libera.",
+        "nl": "De auto belt nu zelf het alarmnummer {number}. Blijf in de auto en houd de lijn vrij.",
+        "sv": "Bilen ringer nu själv larmnumret {number}. Stanna i bilen och håll linjen fri.",
+        "da": "Bilen ringer nu selv til alarmnummeret {number}. Bliv i bilen og hold linjen fri.",
+    },
     "give_up": {
         "en": "We could not connect your call. Please hang up and dial {number} directly.",
         "de": "Wir konnten Ihren Anruf nicht verbinden. Bitte legen Sie auf und wählen Sie {number}.",

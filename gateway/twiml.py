@@ -11,19 +11,69 @@ from __future__ import annotations
 from twilio.twiml.voice_response import VoiceResponse
 
 from gateway import prompts
+from gateway.calls.call_plan import DialEmergency as EmergencyLeg
+from gateway.calls.call_plan import HandBack, RingCentre
 from gateway.routing import DialCentre, DialEmergency, GiveUp
+from gateway.whisper import ACCEPT_DIGIT, ACCEPT_PROMPT
 
-#: Served when everything else failed (the library itself, a bug in this module):
-#: dial the international emergency number, which works on every GSM network.
+__all__ = ["ACCEPT_DIGIT", "LAST_RESORT"]
+
+#: Served when everything else failed (the library itself, a bug in this module): try
+#: the international emergency number, then tell the caller to dial it themselves.
 LAST_RESORT = (
     '<?xml version="1.0" encoding="UTF-8"?><Response>'
     '<Say language="en-GB">Connecting you to the emergency services.</Say>'
-    '<Dial answerOnBridge="true"><Number>112</Number></Dial>'
-    "</Response>"
+    '<Dial answerOnBridge="true" timeout="30"><Number>112</Number></Dial>'
+    '<Say language="en-GB">If you were not connected, please hang up and dial 1 1 2.</Say>'
+    "<Hangup/></Response>"
 )
 
-#: the digit the agent presses during the whisper to accept the call
-ACCEPT_DIGIT = "1"
+#: Served on the agent's leg when its handler failed: a person answered, so bridge.
+AGENT_LEG_BRIDGE = '<?xml version="1.0" encoding="UTF-8"?><Response/>'
+
+
+def _status(status_url: str) -> dict[str, str]:
+    return {"status_callback": status_url,
+            "status_callback_event": "initiated ringing answered completed",
+            "status_callback_method": "POST"}
+
+
+def ring_centre(step: RingCentre, *, action_url: str, whisper_url: str, status_url: str,
+                notices: tuple[str, ...] = ()) -> VoiceResponse:
+    """A centre leg of the call plan: say what happens, ring with the planned timeout;
+    the agent hears the whisper (and must press the key) before the bridge."""
+    language = step.plan.language or None
+    response = VoiceResponse()
+    for key in (*notices, step.announce):
+        text, lang = prompts.say(key, language)
+        response.say(text, language=lang)
+    dial = response.dial(action=action_url, method="POST", timeout=step.ring_s,
+                         answer_on_bridge=True)
+    dial.number(step.number, url=whisper_url, method="POST", **_status(status_url))
+    return response
+
+
+def emergency_leg(step: EmergencyLeg, *, action_url: str, status_url: str) -> VoiceResponse:
+    """An emergency leg: always an explicit ring timeout and the planned caller ID."""
+    response = VoiceResponse()
+    text, lang = prompts.say(step.announce, step.plan.language or None)
+    response.say(text, language=lang)
+    dial = response.dial(action=action_url, method="POST", timeout=step.ring_s,
+                         answer_on_bridge=True, caller_id=step.caller_id)
+    dial.number(step.number, **_status(status_url))
+    return response
+
+
+def hand_back(step: HandBack, *, car_known: bool) -> VoiceResponse:
+    """The car dials the local emergency number itself (it was sent the command); a
+    caller we cannot command is asked to dial it."""
+    language = step.plan.language or None
+    number = prompts.spoken_digits(step.route.emergency_number)
+    text, lang = prompts.say("hand_back" if car_known else "give_up", language, number=number)
+    response = VoiceResponse()
+    response.say(text, language=lang)
+    response.hangup()
+    return response
 
 
 def dial_centre(
@@ -111,18 +161,19 @@ def whisper(summary: str, *, accept_url: str, timeout_s: int, language: str = "e
         num_digits=1, action=accept_url, method="POST", timeout=timeout_s, action_on_empty_result=False
     )
     gather.say(summary, language=language)
-    gather.say(f"Press {ACCEPT_DIGIT} to accept this call.", language=language)
-    response.say("Call not accepted.", language=language)
+    gather.say(ACCEPT_PROMPT, language=language)
     response.hangup()
     return response
 
 
-def whisper_result(accepted: bool, *, language: str = "en-GB") -> VoiceResponse:
-    """An empty document bridges the agent; a hang-up refuses the call."""
+def whisper_result(accepted: bool, *, language: str = "en-GB", details: str = "") -> VoiceResponse:
+    """Accepted: the details, then the bridge (the document ends); else hang up the agent."""
     response = VoiceResponse()
     if not accepted:
         response.say("Call not accepted.", language=language)
         response.hangup()
+    elif details:
+        response.say(details, language=language)
     return response
 
 

@@ -9,6 +9,39 @@ from gateway.plan import NumberPlan
 
 _TRIGGERS = {"crash": "Crash alert", "sos": "S O S call", "on_call": "Roadside assistance call"}
 
+#: what the agent presses to take the call, and what they are told to press
+ACCEPT_DIGIT = "1"
+ACCEPT_PROMPT = f"Press {ACCEPT_DIGIT} to accept."
+#: the whisper before the accept key, prompt included, is at most this many words: it
+#: counts in the caller's time budget (the details follow once the agent accepted)
+WHISPER_MAX_WORDS = 16
+
+
+def whisper_headline(incident: Mapping[str, Any] | None, *, service: str,
+                     plan: NumberPlan | None, sim_country: str | None) -> str:
+    """What the agent hears before pressing the key: the trigger, the worst signs and the
+    country, in at most :data:`WHISPER_MAX_WORDS` words with the accept prompt."""
+    if service == "roadside":
+        trigger = "Roadside assistance call."
+    elif incident is None:
+        trigger = "Emergency call, no data message."
+    elif incident.get("type") in ("crash", "sos"):
+        trigger = f"{_TRIGGERS[str(incident['type'])]}."
+    else:  # an emergency call after an ON CALL data message: routed as the emergency
+        trigger = "Emergency call."
+    parts = [trigger]
+    crash = (incident or {}).get("crash") or {}
+    if isinstance(crash, dict) and crash.get("airbag_deployed"):
+        parts.append("Airbags deployed.")
+    occupants = (incident or {}).get("occupants") or {}
+    if isinstance(occupants, dict) and isinstance(occupants.get("count"), int):
+        parts.append(f"{occupants['count']} aboard.")
+    country = (incident or {}).get("location_country") or (incident or {}).get("route_country")
+    parts.append(f"In {_country_name(country or sim_country, plan)}.")
+    words = " ".join(parts).split()
+    budget = WHISPER_MAX_WORDS - len(ACCEPT_PROMPT.split())
+    return " ".join(words[:budget])
+
 
 def _country_name(code: str | None, plan: NumberPlan | None) -> str:
     if not code:

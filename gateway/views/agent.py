@@ -21,7 +21,7 @@ from gateway.errors import (
     ValidationError,
 )
 from gateway.incidents import incident_answer, mark_incident
-from gateway.routing import emergency_route
+from gateway.calls.call_plan import emergency_route
 from gateway.security import agent_role
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,9 @@ def _unavailable(exc: StoreError) -> Any:
 @agent_role("read")
 def read_incident(incident_id: str) -> Any:
     incident = _incident_or_404(incident_id)
-    body = incident_answer(incident, voice_number=None)
+    svc = services()
+    body = incident_answer(incident, plan=svc.plan, policy=svc.settings.voice,
+                           caller_ids=svc.settings.emergency_caller_ids)
     body.update({k: incident[k] for k in ("vin", "msisdn", "lat", "lon", "heading_deg",
                                           "accuracy_m", "trusted", "crash", "occupants",
                                           "status", "home_country")})
@@ -114,13 +116,14 @@ def dispatch(incident_id: str) -> Any:
     svc = services()
     incident = _incident_or_404(incident_id)
     body = request.get_json(silent=True) or {}
-    route = emergency_route(incident["route_country"], svc.plan)
+    route = emergency_route(incident["route_country"], svc.plan,
+                            svc.settings.emergency_caller_ids)
     mark_incident(svc.store, incident, status="dispatched", actor=_actor(),
                   action="emergency_dispatched", now=_now(),
                   detail={"note": str(body.get("note", ""))[:200], "route_country": route.country})
     return jsonify(incident_id=incident_id, status="dispatched", country=route.country,
                    emergency_number=route.emergency_number, fallback_dial=route.fallback_dial,
-                   source=route.source)
+                   why=route.why)
 
 
 @bp.post("/incidents/<incident_id>/misuse")

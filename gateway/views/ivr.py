@@ -26,7 +26,7 @@ from gateway.errors import PermanentUpstreamError, StoreError, TransientUpstream
 from gateway.logs import call_sid_var
 from gateway.routing import DialCentre, next_centre_attempt, sim_country
 from gateway.security import twilio_signed
-from gateway.views.voice import (
+from gateway.views.common import (
     UrlState,
     action_url,
     dial_outcome,

@@ -1,11 +1,17 @@
-"""Twilio Programmable Voice webhooks for calls from cars (SOS, crash).
+"""Twilio Programmable Voice webhooks for calls from cars (SOS, crash, ON CALL).
 
-The emergency path never fails closed: every view here is wrapped by
-:func:`fail_safe`, which answers any exception with TwiML that dials the
-emergency route, and :data:`gateway.twiml.LAST_RESORT` if even that fails.
-The routing state of a call travels in the (signed) action URLs, so a step can
-be decided with the database down; the database records each step and makes a
-retried step answer exactly as the first time.
+Thin: each view reads the signed form, makes at most one database read under a hard
+deadline (the caller's incident and the stored step, in one query), asks
+:mod:`gateway.calls.call_plan` for the next step, renders it with :mod:`gateway.twiml`,
+queues the step record for the background writer and answers.  The number called says
+what the call is (:mod:`gateway.calls.inbound`): an emergency number is always routed
+as an emergency, a roadside number never dials an emergency number.
+
+Failures: every caller-leg view is wrapped by :func:`caller_leg`, which answers any
+exception with the next emergency leg taken from the URL alone (never the database),
+and :data:`gateway.twiml.LAST_RESORT` if even that fails; a roadside call gets a
+callback instead.  The agent's leg (whisper, accept) has its own wrapper that bridges
+or hangs up that leg and never dials an emergency number.
 """
 
 from __future__ import annotations
@@ -14,30 +20,33 @@ import datetime as dt
 import functools
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, replace
-from typing import Any, Self, TypeVar, cast
+from dataclasses import replace
+from typing import Any, TypeVar, cast
 from urllib.parse import parse_qs, urlsplit
 
-import phonenumbers
-from flask import Blueprint, Response, request, url_for
-from twilio.twiml.voice_response import VoiceResponse
+from flask import Blueprint, Response, request
 
 from gateway import twiml
 from gateway.app import services
+from gateway.calls import call_plan
+from gateway.calls.call_plan import (
+    Arrival,
+    Callback,
+    CallPlan,
+    DialEmergency,
+    Finish,
+    HandBack,
+    RingCentre,
+    Step,
+)
+from gateway.calls.inbound import EMERGENCY, OWNER, ROADSIDE, classify, e164, number_country
 from gateway.errors import StoreError
 from gateway.events import EMERGENCY_TYPES
 from gateway.logs import call_sid_var
-from gateway.routing import (
-    DialCentre,
-    DialEmergency,
-    centre_answered,
-    emergency_route,
-    next_centre_attempt,
-    next_emergency_attempt,
-    sim_country,
-)
 from gateway.security import twilio_signed
-from gateway.whisper import whisper_summary
+from gateway.steps import StepRecord
+from gateway.views.common import action_url, twiml_response, unreachable_centres
+from gateway.whisper import ACCEPT_DIGIT, whisper_headline, whisper_summary
 
 log = logging.getLogger(__name__)
 
@@ -45,465 +54,352 @@ bp = Blueprint("voice", __name__, url_prefix="/twilio/voice")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-
-# -- call state carried in action URLs -------------------------------------------------
-
-
-S = TypeVar("S", bound="UrlState")
-
-
-@dataclass(frozen=True)
-class UrlState:
-    """State carried in a Twilio action URL (Twilio signs the URL with the request)."""
-
-    @classmethod
-    def parse(cls, args: Mapping[str, str]) -> Self:
-        """Lenient: a missing or garbled value falls back to its default."""
-        values: dict[str, Any] = {}
-        for name, default in asdict(cls()).items():
-            raw = args.get(name)
-            if raw is None:
-                continue
-            if isinstance(default, int):
-                try:
-                    values[name] = max(0, int(raw))
-                except ValueError:
-                    continue
-            else:
-                values[name] = raw[:64]
-        return cls(**values)
-
-    def params(self) -> dict[str, str]:
-        return {k: str(v) for k, v in asdict(self).items() if v not in ("", 0)}
-
-
-@dataclass(frozen=True)
-class CallState(UrlState):
-    """What a later step of a car's call needs to know."""
-
-    i: str = ""  # incident id ("" when the car sent no data message)
-    t0: int = 0  # call arrival, epoch seconds
-    h: str = ""  # home country: the centre that serves it is tried first
-    c: str = ""  # route country: whose emergency route is the fallback
-    n: int = 0  # centre attempts made so far
-    e: int = 0  # emergency attempts made so far
-    p: str = ""  # the caller's CallSid (whisper requests come on the agent's leg)
-
-
-def action_url(endpoint: str, state: UrlState | None = None, **extra: str) -> str:
-    params: dict[str, Any] = state.params() if state else {}
-    params.update(extra)
-    return services().settings.public_url + url_for(endpoint, **params)
-
-
-def twiml_response(response: VoiceResponse | str) -> Response:
-    return Response(str(response), status=200, mimetype="text/xml")
+#: the one database read a voice webhook may make waits at most this long
+VOICE_READ_S = 0.3
+#: a Fallback URL request for the first step comes this long after the call arrived
+#: at most (Twilio's total webhook timeout)
+TWILIO_WEBHOOK_TIMEOUT_S = 15
 
 
 def _now() -> float:
     return services().clock()
 
 
-def _incident_of_caller(msisdn: str | None, now: float) -> tuple[dict[str, Any] | None, bool]:
-    """``(incident, database answered)``: the caller's open crash or SOS incident, else
-    its open ON CALL incident (an emergency always wins), within the incident window."""
-    if not msisdn:
-        return None, True
-    since = dt.datetime.fromtimestamp(now - services().settings.incident_window_s, tz=dt.UTC)
-    try:
-        found = services().store.open_incidents_for(
-            msisdn, since=since, types=(*EMERGENCY_TYPES, "on_call"))
-    except StoreError:
-        return None, False
-    emergencies = [i for i in found if i["type"] in EMERGENCY_TYPES]
-    chosen = emergencies or found
-    return (chosen[0] if chosen else None), True
-
-
-def _caller_language(state: CallState) -> str | None:
+def _language(*countries: str | None) -> str | None:
     plan = services().plan
-    for country in (state.h, state.c):
-        if country and plan is not None:
-            entry = plan.get(country)
-            if entry is not None:
-                return entry.language
+    for country in countries:
+        entry = plan.get(country) if plan is not None and country else None
+        if entry is not None:
+            return entry.language
     return None
 
 
-# -- never fail closed -----------------------------------------------------------------
-
-
-def emergency_step(state: CallState, *, reason: str, step: str | None,
-                   detail: Mapping[str, Any] | None = None, retry: bool = False) -> Response:
-    """Dial the next number of the emergency route of ``state.c`` (or tell the caller
-    what to dial when every attempt is used).  Recorded as ``step`` unless it is None
-    (the fail-safe path, which touches nothing it does not need)."""
+def _lookup(steps: tuple[str, ...], *, caller: str | None = None,
+            service: str = EMERGENCY) -> Any:
+    """The one read: stored steps of this call (replays) and, for a new call, the
+    caller's newest incident.  None when the database did not answer in time."""
     svc = services()
-    route = emergency_route(state.c or None, svc.plan)
-    decision = next_emergency_attempt(route, attempt=state.e + 1, policy=svc.settings.voice,
-                                      reason=reason)
-    record: dict[str, Any]
-    if isinstance(decision, DialEmergency):
-        state = replace(state, e=decision.attempt)
-        response = _dial_emergency(decision, state, retry=retry)
-        record = {"target": "emergency", "number": decision.number,
-                  "reason": f"{reason}; route of {route.country or 'unknown country'} "
-                            f"({route.source})"}
-    else:
-        response = twiml.give_up(decision, language=_caller_language(state))
-        record = {"target": "none", "number": None, "reason": decision.reason}
-    if step is None:
-        return twiml_response(response)
-    return _answer(response, step=step, state=state, detail=detail or {}, decision=record)
-
-
-def emergency_answer(state: CallState, *, reason: str) -> Response:
-    """TwiML that dials the emergency route of the best country we know."""
-    country = state.c or sim_country(e164_or_none(request.form.get("From"))) or ""
-    return emergency_step(replace(state, c=country), reason=reason, step=None)
-
-
-def fail_safe(view: F) -> F:
-    @functools.wraps(view)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        call_sid_var.set(request.form.get("CallSid"))
-        try:
-            return view(*args, **kwargs)
-        except Exception:
-            log.exception("voice step failed; answering with the emergency route")
-        try:
-            return emergency_answer(CallState.parse(request.args), reason="handler error")
-        except Exception:
-            log.exception("emergency answer failed; answering with the last-resort TwiML")
-            return twiml_response(twiml.LAST_RESORT)
-
-    return cast(F, wrapper)
-
-
-# -- recording steps ---------------------------------------------------------------------
-
-
-def _replay(call_sid: str, step: str) -> Response | None:
-    """A step Twilio retried: answer as the first time."""
-    if not call_sid:
-        return None
+    since = dt.datetime.fromtimestamp(_now() - svc.settings.incident_window_s, tz=dt.UTC)
+    types = (*EMERGENCY_TYPES, "on_call") if service == EMERGENCY else ("on_call",)
     try:
-        found = services().store.call_step(call_sid, step)
-    except StoreError:
+        return svc.store.voice_lookup(call_sid=request.form.get("CallSid", ""), steps=steps,
+                                      msisdn=caller, since=since, types=types,
+                                      timeout_s=VOICE_READ_S)
+    except StoreError as exc:
+        log.warning("database read skipped: %s", exc)
         return None
+
+
+def _replayed(lookup: Any, step: str) -> Response | None:
+    found = lookup.steps.get(step) if lookup is not None else None
     if found and found.get("twiml"):
         log.info("replaying step %s", step)
         return twiml_response(str(found["twiml"]))
     return None
 
 
-def _answer(
-    response: VoiceResponse,
-    *,
-    step: str,
-    state: CallState,
-    detail: Mapping[str, Any],
-    decision: Mapping[str, Any] | None = None,
-) -> Response:
-    """Record the step (best effort: the caller is never kept waiting on it)."""
-    call_sid = request.form.get("CallSid", "")
+def _policy() -> tuple[Any, Any, Mapping[str, str]]:
+    svc = services()
+    return svc.plan, svc.settings.voice, svc.settings.emergency_caller_ids
+
+
+# -- arrival ------------------------------------------------------------------------------
+
+
+def _arrival(service: str, *, to_country: str | None, caller: str | None,
+             incident: Mapping[str, Any] | None, db_answered: bool, now: float) -> Arrival:
+    """Where the car is and whose centres know it: the incident (whatever its status),
+    else the called number's country, else the SIM's."""
+    sim = number_country(caller)
+    if incident is not None:
+        home = incident.get("home_country") or sim
+        where = incident.get("route_country") or to_country or sim
+        reason = f"{incident['type']} incident, {incident['route_reason']}"
+    else:
+        home = sim
+        where = to_country or sim
+        reason = ("called number's country" if to_country
+                  else "SIM country" if sim else "no country known")
+        reason += "" if db_answered else " (database did not answer)"
+    return Arrival(service=service, now=now, home=home, where=where, where_reason=reason,
+                   incident_id=str(incident["id"]) if incident is not None else None,
+                   caller_sid=request.form.get("CallSid", ""), language=_language(home, where),
+                   down=unreachable_centres())
+
+
+def _arrival_from_call(service: str, to_country: str | None, now: float) -> Arrival:
+    """An arrival built from the call alone (the fail-safe and Fallback URL paths)."""
+    caller = e164(request.form.get("From"))
+    return _arrival(service, to_country=to_country, caller=caller, incident=None,
+                    db_answered=False, now=now)
+
+
+# -- rendering a step ---------------------------------------------------------------------
+
+
+def render(step: Step, *, name: str, record: bool = True,
+           health: tuple[str, bool, str] | None = None,
+           detail: Mapping[str, Any] | None = None) -> Response:
+    """TwiML for ``step``; its record is queued for the background writer."""
+    svc = services()
+    call = step.plan
+    status_url = action_url("voice.status", {"i": call.incident} if call.incident else None)
+    command = None
+    decision: dict[str, Any]
+    if isinstance(step, RingCentre):
+        result = "voice.roadside_result" if call.service == ROADSIDE else "voice.dial_result"
+        centre = step.centre.centre_id
+        response = twiml.ring_centre(
+            step, action_url=action_url(result, call.params(), centre=centre),
+            whisper_url=action_url("voice.whisper", call.params(), centre=centre),
+            status_url=status_url)
+        decision = {"target": "centre", "number": step.number, "centre_id": centre}
+    elif isinstance(step, DialEmergency):
+        response = twiml.emergency_leg(
+            step, action_url=action_url("voice.emergency_result", call.params()),
+            status_url=status_url)
+        decision = {"target": "emergency", "number": step.number}
+    elif isinstance(step, HandBack):
+        caller = e164(request.form.get("From"))
+        response = twiml.hand_back(step, car_known=caller is not None)
+        decision = {"target": "hand_back", "number": step.route.emergency_number}
+        if caller is not None:
+            command = {"key": f"handback:{call.caller or request.form.get('CallSid', '')}",
+                       "command": "dial_emergency", "vin": None, "msisdn": caller,
+                       "params": {"number": step.route.emergency_number,
+                                  "country": step.route.country}}
+    elif isinstance(step, Callback):
+        response = twiml.say_and_hangup("callback", language=call.language or None)
+        decision = {"target": "callback", "number": None}
+    else:
+        assert isinstance(step, Finish)
+        response = twiml.hangup()
+        decision = {"target": "none", "number": None}
+    decision["reason"] = step.reason[:1000]
     body = str(response)
-    if call_sid:
-        try:
-            services().store.record_call_step(
-                call_sid=call_sid,
-                step=step,
-                incident_id=state.i or None,
-                twiml=body,
-                detail=dict(detail),
-                decision=decision,
-            )
-        except StoreError:
-            log.error("could not record step %s; answering anyway", step)
+    call_sid = request.form.get("CallSid", "")
+    if record and call_sid:
+        svc.steps.submit(StepRecord(call_sid=call_sid, step=name,
+                                    incident_id=call.incident or None, twiml=body,
+                                    detail=dict(detail or {}), decision=decision,
+                                    health=health, command=command))
     return twiml_response(body)
 
 
-def e164_or_none(raw: str | None) -> str | None:
-    if not raw or not raw.startswith("+"):
-        return None
-    try:
-        number = phonenumbers.parse(raw, None)
-    except phonenumbers.NumberParseException:
-        return None
-    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+# -- never fail closed --------------------------------------------------------------------
 
 
-# -- routing ------------------------------------------------------------------------------
+def _failsafe_step(reason: str) -> Step:
+    """The next step from what the request itself says, touching no database: an
+    emergency call goes straight to its emergency legs, a roadside call to a callback."""
+    plan, policy, caller_ids = _policy()
+    call = CallPlan.from_params(request.args)
+    inbound = classify(request.form.get("To"), plan)
+    service = ROADSIDE if inbound.service in (ROADSIDE, OWNER) else call.service
+    if not call.t0:
+        arrival = _arrival_from_call(service, inbound.country, _now())
+        call = CallPlan(service=service, t0=int(arrival.now), home=arrival.home or "",
+                        where=arrival.where or "", language=arrival.language or "",
+                        caller=arrival.caller_sid)
+    if service == ROADSIDE:
+        return Callback(call, f"{reason}: callback")
+    call = replace(call, service=EMERGENCY, k=len(call.lines))  # no more centre legs
+    return call_plan.next_step(call, plan=plan, policy=policy, caller_ids=caller_ids,
+                               now=_now(), why=reason)
 
 
-def _dial_emergency(decision: DialEmergency, state: CallState, *, retry: bool = False) -> VoiceResponse:
-    return twiml.dial_emergency(
-        decision,
-        action_url=action_url("voice.emergency_result", state),
-        status_url=action_url("voice.status", None, **({"i": state.i} if state.i else {})),
-        caller_id=services().settings.emergency_caller_id,
-        language=_caller_language(state),
-        announce="emergency_retry" if retry else "connecting_emergency",
-    )
+def caller_leg(view: F) -> F:
+    """Any exception on the caller's leg still answers with a route to a person."""
+
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        token = call_sid_var.set(request.form.get("CallSid"))
+        try:
+            try:
+                return view(*args, **kwargs)
+            except Exception:
+                log.exception("voice step failed; answering from the URL alone")
+            try:
+                step = _failsafe_step("handler error")
+                return render(step, name=f"failsafe:{request.path.rsplit('/', 1)[-1]}")
+            except Exception:
+                log.exception("fail-safe answer failed; answering with the last resort")
+            if CallPlan.from_params(request.args).service == ROADSIDE:
+                return twiml_response(twiml.say_and_hangup("callback", language=None))
+            return twiml_response(twiml.LAST_RESORT)
+        finally:
+            call_sid_var.reset(token)
+
+    return cast(F, wrapper)
 
 
-def route_call(state: CallState, *, step: str, why: str, unreachable: frozenset[str]) -> Response:
-    """Ring the next centre, or fall back to the emergency route."""
-    svc = services()
-    attempt = state.n + 1
-    choice = next_centre_attempt(
-        home_country=state.h or None,
-        route_country=state.c or None,
-        attempt=attempt,
-        elapsed_s=max(0.0, _now() - state.t0),
-        policy=svc.settings.voice,
-        plan=svc.plan,
-        unreachable=unreachable,
-    )
-    if isinstance(choice, DialCentre):
-        next_state = replace(state, n=attempt)
-        centre = choice.centre.centre_id
-        response = twiml.dial_centre(
-            choice,
-            action_url=action_url("voice.dial_result", next_state, centre=centre),
-            whisper_url=action_url("voice.whisper", next_state, centre=centre),
-            status_url=action_url("voice.status", None, centre=centre, **({"i": state.i} if state.i else {})),
-            caller_id=None,  # Twilio passes the car's number through to the agent
-            language=_caller_language(state),
-            first=attempt == 1,
-        )
-        decision = {"target": "centre", "number": choice.number, "centre_id": centre,
-                    "reason": f"{why}; {choice.reason}"}
-        return _answer(response, step=step, state=next_state, detail={"why": why},
-                       decision=decision)
+def agent_leg(view: F) -> F:
+    """The agent's leg: on error bridge a person who pressed the key (or who is being
+    whispered to), never dial anything from it."""
 
-    return emergency_step(state, reason=f"{why}; {choice}", step=step, detail={"why": why})
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        token = call_sid_var.set(request.form.get("CallSid"))
+        try:
+            return view(*args, **kwargs)
+        except Exception:
+            log.exception("agent-leg step failed; bridging the agent")
+            return twiml_response(twiml.AGENT_LEG_BRIDGE)
+        finally:
+            call_sid_var.reset(token)
+
+    return cast(F, wrapper)
 
 
-def unreachable_centres() -> frozenset[str]:
-    """Centres the breaker knows are down (empty if it cannot tell)."""
-    health = services().centre_health
-    if health is None:
-        return frozenset()
-    try:
-        return frozenset(health.unreachable())
-    except Exception:
-        log.exception("centre health unavailable; trying every centre")
-        return frozenset()
-
-
-# -- the webhooks ------------------------------------------------------------------------
+# -- the caller's leg ---------------------------------------------------------------------
 
 
 @bp.post("")
 @twilio_signed
-@fail_safe
+@caller_leg
 def incoming() -> Response:
-    """The number's Voice URL: a car calls after (or without) its data message."""
-    svc = services()
-    call_sid = request.form.get("CallSid", "")
-    replay = _replay(call_sid, "voice")
-    if replay:
-        return replay
-    msisdn = e164_or_none(request.form.get("From"))
-    now = _now()
-    incident = None
-    why = "no data message from this car"
-    incident, db_ok = _incident_of_caller(msisdn, now)
-    if not db_ok:
-        why = "database unavailable: routing from the SIM's country"
-    if incident is not None and incident["type"] == "on_call":
-        state = CallState(i=incident["id"], t0=int(now), h=incident["home_country"] or "",
-                          c=incident["route_country"] or "", p=call_sid)
-        return roadside_call(state, step="voice")
-    if incident is None and e164_or_none(request.form.get("To")) in svc.settings.ivr_numbers:
+    """The Voice URL of every gateway number: the number called says what the call is."""
+    plan, policy, caller_ids = _policy()
+    inbound = classify(request.form.get("To"), plan)
+    caller = e164(request.form.get("From"))
+    if inbound.service == OWNER:
         from gateway.views import ivr
 
-        return ivr.start(call_sid=call_sid, caller=msisdn)
-    if incident is not None:
-        state = CallState(i=incident["id"], t0=int(now), h=incident["home_country"] or "",
-                          c=incident["route_country"] or "", p=call_sid)
-        why = f"{incident['type']} incident; route country by {incident['route_reason']}"
-    else:
-        country = sim_country(msisdn) or ""
-        state = CallState(t0=int(now), h=country, c=country, p=call_sid)
-    return route_call(state, step="voice", why=why, unreachable=unreachable_centres())
-
-
-def dial_outcome(attempt: int, *, kind: str) -> tuple[bool, str]:
-    """``(answered, DialCallStatus)`` of a centre <Dial action>; feeds the line's health."""
-    svc = services()
-    status = request.form.get("DialCallStatus", "")
-    accepted: bool | None
-    try:
-        accepted = svc.store.call_step(request.form.get("CallSid", ""),
-                                       f"accept:{attempt}") is not None
-    except StoreError:
-        accepted = None
-    answered = centre_answered(status, request.form.get("DialBridged"), accepted)
-    centre = request.args.get("centre", "")
-    if svc.centre_health is not None and (answered or status in ("busy", "no-answer", "failed")):
-        svc.centre_health.record_safely(centre, ok=answered, reason=f"{kind} dial {status}")
-    return answered, status
-
-
-def _costs_apply(*, incident_id: str = "", vin: str = "") -> tuple[bool, str | None]:
-    """(costs apply?, the entitlement sentence) for the car of an incident (give the VIN
-    when the incident is already loaded); an unknown car gets no notice."""
-    from gateway.views.ivr import entitlement_of
-
-    svc = services()
-    try:
-        if not vin and incident_id:
-            incident = svc.store.incident(incident_id)
-            vin = incident["vin"] if incident else ""
-        vehicle = svc.vehicles.get(vin) if vin else None
-    except StoreError:
-        return False, None
-    if vehicle is None:
-        return False, None
-    entitlement = entitlement_of(vehicle)
-    return not entitlement.included, entitlement.reason
-
-
-def record_callback_safely(*, call_sid: str, vin: str | None, incident_id: str | None,
-                           reason: str) -> None:
-    """A callback the centre owes this caller (best effort: the caller is told anyway)."""
-    try:
-        services().store.record_callback({
-            "call_sid": call_sid or request.form.get("CallSid", ""),
-            "number": e164_or_none(request.form.get("From")), "vin": vin,
-            "incident_id": incident_id, "reason": reason[:300]})
-    except StoreError:
-        log.error("could not record the callback request")
-
-
-def _roadside_callback(state: CallState, *, step: str, reason: str) -> Response:
-    record_callback_safely(call_sid=state.p, vin=None, incident_id=state.i or None,
-                           reason=f"on_call: {reason}")
-    return _answer(twiml.say_and_hangup("callback", language=_caller_language(state)),
-                   step=step, state=state, detail={"why": reason},
-                   decision={"target": "callback", "number": None, "reason": reason})
-
-
-def roadside_call(state: CallState, *, step: str) -> Response:
-    """ON CALL: the centre's roadside line; a callback if it cannot be reached.
-
-    Never the emergency number, not even on a bug here: the caller is told to use SOS
-    in an emergency."""
-    try:
-        return _roadside_call(state, step=step)
-    except Exception:
-        log.exception("roadside step failed; recording a callback")
-    try:
-        return _roadside_callback(state, step=step, reason="handler error")
-    except Exception:
-        log.exception("callback answer failed")
-        return twiml_response(twiml.say_and_hangup("callback", language=None))
-
-
-def _roadside_call(state: CallState, *, step: str) -> Response:
-    svc = services()
-    attempt = state.n + 1
-    choice = next_centre_attempt(
-        home_country=state.h or None, route_country=state.c or None, attempt=attempt,
-        elapsed_s=max(0.0, _now() - state.t0), policy=svc.settings.voice, plan=svc.plan,
-        unreachable=unreachable_centres(), roadside=True)
-    if not isinstance(choice, DialCentre):
-        return _roadside_callback(state, step=step, reason=choice)
-    costs, _ = _costs_apply(incident_id=state.i) if attempt == 1 else (False, None)
-    next_state = replace(state, n=attempt)
-    centre = choice.centre.centre_id
-    response = twiml.dial_centre(
-        choice,
-        action_url=action_url("voice.roadside_result", next_state, centre=centre),
-        whisper_url=action_url("voice.whisper", next_state, centre=centre),
-        status_url=action_url("voice.status", None, centre=centre, **({"i": state.i} if state.i else {})),
-        caller_id=None, language=_caller_language(state), first=attempt == 1,
-        notices=("ivr_costs_apply",) if costs else ())
-    return _answer(response, step=step, state=next_state, detail={"costs_apply": costs},
-                   decision={"target": "centre", "number": choice.number, "centre_id": centre,
-                             "reason": f"on_call roadside; {choice.reason}"})
-
-
-@bp.post("/roadside-result")
-@twilio_signed
-@fail_safe
-def roadside_result() -> Response:
-    """The roadside <Dial action>: done, the next roadside line, or a callback."""
-    state = CallState.parse(request.args)
-    call_sid = request.form.get("CallSid", "")
-    step = f"roadside-result:{state.n}"
-    replay = _replay(call_sid, step)
-    if replay:
+        return ivr.start(call_sid=request.form.get("CallSid", ""), caller=caller)
+    lookup = _lookup(("voice",), caller=caller, service=inbound.service)
+    replay = _replayed(lookup, "voice")
+    if replay is not None:
         return replay
-    answered, _ = dial_outcome(state.n, kind="roadside")
-    if answered:
-        return _answer(twiml.hangup(), step=step, state=state, detail={"outcome": "answered"})
-    return roadside_call(state, step=step)
+    arrival = _arrival(inbound.service, to_country=inbound.country, caller=caller,
+                       incident=lookup.incident if lookup is not None else None,
+                       db_answered=lookup is not None, now=_now())
+    step = call_plan.start(arrival, plan=plan, policy=policy, caller_ids=caller_ids)
+    notices = _roadside_notices(arrival) if inbound.service == ROADSIDE else ()
+    return render(step, name="voice", detail={"to_known": inbound.known, "notices": notices})
+
+
+def _roadside_notices(arrival: Arrival) -> tuple[str, ...]:
+    """Whether the owner is told that costs apply (best effort, never blocks the call)."""
+    return ()
+
+
+def _centre_result(*, roadside: bool) -> Response:
+    plan, policy, caller_ids = _policy()
+    call = CallPlan.from_params(request.args)
+    name = f"{'roadside' if roadside else 'dial'}-result:{call.k}"
+    accept = f"accept:{call.k}"
+    lookup = _lookup((name, accept))
+    replay = _replayed(lookup, name)
+    if replay is not None:
+        return replay
+    status = request.form.get("DialCallStatus", "")
+    accepted = None if lookup is None else accept in lookup.steps
+    answered = call_plan.centre_answered(status, request.form.get("DialBridged"), accepted)
+    outcome = f"centre leg {call.k}: {status or 'no status'}"
+    if status in ("completed", "answered") and not answered:
+        outcome += " but no agent accepted (voicemail or no key pressed)"
+    centre = request.args.get("centre", "")
+    health = None
+    if centre and (answered or status in ("busy", "no-answer", "failed", "completed",
+                                          "answered")):
+        health = (centre, answered, outcome)
+    step = call_plan.advance(call, answered=answered, outcome=outcome, plan=plan,
+                             policy=policy, caller_ids=caller_ids, now=_now())
+    return render(step, name=name, health=health, detail={"dial_status": status})
 
 
 @bp.post("/dial-result")
 @twilio_signed
-@fail_safe
+@caller_leg
 def dial_result() -> Response:
-    """The centre ``<Dial action>``: done if an agent took the call, else the next try."""
-    state = CallState.parse(request.args)
-    call_sid = request.form.get("CallSid", "")
-    step = f"dial-result:{state.n}"
-    replay = _replay(call_sid, step)
-    if replay:
-        return replay
-    answered, status = dial_outcome(state.n, kind="centre")
-    if answered:
-        return _answer(twiml.hangup(), step=step, state=state,
-                       detail={"dial_status": status, "outcome": "answered"})
-    why = f"centre attempt {state.n}: {status or 'no status'}"
-    if status in ("completed", "answered"):
-        why += " but no agent accepted (voicemail or no key pressed)"
-    return route_call(state, step=step, why=why, unreachable=unreachable_centres())
+    """A centre leg ended: done if an agent took the call, else the plan's next leg."""
+    return _centre_result(roadside=False)
+
+
+@bp.post("/roadside-result")
+@twilio_signed
+@caller_leg
+def roadside_result() -> Response:
+    """A roadside leg ended: done, the next roadside line, or a callback."""
+    return _centre_result(roadside=True)
 
 
 @bp.post("/emergency-result")
 @twilio_signed
-@fail_safe
+@caller_leg
 def emergency_result() -> Response:
-    """The emergency ``<Dial action>``: retry the emergency route until it connects."""
-    state = CallState.parse(request.args)
-    call_sid = request.form.get("CallSid", "")
-    step = f"emergency-result:{state.e}"
-    replay = _replay(call_sid, step)
-    if replay:
+    """An emergency leg ended: done if it connected, else the next leg or the hand-back."""
+    plan, policy, caller_ids = _policy()
+    call = CallPlan.from_params(request.args)
+    name = f"emergency-result:{call.e}"
+    replay = _replayed(_lookup((name,)), name)
+    if replay is not None:
         return replay
     status = request.form.get("DialCallStatus", "")
-    if status in ("completed", "answered"):
-        return _answer(twiml.hangup(), step=step, state=state,
-                       detail={"dial_status": status, "outcome": "answered"})
-    return emergency_step(state, reason=f"emergency attempt {state.e}: {status or 'no status'}",
-                          step=step, detail={"dial_status": status}, retry=True)
+    step = call_plan.advance(call, answered=call_plan.emergency_answered(status),
+                             outcome=f"emergency leg {call.e}: {status or 'no status'}",
+                             plan=plan, policy=policy, caller_ids=caller_ids, now=_now())
+    return render(step, name=name, detail={"dial_status": status})
+
+
+@bp.post("/fallback")
+@twilio_signed
+@caller_leg
+def fallback() -> Response:
+    """Twilio's Fallback URL: our answer failed.  Decided from the request alone (the
+    failed step's URL carries the plan); never touches the database."""
+    plan, policy, caller_ids = _policy()
+    error_url = urlsplit(request.form.get("ErrorUrl", ""))
+    call = CallPlan.from_params({k: v[0] for k, v in parse_qs(error_url.query).items()})
+    code = request.form.get("ErrorCode", "") or "?"
+    log.warning("fallback URL requested (ErrorCode %s)", code)
+    inbound = classify(request.form.get("To"), plan)
+    name = f"fallback:{error_url.path.rsplit('/', 1)[-1]}:{call.k}:{call.e}"
+    why = f"Twilio fallback (error {code})"
+    if not call.t0:  # the first step failed: Twilio waited up to its whole timeout
+        service = ROADSIDE if inbound.service in (ROADSIDE, OWNER) else EMERGENCY
+        arrival = replace(_arrival_from_call(service, inbound.country, _now()),
+                          now=_now() - TWILIO_WEBHOOK_TIMEOUT_S)
+        return render(call_plan.start(arrival, plan=plan, policy=policy,
+                                      caller_ids=caller_ids), name=name, detail={"why": why})
+    status = request.form.get("DialCallStatus", "")
+    if error_url.path.endswith("/emergency-result"):
+        answered = call_plan.emergency_answered(status)
+    else:
+        answered = call_plan.centre_answered(status, request.form.get("DialBridged"), None)
+    step = call_plan.advance(call, answered=answered, outcome=f"{why}; {status or 'no status'}",
+                             plan=plan, policy=policy, caller_ids=caller_ids, now=_now())
+    return render(step, name=name, detail={"why": why})
+
+
+# -- the agent's leg ----------------------------------------------------------------------
+
+
+def _incident(incident_id: str) -> Mapping[str, Any] | None:
+    if not incident_id:
+        return None
+    try:
+        found: Mapping[str, Any] | None = services().store.incident(
+            incident_id, timeout_s=VOICE_READ_S)
+        return found
+    except StoreError:
+        log.warning("incident unavailable for the whisper")
+        return None
 
 
 @bp.post("/whisper")
 @twilio_signed
-@fail_safe
+@agent_leg
 def whisper() -> Response:
-    """Played to the agent before the bridge: what happened, press 1 to accept."""
+    """Played to the agent before the bridge: the headline, then press 1 to accept."""
     svc = services()
-    state = CallState.parse(request.args)
-    incident = None
-    if state.i:
-        try:
-            incident = svc.store.incident(state.i)
-        except StoreError:
-            log.error("incident unavailable for the whisper")
-    summary = whisper_summary(incident, plan=svc.plan, sim_country=state.h or None)
-    if incident is not None and incident["type"] == "on_call":
-        _, entitlement = _costs_apply(vin=incident["vin"])
-        if entitlement:
-            summary += " " + entitlement
+    call = CallPlan.from_params(request.args)
+    headline = whisper_headline(_incident(call.incident), service=call.service, plan=svc.plan,
+                                sim_country=call.home or None)
     response = twiml.whisper(
-        summary,
-        accept_url=action_url("voice.whisper_accept", state, centre=request.args.get("centre", "")),
+        headline,
+        accept_url=action_url("voice.whisper_accept", call.params(),
+                              centre=request.args.get("centre", "")),
         timeout_s=svc.settings.voice.whisper_accept_timeout_s,
     )
     return twiml_response(response)
@@ -511,31 +407,28 @@ def whisper() -> Response:
 
 @bp.post("/whisper/accept")
 @twilio_signed
-@fail_safe
+@agent_leg
 def whisper_accept() -> Response:
-    """The agent's key: 1 bridges the call; anything else hangs up the agent leg."""
+    """The agent's key: 1 records the acceptance, says the details and bridges."""
     svc = services()
-    state = CallState.parse(request.args)
-    accepted = request.form.get("Digits", "") == twiml.ACCEPT_DIGIT
-    parent = state.p or request.form.get("ParentCallSid", "")
-    if accepted and parent:
-        try:
-            svc.store.record_call_step(
-                call_sid=parent,
-                step=f"accept:{state.n}",
-                incident_id=state.i or None,
-                twiml="",
-                detail={"agent_call_sid": request.form.get("CallSid", ""),
-                        "centre": request.args.get("centre", "")},
-            )
-        except StoreError:
-            log.error("could not record the agent's acceptance; bridging anyway")
-    return twiml_response(twiml.whisper_result(accepted))
+    call = CallPlan.from_params(request.args)
+    if request.form.get("Digits", "") != ACCEPT_DIGIT:
+        return twiml_response(twiml.whisper_result(False))
+    parent = call.caller or request.form.get("ParentCallSid", "")
+    leg = call.k or int(request.args.get("n", "0") or 0)  # the IVR counts its legs in n
+    if parent:
+        svc.steps.submit(StepRecord(
+            call_sid=parent, step=f"accept:{leg}", incident_id=call.incident or None,
+            twiml="", detail={"agent_call_sid": request.form.get("CallSid", ""),
+                              "centre": request.args.get("centre", "")}))
+    incident = _incident(call.incident)
+    details = whisper_summary(incident, plan=svc.plan, sim_country=call.home or None)
+    return twiml_response(twiml.whisper_result(True, details=details))
 
 
 @bp.post("/status")
 @twilio_signed
-@fail_safe
+@agent_leg
 def status() -> Response:
     """Status callbacks: stored by SequenceNumber (they arrive out of order)."""
     svc = services()
@@ -557,36 +450,8 @@ def status() -> Response:
             "status": form.get("CallStatus", "unknown"),
             "incident_id": request.args.get("i") or None,
             "payload": payload,
-        })
+        }, timeout_s=1.0)
     except StoreError:
         log.error("could not record a status callback")
         return Response("database unavailable\n", status=503, mimetype="text/plain")
     return twiml_response(twiml.empty())
-
-
-@bp.post("/fallback")
-@twilio_signed
-@fail_safe
-def fallback() -> Response:
-    """Twilio's Fallback URL: our handler failed, so dial the emergency route now
-    (an ON CALL call gets the roadside line or a callback instead)."""
-    error_url = urlsplit(request.form.get("ErrorUrl", ""))
-    state = CallState.parse({k: v[0] for k, v in parse_qs(error_url.query).items()})
-    state = replace(state, t0=state.t0 or int(_now()))
-    if error_url.path.endswith("/roadside-result"):
-        return roadside_call(replace(state, p=request.form.get("CallSid", "")), step="fallback")
-    if not state.c:
-        msisdn = e164_or_none(request.form.get("From"))
-        incident, _ = _incident_of_caller(msisdn, _now())
-        if incident is not None:
-            state = replace(state, i=incident["id"], c=incident["route_country"] or "",
-                            h=incident["home_country"] or "", p=request.form.get("CallSid", ""))
-            if incident["type"] == "on_call":  # never the emergency number for ON CALL
-                return roadside_call(state, step="fallback")
-        else:
-            state = replace(state, c=sim_country(msisdn) or "")
-    log.warning("fallback URL requested (ErrorCode %s)", request.form.get("ErrorCode", "?"))
-    step = f"fallback:{request.form.get('ErrorCode', '')}:{state.e}"
-    error_code = request.form.get("ErrorCode", "")
-    return emergency_step(state, reason=f"Twilio fallback (error {error_code or '?'})", step=step,
-                          detail={"error_code": error_code})

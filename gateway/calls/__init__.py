@@ -1,0 +1,1 @@
+"""The call path, without Flask or the database: which service a call is, and its plan."""

@@ -1,0 +1,105 @@
+"""What the Twilio views share: URL state, action URLs, TwiML responses, callbacks.
+
+The voice views (cars) and the IVR (owners) both import from here; neither imports
+the other's module for it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Self, TypeVar
+
+from flask import Response, request, url_for
+from twilio.twiml.voice_response import VoiceResponse
+
+from gateway.app import services
+from gateway.calls.inbound import e164
+from gateway.errors import StoreError
+from gateway.routing import centre_answered
+
+log = logging.getLogger(__name__)
+
+S = TypeVar("S", bound="UrlState")
+
+
+@dataclass(frozen=True)
+class UrlState:
+    """State carried in a Twilio action URL (Twilio signs the URL with the request)."""
+
+    @classmethod
+    def parse(cls, args: Mapping[str, str]) -> Self:
+        """Lenient: a missing or garbled value falls back to its default."""
+        values: dict[str, Any] = {}
+        for name, default in asdict(cls()).items():
+            raw = args.get(name)
+            if raw is None:
+                continue
+            if isinstance(default, int):
+                try:
+                    values[name] = max(0, int(raw))
+                except ValueError:
+                    continue
+            else:
+                values[name] = raw[:64]
+        return cls(**values)
+
+    def params(self) -> dict[str, str]:
+        return {k: str(v) for k, v in asdict(self).items() if v not in ("", 0)}
+
+
+def action_url(endpoint: str, state: UrlState | Mapping[str, str] | None = None,
+               **extra: str) -> str:
+    """An absolute URL under the configured public URL (what Twilio signs)."""
+    params: dict[str, Any] = {}
+    if isinstance(state, UrlState):
+        params.update(state.params())
+    elif state:
+        params.update(state)
+    params.update(extra)
+    return services().settings.public_url + url_for(endpoint, **params)
+
+
+def twiml_response(response: VoiceResponse | str) -> Response:
+    return Response(str(response), status=200, mimetype="text/xml")
+
+
+def e164_or_none(raw: str | None) -> str | None:
+    """The caller's number in E.164 from any form Twilio sends (SIP URI included)."""
+    return e164(raw)
+
+
+def unreachable_centres() -> frozenset[str]:
+    """Centre lines known down, from the cached line health (never blocks)."""
+    cache = services().line_health
+    return cache.down() if cache is not None else frozenset()
+
+
+def dial_outcome(attempt: int, *, kind: str) -> tuple[bool, str]:
+    """``(answered, DialCallStatus)`` of an IVR centre <Dial action>; feeds the line's health."""
+    svc = services()
+    status = request.form.get("DialCallStatus", "")
+    accepted: bool | None
+    try:
+        accepted = svc.store.call_step(request.form.get("CallSid", ""),
+                                       f"accept:{attempt}") is not None
+    except StoreError:
+        accepted = None
+    answered = centre_answered(status, request.form.get("DialBridged"), accepted)
+    centre = request.args.get("centre", "")
+    if svc.centre_health is not None and (answered or status in ("busy", "no-answer", "failed")):
+        svc.centre_health.record_safely(centre, ok=answered, reason=f"{kind} dial {status}")
+    return answered, status
+
+
+def record_callback_safely(*, call_sid: str, vin: str | None, incident_id: str | None,
+                           reason: str) -> None:
+    """A callback the centre owes this caller (best effort: the caller is told anyway)."""
+    try:
+        services().store.record_callback({
+            "call_sid": call_sid or request.form.get("CallSid", ""),
+            "number": e164_or_none(request.form.get("From")), "vin": vin,
+            "incident_id": incident_id, "reason": reason[:300]})
+    except StoreError:
+        log.error("could not record the callback request")
