@@ -44,6 +44,8 @@ class Services:
     #: vehicle command service, SMS, push (None when not configured)
     commands: Any = None
     notifier: Any = None
+    #: durable vehicle commands, done when the car confirms (gateway.commands.CommandQueue)
+    command_queue: Any = None
     market_rule: Any = None
     #: what failed to load at start-up (the app still serves the emergency path)
     problems: dict[str, str] = field(default_factory=dict)
@@ -151,6 +153,9 @@ def create_app(
     notifier = NotificationWorker(store, sms=sms, push=push, centre=adapters["centre"],
                                   clock=clock, poll_s=settings.delivery.poll_s,
                                   retry_after_s=settings.notify_retry_s)
+    from gateway.commands import CommandQueue
+
+    command_queue = CommandQueue(store, commands, clock=clock, poll_s=settings.delivery.poll_s)
 
     app = Flask("gateway")
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
@@ -169,12 +174,14 @@ def create_app(
         vehicles=Vehicles(store, PinHasher(n=settings.pin_scrypt_n), clock=clock),
         commands=commands,
         notifier=notifier,
+        command_queue=command_queue,
         market_rule=MarketRule(settings.roadside_free_markets),
     )
     if worker is not None:
         worker.start_thread()
     if start_worker:
         notifier.start_thread()
+        command_queue.start_thread()
 
     from gateway.views import agent, ivr, ops, vehicle, voice
 

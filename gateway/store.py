@@ -330,7 +330,8 @@ class Store:
 
 
 #: modules that define tables on ``metadata`` besides this one
-TABLE_MODULES = ("gateway.delivery", "gateway.centre_health", "gateway.owners", "gateway.theft")
+TABLE_MODULES = ("gateway.delivery", "gateway.centre_health", "gateway.owners", "gateway.theft",
+                 "gateway.commands")
 
 
 def register_tables() -> None:

@@ -18,6 +18,8 @@ from tests.support.fakes import NORDIC_BOXES, BoxLocator
 from tests.support.twilio import AUTH_TOKEN, VEHICLE_TOKEN, path_of, signature
 
 PUBLIC_URL = "https://gateway.example.com"
+GB_CALLER_ID = "+442079460555"
+DE_CALLER_ID = "+4930901820"
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +35,9 @@ def settings(tmp_path: Any) -> Settings:
         "GATEWAY_DATABASE_URL": f"sqlite:///{tmp_path}/gateway.sqlite3",
         "GATEWAY_VEHICLE_API_TOKENS": VEHICLE_TOKEN,
         "GATEWAY_AGENT_API_TOKENS": "agent-token-0123456789abcdef:read+dispatch",
+        # emergency caller IDs for Great Britain and Germany only: cars elsewhere (DK, SE)
+        # have no completable emergency route and are handed back
+        "GATEWAY_EMERGENCY_CALLER_IDS": f"{GB_CALLER_ID},{DE_CALLER_ID}",
     })
 
 
@@ -83,7 +88,12 @@ class Twilio:
     def post(self, url_or_path: str, params: dict[str, str], *, sign: bool = True) -> TestResponse:
         url = url_or_path if url_or_path.startswith("http") else self.public_url + url_or_path
         headers = {"X-Twilio-Signature": signature(url, params)} if sign else {}
-        return self.client.post(path_of(url), data=params, headers=headers)
+        response = self.client.post(path_of(url), data=params, headers=headers)
+        # step records are written after the answer: let them land before the next step
+        services = self.client.application.extensions["gateway"]
+        if services.steps is not None:
+            services.steps.flush()
+        return response
 
 
 @pytest.fixture

@@ -5,9 +5,11 @@ Twilio abandons after 15 s), so a car that cannot be reached -- a garage with
 poor signal -- is retried briefly and then reported as
 :class:`~gateway.errors.TransientUpstreamError` ("car unreachable").
 
-Every logical command gets one ``Idempotency-Key`` (a fresh UUID) that is reused
-on each retry, so a command that reached the car but whose answer was lost is
-not executed twice.
+Every logical command gets one ``Idempotency-Key`` (the caller's
+``idempotency_key``, else a fresh UUID) that is reused on each retry, so a
+command that reached the car but whose answer was lost is not executed twice.
+A durable queue (:mod:`gateway.commands`) passes its row's key, so its retries
+across passes are deduplicated by the car as well.
 
 Budget: at most ``attempts`` attempts, and the whole call -- attempts plus
 backoff sleeps -- stays within ``total_budget_s``: each attempt's timeout is
@@ -82,7 +84,8 @@ class VehicleCommandClient(SessionClient):
     def command_url(self, vin: str) -> str:
         return f"{self.base_url}/vehicles/{quote(vin, safe='')}/commands"
 
-    def send(self, vin: str, command: str, **params: Any) -> dict[str, Any]:
+    def send(self, vin: str, command: str, *, idempotency_key: str | None = None,
+             **params: Any) -> dict[str, Any]:
         """Send one logical command; retried on transient failures within the budget.
 
         Raises :class:`PermanentUpstreamError` at once on a 4xx other than 429
@@ -93,7 +96,7 @@ class VehicleCommandClient(SessionClient):
             raise ValueError("vin and command are required")
         url = self.command_url(vin)
         body: dict[str, Any] = {"command": command, **params}
-        key = str(uuid.uuid4())
+        key = idempotency_key or str(uuid.uuid4())
         deadline = time.monotonic() + self.total_budget_s
 
         def attempt() -> dict[str, Any]:

@@ -556,3 +556,44 @@ __all__ = [
     "FakeAssistanceCentre", "FakePush", "FakeServer", "FakeTwilioApi", "FakeVehicleService",
     "RecordedRequest", "Reply",
 ]
+
+
+# -------------------------------------------------------------------------------------
+# the car behind the vehicle command service (for the durable command queue)
+
+
+class FakeCarCommands(FakeVehicleService):
+    """:class:`FakeVehicleService` plus what a car can answer itself.
+
+    Extra modes: ``confirm`` (the car executed it at once: 200 ``{"status":
+    "confirmed", "command_id": ...}``), ``reject`` (200 ``{"status": "rejected",
+    "reason": ...}``), ``503`` (every request), ``hang`` (the request is read and
+    taken, then never answered: the handler waits ``slow_s`` -- or until the
+    transport changes or the fake closes -- and drops the connection).  The other
+    modes behave as in :class:`FakeVehicleService` (``up`` answers ``accepted``).
+    """
+
+    MODES = FakeVehicleService.MODES | frozenset({"confirm", "reject", "503", "hang"})
+
+    def respond(self, request: RecordedRequest) -> Reply | None:
+        mode = self.mode
+        reply = super().respond(request)
+        if mode == "hang":
+            self.pause(self.slow_s)
+            return None
+        if reply is not None and reply.status == 200 and mode in ("confirm", "reject"):
+            answer = dict(reply.body)
+            if mode == "confirm":
+                answer["status"] = "confirmed"
+            else:
+                answer.update(status="rejected", reason="vehicle is moving")
+            return Reply(200, answer)
+        return reply
+
+    def requests_for(self, key: str) -> int:
+        """How many command requests carrying this ``Idempotency-Key`` reached the service."""
+        with self._cond:
+            return sum(1 for c in self.commands if c["idempotency_key"] == key)
+
+
+__all__ += ["FakeCarCommands"]

@@ -26,10 +26,12 @@ class RaisingLocator:
         raise RuntimeError("boundary index corrupted")
 
 
-#: rough boxes around Copenhagen and Malmö, Stockholm, Berlin
+#: rough boxes around Copenhagen and Malmö, Stockholm, Berlin, London, Paris
 NORDIC_BOXES = [
     ("DK", 55.5, 55.8, 12.3, 12.7),
     ("SE", 55.5, 55.7, 12.9, 13.2),
     ("SE", 59.2, 59.5, 17.8, 18.3),
     ("DE", 52.3, 52.7, 13.1, 13.8),
+    ("GB", 51.3, 51.7, -0.5, 0.3),
+    ("FR", 48.7, 49.0, 2.1, 2.6),
 ]

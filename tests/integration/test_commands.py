@@ -1,0 +1,428 @@
+"""The durable vehicle command queue against a real HTTP car-command server.
+
+The car is ``FakeCarCommands`` on 127.0.0.1 (refused connections, 503s, a socket
+that takes the request and never answers, 4xx); the queue talks to it through the
+real :class:`VehicleCommandClient`.  Time for backoff, budget and leases is a
+hand-driven clock; the HTTP timeouts are real.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+
+from gateway.adapters.vehicle_commands import VehicleCommandClient
+from gateway.commands import CommandQueue, enqueue_command, vehicle_commands
+from gateway.owners import vehicles
+from gateway.store import Store, incidents
+from tests.conftest import Clock
+from tests.support.fake_servers import FakeCarCommands
+
+VIN = "WVWZZZ1JZXW000001"
+OTHER_VIN = "WVWZZZ1JZXW000002"
+CAR_MSISDN = "+4520000001"
+CALL_SID = "CA" + "0123456789abcdef" * 2
+HANDBACK = {"number": "112", "country": "DK"}
+TIMEOUT = 0.3  # the adapter's per-attempt timeout in these tests
+
+
+@pytest.fixture
+def store(tmp_path: Any) -> Iterator[Store]:
+    store = Store.from_url(f"sqlite:///{tmp_path}/commands.sqlite3")
+    store.create_schema()
+    yield store
+    store.dispose()
+
+
+@pytest.fixture
+def car() -> Iterator[FakeCarCommands]:
+    with FakeCarCommands(mode="confirm", slow_s=30.0) as fake:
+        yield fake
+
+
+@pytest.fixture
+def client(car: FakeCarCommands) -> Iterator[VehicleCommandClient]:
+    with VehicleCommandClient(car.url, timeout_s=TIMEOUT, attempts=2, backoff_initial_s=0.01,
+                              backoff_max_s=0.02, total_budget_s=1.0) as c:
+        yield c
+
+
+@pytest.fixture
+def make_queue(store: Store, client: VehicleCommandClient,
+               clock: Clock) -> Callable[..., CommandQueue]:
+    def build(**overrides: Any) -> CommandQueue:
+        commands = overrides.pop("commands", client)
+        kwargs: dict[str, Any] = {"clock": clock, "poll_s": 0.05, "budget_s": 60.0,
+                                  "backoff_initial_s": 1.0, "backoff_max_s": 4.0,
+                                  "lease_s": 10.0}
+        kwargs.update(overrides)
+        return CommandQueue(store, commands, **kwargs)
+
+    return build
+
+
+@pytest.fixture
+def queue(make_queue: Callable[..., CommandQueue]) -> CommandQueue:
+    return make_queue()
+
+
+def handback(queue: CommandQueue, *, vin: str | None = VIN, msisdn: str | None = CAR_MSISDN,
+             call_sid: str = CALL_SID) -> dict[str, Any]:
+    return queue.enqueue(key=f"handback:{call_sid}", command="dial_emergency", vin=vin,
+                         msisdn=msisdn, params=HANDBACK)
+
+
+def count_rows(store: Store) -> int:
+    with store.begin() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(vehicle_commands))
+                   .scalar_one())
+
+
+# -- enqueueing --------------------------------------------------------------------------
+
+
+def test_enqueue_twice_keeps_one_row(store: Store, queue: CommandQueue) -> None:
+    first = handback(queue)
+    again = handback(queue)
+    assert again["id"] == first["id"] and count_rows(store) == 1
+    assert first["status"] == "pending" and first["attempts"] == 0
+    assert first["params"] == HANDBACK and first["command"] == "dial_emergency"
+    assert queue.wake.is_set()
+
+
+def test_enqueue_command_in_the_callers_transaction(store: Store, clock: Clock) -> None:
+    now = dt.datetime.fromtimestamp(clock(), tz=dt.UTC)
+    args: dict[str, Any] = {"key": "handback:CA1", "command": "dial_emergency", "vin": None,
+                            "msisdn": CAR_MSISDN, "params": HANDBACK, "now": now}
+    with store.begin() as conn:
+        assert enqueue_command(conn, **args) is True
+        assert enqueue_command(conn, **args) is False  # no error, the transaction lives on
+        conn.execute(sa.text("SELECT 1"))
+    with pytest.raises(RuntimeError), store.begin() as conn:  # rolled back with the caller
+        enqueue_command(conn, **{**args, "key": "handback:CA2"})
+        raise RuntimeError("the caller's step failed")
+    assert count_rows(store) == 1
+
+
+@pytest.mark.parametrize("bad", [{"key": ""}, {"command": ""}, {"vin": None, "msisdn": None},
+                                 {"params": {"vin": "x"}}, {"params": {"at": object()}}])
+def test_enqueue_rejects_malformed_commands(queue: CommandQueue, bad: dict[str, Any]) -> None:
+    args: dict[str, Any] = {"key": "k", "command": "flash_lights", "vin": VIN, "msisdn": None,
+                            "params": {}}
+    with pytest.raises((ValueError, TypeError)):
+        queue.enqueue(**{**args, **bad})
+
+
+# -- sending -----------------------------------------------------------------------------
+
+
+def test_handback_confirmed_by_the_car(queue: CommandQueue, car: FakeCarCommands) -> None:
+    row = handback(queue)
+    assert queue.run_once() == 1
+    done = queue.get(row["key"])
+    assert done is not None and done["status"] == "confirmed" and done["attempts"] == 1
+    assert done["confirmed_at"] is not None and done["result"]["status"] == "confirmed"
+    [sent] = car.commands
+    assert sent["vin"] == VIN and sent["idempotency_key"] == f"handback:{CALL_SID}"
+    assert sent["body"] == {"command": "dial_emergency", "number": "112", "country": "DK"}
+    assert queue.run_once() == 0 and len(car.commands) == 1  # never sent again
+    handback(queue)  # a replayed enqueue of a confirmed command
+    assert queue.run_once() == 0 and len(car.commands) == 1 and queue.pending() == []
+
+
+def test_accepted_is_sent_until_the_car_confirms(queue: CommandQueue,
+                                                 car: FakeCarCommands, clock: Clock) -> None:
+    car.mode = "up"  # the service answers {"status": "accepted", "command_id": ...}
+    row = handback(queue)
+    assert queue.run_once() == 1
+    sent = queue.get(row["key"])
+    assert sent is not None and sent["status"] == "sent"
+    assert sent["result"]["command_id"] == "cmd-1" and sent["confirmed_at"] is None
+    assert [r["key"] for r in queue.pending()] == [row["key"]]
+    clock.advance(3600)
+    assert queue.run_once() == 0 and len(car.commands) == 1  # sent rows are not re-sent
+
+    done = queue.confirm(key=row["key"], ok=True, result={"dialled": "112"})
+    assert done is not None and done["status"] == "confirmed" and done["result"] == {
+        "dialled": "112"}
+    replay = queue.confirm(key=row["key"], ok=False, result={"error": "late"})
+    assert replay is not None and replay["status"] == "confirmed"  # a finished row stays
+    assert queue.confirm(key="handback:unknown", ok=True, result={}) is None
+    assert queue.pending() == []
+
+
+def test_car_reports_failure_later(queue: CommandQueue, car: FakeCarCommands) -> None:
+    car.mode = "up"
+    row = handback(queue)
+    queue.run_once()
+    by_id = queue.confirm(key=str(row["id"]), ok=False, result={"error": "no network"})
+    assert by_id is not None and by_id["status"] == "failed"
+    assert by_id["last_error"] == "car reported failure: no network"
+
+
+@pytest.mark.parametrize("down", ["503", "refuse"])
+def test_car_down_then_up_is_sent_once_after_recovery(
+        queue: CommandQueue, car: FakeCarCommands, clock: Clock, down: str) -> None:
+    car.mode = down
+    row = handback(queue)
+    assert queue.run_once() == 1
+    waiting = queue.get(row["key"])
+    assert waiting is not None and waiting["status"] == "pending" and waiting["attempts"] == 1
+    assert waiting["lease_token"] is None and waiting["last_error"]
+    assert waiting["next_attempt_at"] > dt.datetime.fromtimestamp(clock(), tz=dt.UTC)
+    before = len(car.commands)
+    assert queue.run_once() == 0 and len(car.commands) == before  # backoff: not due yet
+
+    car.mode = "confirm"
+    clock.advance(4.0)  # backoff_max_s
+    assert queue.run_once() == 1
+    done = queue.get(row["key"])
+    assert done is not None and done["status"] == "confirmed" and done["attempts"] == 2
+    assert len(car.commands) == before + 1  # exactly one request after recovery
+    for _ in range(3):
+        clock.advance(60)
+        queue.run_once()
+    assert len(car.commands) == before + 1
+    assert {c["idempotency_key"] for c in car.commands} == {row["key"]}
+    assert list(car.unique_commands) == [row["key"]]
+
+
+def test_hanging_car_times_out_and_the_thread_stops(
+        store: Store, client: VehicleCommandClient, car: FakeCarCommands) -> None:
+    car.mode = "hang"  # takes the request, never answers (until the fake closes)
+    queue = CommandQueue(store, client, poll_s=0.05, backoff_initial_s=0.2, backoff_max_s=0.5)
+    row = handback(queue)
+    started = time.monotonic()
+    queue.start_thread()
+    try:
+        assert car.wait_until(lambda: len(car.commands) >= 1, timeout=2)
+        deadline = time.monotonic() + 5
+        current = queue.get(row["key"])
+        while time.monotonic() < deadline and not (current and current["last_error"]):
+            time.sleep(0.05)
+            current = queue.get(row["key"])
+        assert current is not None and current["status"] == "pending"
+        assert "did not answer" in current["last_error"]
+        assert time.monotonic() - started < 3.0  # the adapter's budget, not the car's 30 s
+    finally:
+        queue.stop(wait_s=5.0)
+    assert queue.thread is not None and not queue.thread.is_alive()
+    assert {c["idempotency_key"] for c in car.commands} == {row["key"]}
+
+
+def test_budget_exceeded_fails_without_sending_again(
+        queue: CommandQueue, car: FakeCarCommands, clock: Clock) -> None:
+    car.mode = "refuse"
+    row = handback(queue)
+    queue.run_once()
+    clock.advance(61)  # budget_s
+    car.mode = "confirm"
+    assert queue.run_once() == 1
+    failed = queue.get(row["key"])
+    assert failed is not None and failed["status"] == "failed" and failed["attempts"] == 1
+    assert failed["last_error"] == "not sent within 60s"
+    assert car.commands == []
+    # the car may still report that it did it after all
+    late = queue.confirm(key=row["key"], ok=True, result={"dialled": "112"})
+    assert late is not None and late["status"] == "confirmed"
+
+
+def test_attempt_ending_past_the_budget_fails(
+        make_queue: Callable[..., CommandQueue], client: VehicleCommandClient,
+        car: FakeCarCommands, clock: Clock) -> None:
+    class SlowToGiveUp:
+        def send(self, vin: str, command: str, **params: Any) -> dict[str, Any]:
+            clock.advance(61)  # the send spans the end of the budget
+            return client.send(vin, command, **params)
+
+    car.mode = "503"
+    queue = make_queue(commands=SlowToGiveUp())
+    row = handback(queue)
+    assert queue.run_once() == 1
+    failed = queue.get(row["key"])
+    assert failed is not None and failed["status"] == "failed"
+    assert failed["last_error"].startswith("gave up after 1 attempt(s) in 60s: ")
+
+
+@pytest.mark.parametrize(("mode", "error"), [("404", "HTTP 404"), ("reject", "vehicle is moving")])
+def test_refused_commands_fail_at_once(queue: CommandQueue, car: FakeCarCommands,
+                                       mode: str, error: str) -> None:
+    car.mode = mode
+    row = handback(queue)
+    assert queue.run_once() == 1
+    failed = queue.get(row["key"])
+    assert failed is not None and failed["status"] == "failed" and error in failed["last_error"]
+    assert len(car.commands) == 1
+
+
+def test_not_configured_fails(make_queue: Callable[..., CommandQueue]) -> None:
+    queue = make_queue(commands=None)
+    row = handback(queue)
+    queue.run_once()
+    failed = queue.get(row["key"])
+    assert failed is not None and failed["status"] == "failed"
+    assert "not configured" in failed["last_error"]
+
+
+# -- leases ------------------------------------------------------------------------------
+
+
+def test_a_worker_cannot_finish_a_row_it_does_not_hold(
+        make_queue: Callable[..., CommandQueue], car: FakeCarCommands, clock: Clock) -> None:
+    a, b = make_queue(), make_queue()
+    row = handback(a)
+    [held_by_a] = a.claim(4)
+    assert held_by_a["lease_token"] and held_by_a["attempts"] == 1
+    assert b.run_once() == 0 and car.commands == []  # leased: b leaves it alone
+
+    clock.advance(11)  # a's lease (10 s) runs out; b takes the row over
+    [held_by_b] = b.claim(4)
+    assert held_by_b["lease_token"] != held_by_a["lease_token"]
+    car.mode = "503"
+    assert a.handle(held_by_a) == "lost"  # a's late outcome changes nothing
+    current = a.get(row["key"])
+    assert current is not None and current["lease_token"] == held_by_b["lease_token"]
+    assert current["status"] == "pending" and current["last_error"] is None
+
+    car.mode = "confirm"
+    assert b.handle(held_by_b) == "confirmed"
+    assert a.handle(held_by_a) == "lost"
+    done = a.get(row["key"])
+    assert done is not None and done["status"] == "confirmed" and done["attempts"] == 2
+    assert list(car.unique_commands) == [row["key"]]  # one command for the car
+
+
+def test_confirm_while_sending_wins_over_the_worker(queue: CommandQueue,
+                                                    car: FakeCarCommands) -> None:
+    car.mode = "up"
+    row = handback(queue)
+    [held] = queue.claim(4)
+    confirmed = queue.confirm(key=row["key"], ok=True, result={"dialled": "112"})
+    assert confirmed is not None and confirmed["status"] == "confirmed"
+    assert queue.handle(held) == "lost"
+    after = queue.get(row["key"])
+    assert after is not None and after["status"] == "confirmed"
+    assert after["result"] == {"dialled": "112"}
+
+
+# -- finding the car ---------------------------------------------------------------------
+
+
+def add_incident(store: Store, *, vin: str, msisdn: str, received_at: dt.datetime) -> None:
+    with store.begin() as conn:
+        conn.execute(incidents.insert().values(
+            id=str(uuid.uuid4()), event_id=str(uuid.uuid4()), payload_sha256="0" * 64,
+            type="sos", vin=vin, msisdn=msisdn, occurred_at=received_at,
+            received_at=received_at, lat=55.676, lon=12.568, route_reason="test",
+            emergency_number="112", fallback_dial="112"))
+
+
+def add_vehicle(store: Store, *, vin: str, car_msisdn: str) -> None:
+    with store.begin() as conn:
+        conn.execute(vehicles.insert().values(
+            vin=vin, car_msisdn=car_msisdn, owner_name="Test Owner", market="DK",
+            purchase_date=dt.date(2024, 1, 1), lookup_code=vin[-8:],
+            updated_at=dt.datetime.now(dt.UTC)))
+
+
+def test_vin_resolved_from_the_newest_incident(store: Store, queue: CommandQueue,
+                                               car: FakeCarCommands, clock: Clock) -> None:
+    now = dt.datetime.fromtimestamp(clock(), tz=dt.UTC)
+    add_incident(store, vin=OTHER_VIN, msisdn=CAR_MSISDN, received_at=now - dt.timedelta(days=9))
+    add_incident(store, vin=VIN, msisdn=CAR_MSISDN, received_at=now)
+    add_vehicle(store, vin=OTHER_VIN, car_msisdn=CAR_MSISDN)  # the incident comes first
+    row = handback(queue, vin=None)
+    assert row["vin"] is None
+    queue.run_once()
+    assert [c["vin"] for c in car.commands] == [VIN]
+    done = queue.get(row["key"])
+    assert done is not None and done["vin"] == VIN and done["status"] == "confirmed"
+
+
+def test_vin_resolved_from_the_registry(store: Store, queue: CommandQueue,
+                                        car: FakeCarCommands) -> None:
+    add_vehicle(store, vin=OTHER_VIN, car_msisdn=CAR_MSISDN)
+    handback(queue, vin=None)
+    queue.run_once()
+    assert [c["vin"] for c in car.commands] == [OTHER_VIN]
+
+
+def test_unknown_msisdn_fails(queue: CommandQueue, car: FakeCarCommands) -> None:
+    row = handback(queue, vin=None, msisdn="+4599999999")
+    queue.run_once()
+    failed = queue.get(row["key"])
+    assert failed is not None and failed["status"] == "failed"
+    assert failed["last_error"] == "no vehicle known for msisdn +4599999999"
+    assert car.commands == []
+
+
+# -- wiring ------------------------------------------------------------------------------
+
+
+def test_the_app_builds_the_queue(make_app: Callable[..., Flask]) -> None:
+    from gateway.app import Services
+
+    services: Services = make_app().extensions["gateway"]
+    assert isinstance(services.command_queue, CommandQueue)
+    assert services.command_queue.thread is None  # started only with start_worker
+
+
+# -- PostgreSQL --------------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_postgres_queue(pg_store: Store, car: FakeCarCommands, client: VehicleCommandClient,
+                        clock: Clock) -> None:
+    queue = CommandQueue(pg_store, client, clock=clock, lease_s=10.0)
+    now = dt.datetime.fromtimestamp(clock(), tz=dt.UTC)
+    with pg_store.begin() as conn:  # a duplicate does not abort the caller's transaction
+        args: dict[str, Any] = {"command": "dial_emergency", "vin": VIN, "msisdn": None,
+                                "params": HANDBACK, "now": now}
+        assert enqueue_command(conn, key="handback:CA-held", **args) is True
+        assert enqueue_command(conn, key="handback:CA-held", **args) is False
+        conn.execute(sa.text("SELECT 1"))
+
+    # a row locked by another transaction is skipped, not waited for
+    holder = pg_store.engine.connect()
+    try:
+        with holder.begin():
+            holder.execute(sa.select(vehicle_commands).with_for_update())
+            started = time.monotonic()
+            assert queue.run_once() == 0
+            assert time.monotonic() - started < 1.5 and car.commands == []
+    finally:
+        holder.close()
+    assert queue.run_once() == 1
+    done = queue.get("handback:CA-held")
+    assert done is not None and done["status"] == "confirmed"
+
+    # concurrent workers claim disjoint rows
+    for n in range(30):
+        queue.enqueue(key=f"k{n}", command="flash_lights", vin=VIN, msisdn=None, params={})
+    workers = [CommandQueue(pg_store, client, clock=clock, lease_s=10.0) for _ in range(3)]
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def claim(worker: CommandQueue) -> None:
+        rows = worker.claim(30)
+        with lock:
+            claimed.extend(r["id"] for r in rows)
+
+    threads = [threading.Thread(target=claim, args=(w,)) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(claimed) == 30 and len(set(claimed)) == 30
+    sent_before = len(car.commands)
+    clock.advance(400)  # leases and the 300 s budget have run out: expired, not sent
+    assert queue.run_once() == 30
+    assert len(car.commands) == sent_before and queue.pending() == []
