@@ -1,17 +1,7 @@
-"""The number plan: per-country emergency numbers and the assistance centres.
+"""Reading and validating the number plan's CSV files (see ``numbers/README.md``).
 
-The plan is data, kept in a directory of two CSV files (see ``numbers/README.md``):
-
-``countries.csv``
-    one row per ISO 3166-1 alpha-2 code: the emergency number the car dials,
-    the route the gateway dials on fallback, the ``<Say>`` language, the source
-    of the number and, if libphonenumber does not know the number, why it was
-    chosen anyway.
-``centres.csv``
-    the assistance centres, each serving a list of countries (or ``*``) at a
-    priority (1 = primary).
-
-:func:`load_plan` reads and validates both files; any problem raises
+:func:`load_plan` reads the four files of a plan directory and builds a
+:class:`~gateway.plan.model.NumberPlan`; any problem raises
 :class:`~gateway.errors.PlanError` naming the file, the line and the reason.
 Nothing is read at import time.
 """
@@ -22,36 +12,25 @@ import csv
 import importlib.resources
 import pathlib
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 
 import phonenumbers
 
-from gateway.errors import PlanEntryMissingError, PlanError
-
-__all__ = [
-    "CENTRES_FILE",
-    "COUNTRIES_FILE",
-    "DEFAULT_EMERGENCY",
-    "Centre",
-    "CountryEntry",
-    "InboundNumber",
-    "TwilioEmergency",
-    "NumberPlan",
-    "load_plan",
-    "plan_dir_default",
-]
-
-DEFAULT_EMERGENCY = "112"
-"""Dialled when nothing better is known: every 3GPP handset treats 112 as an emergency number."""
+from gateway.errors import PlanError
+from gateway.plan.model import (
+    SERVICES,
+    WILDCARD,
+    Centre,
+    CountryEntry,
+    InboundNumber,
+    NumberPlan,
+    TwilioEmergency,
+)
 
 COUNTRIES_FILE = "countries.csv"
 CENTRES_FILE = "centres.csv"
 INBOUND_FILE = "inbound.csv"
 TWILIO_EMERGENCY_FILE = "twilio_emergency.csv"
-
-#: what a call to one of the gateway's own numbers is
-SERVICES = ("emergency", "roadside", "owner")
 
 COUNTRY_COLUMNS: tuple[str, ...] = (
     "country",
@@ -75,8 +54,6 @@ CENTRE_COLUMNS: tuple[str, ...] = (
     "language",
 )
 
-WILDCARD = "*"
-
 # Codes a centre may name without a countries.csv row (a plan may leave a country
 # out; routing then uses DEFAULT_EMERGENCY). Catches typos such as UK or EL.
 # libphonenumber's regions plus the ISO 3166-1 codes it has no metadata for.
@@ -91,149 +68,6 @@ _LANGUAGE_RE = re.compile(r"[a-z]{2,3}(?:-[A-Za-z0-9]{2,8})*")
 _CENTRE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
-@dataclass(frozen=True)
-class CountryEntry:
-    """One row of ``countries.csv``."""
-
-    country: str
-    name: str
-    emergency_number: str
-    #: a PSAP or TPS long number (E.164) that takes forwarded emergency calls, or ""
-    psap_number: str
-    #: the caller ID to present to ``psap_number`` ("" = pass the car's number through)
-    psap_caller_id: str
-    language: str
-    source: str
-    exception: str
-
-
-@dataclass(frozen=True)
-class Centre:
-    """One row of ``centres.csv``."""
-
-    centre_id: str
-    name: str
-    countries: frozenset[str]
-    priority: int
-    number: str
-    roadside_number: str
-    language: str
-
-    @property
-    def is_catch_all(self) -> bool:
-        """True if the centre serves every country (``*``)."""
-        return WILDCARD in self.countries
-
-    def serves(self, country: str) -> bool:
-        """True if the centre serves ``country`` (case-insensitive); ``*`` serves all."""
-        return self.is_catch_all or country.strip().upper() in self.countries
-
-
-@dataclass(frozen=True)
-class InboundNumber:
-    """One row of ``inbound.csv``: a number cars or owners call, and what it is for."""
-
-    number: str
-    service: str
-    #: the country whose cars call it, or ``*``
-    country: str
-    source: str
-
-
-@dataclass(frozen=True)
-class TwilioEmergency:
-    """One row of ``twilio_emergency.csv``: where Twilio itself can dial emergency numbers."""
-
-    country: str
-    numbers: tuple[str, ...]
-    #: the caller ID needs a registered emergency address (routing follows that address)
-    address_required: bool
-    source: str
-
-
-class NumberPlan:
-    """A loaded, validated number plan."""
-
-    def __init__(
-        self,
-        source: str,
-        entries: Mapping[str, CountryEntry],
-        centres: Sequence[Centre],
-        inbound: Sequence[InboundNumber] = (),
-        twilio_emergency: Mapping[str, TwilioEmergency] | None = None,
-    ) -> None:
-        self.source = source
-        self._entries: dict[str, CountryEntry] = dict(entries)
-        self._centres: tuple[Centre, ...] = tuple(centres)
-        self.inbound: tuple[InboundNumber, ...] = tuple(inbound)
-        self._inbound = {n.number: n for n in self.inbound}
-        self._twilio: dict[str, TwilioEmergency] = dict(twilio_emergency or {})
-
-    def inbound_number(self, number: str | None) -> InboundNumber | None:
-        """The row of one of the gateway's own numbers (E.164), or None."""
-        return self._inbound.get(number or "")
-
-    def inbound_for(self, service: str, country: str | None) -> InboundNumber | None:
-        """The number to call for ``service`` from a car of ``country``: one for that
-        country first, else one for any country (``*``)."""
-        rows = [n for n in self.inbound if n.service == service]
-        for row in rows:
-            if country and row.country == country.upper():
-                return row
-        return next((row for row in rows if row.country == WILDCARD), None)
-
-    def twilio_emergency(self, country: str | None) -> TwilioEmergency | None:
-        """Whether (and which numbers) Twilio dials as emergency calls in ``country``."""
-        return self._twilio.get((country or "").upper())
-
-    def entry(self, country: str) -> CountryEntry:
-        """The entry for ``country`` (case-insensitive); raises PlanEntryMissingError."""
-        found = self.get(country)
-        if found is None:
-            raise PlanEntryMissingError(country)
-        return found
-
-    def get(self, country: str) -> CountryEntry | None:
-        """The entry for ``country`` (case-insensitive), or None."""
-        return self._entries.get(country.strip().upper())
-
-    def centre(self, centre_id: str) -> Centre | None:
-        """The centre with this id, or None."""
-        return next((c for c in self._centres if c.centre_id == centre_id), None)
-
-    def centres_for(self, country: str) -> list[Centre]:
-        """Every centre serving ``country``, primary first.
-
-        Ordered by priority, then specific centres before ``*`` centres at the
-        same priority, then by centre_id.
-        """
-        return sorted(
-            (c for c in self._centres if c.serves(country)),
-            key=lambda c: (c.priority, c.is_catch_all, c.centre_id),
-        )
-
-    @property
-    def centres(self) -> list[Centre]:
-        """All centres, in file order."""
-        return list(self._centres)
-
-    def countries(self) -> list[str]:
-        """The country codes in the plan, sorted."""
-        return sorted(self._entries)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __contains__(self, country: object) -> bool:
-        return isinstance(country, str) and self.get(country) is not None
-
-    def __repr__(self) -> str:
-        return (
-            f"NumberPlan(source={self.source!r}, countries={len(self._entries)}, "
-            f"centres={len(self._centres)})"
-        )
-
-
 def plan_dir_default() -> pathlib.Path:
     """The packaged plan directory.
 
@@ -244,7 +78,8 @@ def plan_dir_default() -> pathlib.Path:
     packaged = importlib.resources.files("gateway") / "_plan"
     if packaged.is_dir():
         return pathlib.Path(str(packaged))
-    return pathlib.Path(__file__).resolve().parent.parent / "numbers"
+    # gateway/plan/loader.py -> gateway/plan -> gateway -> the checkout
+    return pathlib.Path(__file__).resolve().parents[2] / "numbers"
 
 
 def load_plan(path: pathlib.Path | None = None) -> NumberPlan:
@@ -459,13 +294,17 @@ def _load_inbound(file: pathlib.Path) -> list[InboundNumber]:
         if problem is not None:
             raise _fail(file, line, f"number {number!r} {problem}")
         if number in seen:
-            raise _fail(file, line, f"duplicate number {number} (first given on line {seen[number]})")
+            raise _fail(
+                file, line, f"duplicate number {number} (first given on line {seen[number]})"
+            )
         service = _require(file, line, row, "service")
         if service not in SERVICES:
             raise _fail(file, line, f"service {service!r} is not one of {', '.join(SERVICES)}")
         country = _require(file, line, row, "country")
         if country != WILDCARD and country not in _KNOWN_CODES:
-            raise _fail(file, line, f"country {country!r} is neither '*' nor a known country code")
+            raise _fail(
+                file, line, f"country {country!r} is neither '*' nor a known country code"
+            )
         rows.append(InboundNumber(number, service, country, _require(file, line, row, "source")))
         seen[number] = line
     return rows
@@ -475,19 +314,25 @@ def _load_twilio_emergency(
     file: pathlib.Path, entries: Mapping[str, CountryEntry]
 ) -> dict[str, TwilioEmergency]:
     found: dict[str, TwilioEmergency] = {}
+    lines: dict[str, int] = {}
     for line, row in _read_rows(file, TWILIO_EMERGENCY_COLUMNS):
         country = _require(file, line, row, "country")
         if country not in entries:
             raise _fail(file, line, f"country {country!r} has no row in {COUNTRIES_FILE}")
         if country in found:
-            raise _fail(file, line, f"duplicate country {country}")
+            raise _fail(
+                file, line, f"duplicate country {country} (first given on line {lines[country]})"
+            )
         numbers = tuple(_require(file, line, row, "numbers").split())
         bad = [n for n in numbers if not _SHORT_RE.fullmatch(n)]
         if bad:
-            raise _fail(file, line, f"numbers {bad} for {country} are not short numbers")
+            raise _fail(
+                file, line, f"numbers {' '.join(bad)} for {country} are not short numbers"
+            )
         flag = _require(file, line, row, "address_required")
         if flag not in ("yes", "no"):
             raise _fail(file, line, f"address_required {flag!r} for {country} must be yes or no")
-        found[country] = TwilioEmergency(country, numbers, flag == "yes",
-                                         _require(file, line, row, "source"))
+        source = _require(file, line, row, "source")
+        found[country] = TwilioEmergency(country, numbers, flag == "yes", source)
+        lines[country] = line
     return found

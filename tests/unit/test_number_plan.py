@@ -1,10 +1,11 @@
 """The number plan in numbers/ and its loader, gateway.plan.
 
-Every row of numbers/countries.csv and numbers/centres.csv is checked with
-libphonenumber: E.164 numbers must be valid, emergency numbers must be known
-to libphonenumber's short-number data for the region unless the row carries
-an explained exception (and then libphonenumber must really not know it, so a
-stale exception fails).
+Every row of numbers/countries.csv, centres.csv, inbound.csv and
+twilio_emergency.csv is checked with libphonenumber: E.164 numbers must be valid,
+emergency numbers must be known to libphonenumber's short-number data for the
+region unless the row carries an explained exception (and then libphonenumber must
+really not know it, so a stale exception fails).  The loader's every refusal names
+the file, the line and the reason.
 """
 
 from __future__ import annotations
@@ -22,8 +23,13 @@ from gateway.plan import (
     CENTRE_COLUMNS,
     COUNTRY_COLUMNS,
     DEFAULT_EMERGENCY,
+    INBOUND_COLUMNS,
+    SERVICES,
+    TWILIO_EMERGENCY_COLUMNS,
     Centre,
+    InboundNumber,
     NumberPlan,
+    TwilioEmergency,
     load_plan,
     plan_dir_default,
 )
@@ -32,6 +38,8 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 PLAN_DIR = REPO / "numbers"
 COUNTRIES_CSV = PLAN_DIR / "countries.csv"
 CENTRES_CSV = PLAN_DIR / "centres.csv"
+INBOUND_CSV = PLAN_DIR / "inbound.csv"
+TWILIO_CSV = PLAN_DIR / "twilio_emergency.csv"
 README = PLAN_DIR / "README.md"
 
 # ISO 3166-1 alpha-2: all 249 officially assigned codes.
@@ -67,10 +75,18 @@ _SAY_LANGUAGES = """
 """
 TWILIO_SAY_LANGUAGES = frozenset(_SAY_LANGUAGES.split())
 
-# Countries where Twilio Programmable Voice can dial the emergency number.
+# Countries where Twilio Programmable Voice can dial the emergency number (Twilio,
+# "Emergency Calling for Programmable Voice").
 TWILIO_EMERGENCY_COUNTRIES = frozenset(
     {"US", "CA", "GB", "AU", "IE", "FR", "DE", "AT", "MY", "TH", "PH", "NZ", "IT"}
 )
+# Short numbers in twilio_emergency.csv that libphonenumber does not list as emergency
+# numbers for the country, and why they are there anyway.  A stale entry fails.
+TWILIO_NUMBERS_NOT_IN_LIBPHONENUMBER = {
+    ("US", "933"): "Twilio's emergency-address test number, not an emergency number",
+    ("TH", "112"): "Twilio documents 112 dialling; libphonenumber lists 191/1669/199 only",
+    ("NZ", "112"): "Twilio documents 112 dialling; libphonenumber lists 111 only",
+}
 
 
 def _read(path: pathlib.Path) -> list[dict[str, str]]:
@@ -80,6 +96,8 @@ def _read(path: pathlib.Path) -> list[dict[str, str]]:
 
 COUNTRY_ROWS = _read(COUNTRIES_CSV)
 CENTRE_ROWS = _read(CENTRES_CSV)
+INBOUND_ROWS = _read(INBOUND_CSV)
+TWILIO_ROWS = _read(TWILIO_CSV)
 EXCEPTION_ROWS = [row for row in COUNTRY_ROWS if row["exception"].strip()]
 
 
@@ -108,6 +126,16 @@ def test_countries_header() -> None:
 def test_centres_header() -> None:
     with CENTRES_CSV.open(encoding="utf-8", newline="") as handle:
         assert next(csv.reader(handle)) == list(CENTRE_COLUMNS)
+
+
+def test_inbound_header() -> None:
+    with INBOUND_CSV.open(encoding="utf-8", newline="") as handle:
+        assert next(csv.reader(handle)) == list(INBOUND_COLUMNS)
+
+
+def test_twilio_emergency_header() -> None:
+    with TWILIO_CSV.open(encoding="utf-8", newline="") as handle:
+        assert next(csv.reader(handle)) == list(TWILIO_EMERGENCY_COLUMNS)
 
 
 def test_iso_list_is_complete() -> None:
@@ -147,12 +175,9 @@ def test_country_row(row: dict[str, str], plan: NumberPlan) -> None:
     assert re.fullmatch(r"[0-9]{2,8}", number), number
     assert row["source"].strip()
 
-    # fallback_dial: the emergency number itself, or an operator's E.164 route.
-    fallback = row["fallback_dial"]
-    if fallback.startswith("+"):
-        assert _is_valid_e164(fallback), fallback
-    else:
-        assert fallback == number
+    # PSAP/TPS numbers are contractual, not public: the shipped plan invents none
+    assert row["psap_number"] == "" and row["psap_caller_id"] == "", (
+        f"{code}: the shipped plan carries no PSAP numbers; an operator adds them")
 
     known = shortnumberinfo.is_emergency_number(number, code)
     exception = row["exception"].strip()
@@ -191,11 +216,56 @@ def test_exceptions_only_where_libphonenumber_has_no_emergency_data() -> None:
         assert pattern is None, f"{row['country']} has emergency data: {pattern}"
 
 
-@pytest.mark.parametrize("code", sorted(TWILIO_EMERGENCY_COUNTRIES))
-def test_twilio_emergency_countries_dial_a_known_number(code: str, plan: NumberPlan) -> None:
+# ------------------------------------------------------------------- Twilio emergency
+
+
+def test_twilio_emergency_lists_the_documented_countries(plan: NumberPlan) -> None:
+    assert {row["country"] for row in TWILIO_ROWS} == TWILIO_EMERGENCY_COUNTRIES
+    assert len(TWILIO_ROWS) == len(TWILIO_EMERGENCY_COUNTRIES)
+    assert plan.twilio_emergency_countries() == sorted(TWILIO_EMERGENCY_COUNTRIES)
+    assert plan.twilio_emergency("DK") is None and plan.twilio_emergency(None) is None
+
+
+@pytest.mark.parametrize("row", TWILIO_ROWS, ids=[r["country"] for r in TWILIO_ROWS])
+def test_twilio_emergency_row(row: dict[str, str], plan: NumberPlan) -> None:
+    code = row["country"]
     entry = plan.entry(code)
     assert not entry.exception
-    assert shortnumberinfo.is_emergency_number(entry.fallback_dial, code)
+    assert row["source"].startswith("Twilio docs: Emergency Calling for Programmable Voice")
+    # Twilio routes by the registered address only where it offers address registration
+    assert (row["address_required"] == "yes") == (code in {"US", "CA", "GB"})
+    twilio = plan.twilio_emergency(code.lower())
+    assert twilio is not None and twilio.numbers == tuple(row["numbers"].split())
+    for number in twilio.numbers:
+        known = shortnumberinfo.is_emergency_number(number, code)
+        excused = (code, number) in TWILIO_NUMBERS_NOT_IN_LIBPHONENUMBER
+        assert known != excused, (
+            f"{code} {number}: libphonenumber {'now knows' if known else 'does not know'} it; "
+            "update TWILIO_NUMBERS_NOT_IN_LIBPHONENUMBER")
+
+
+# ------------------------------------------------------------------- inbound numbers
+
+
+@pytest.mark.parametrize("row", INBOUND_ROWS, ids=[r["number"] for r in INBOUND_ROWS])
+def test_inbound_row(row: dict[str, str]) -> None:
+    assert _is_valid_e164(row["number"]), row["number"]
+    assert row["service"] in SERVICES
+    assert row["country"] == "*" or row["country"] in ISO_3166_1_ALPHA2
+    assert row["source"].startswith("DEMO: "), "the shipped numbers are fictitious"
+
+
+def test_inbound_serves_every_service_everywhere(plan: NumberPlan) -> None:
+    # each service has a catch-all number, so a car of any country can call
+    for service in SERVICES:
+        found = plan.inbound_for(service, "JP")
+        assert found is not None and found.country == "*", service
+    us = plan.inbound_for("emergency", "us")
+    assert us is not None and us.number == "+12025550150"
+    roadside = plan.inbound_number("+442079460901")
+    assert isinstance(roadside, InboundNumber)
+    assert (roadside.service, roadside.country) == ("roadside", "*")
+    assert plan.inbound_number("+442079460999") is None and plan.inbound_number(None) is None
 
 
 # ------------------------------------------------------------------- centres
@@ -247,14 +317,26 @@ def test_load_default_plan(plan: NumberPlan) -> None:
 
 def test_plan_dir_default_is_the_repo_plan() -> None:
     default = plan_dir_default()
-    assert (default / "countries.csv").is_file()
-    assert (default / "centres.csv").is_file()
+    assert default == PLAN_DIR
+    for name in ("countries.csv", "centres.csv", "inbound.csv", "twilio_emergency.csv"):
+        assert (default / name).is_file(), name
     assert len(load_plan()) == len(COUNTRY_ROWS)
+
+
+def test_plan_dir_default_prefers_the_packaged_plan(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # installed from the wheel, numbers/ is gateway/_plan (pyproject force-include)
+    import importlib.resources
+
+    (tmp_path / "_plan").mkdir()
+    monkeypatch.setattr(importlib.resources, "files", lambda package: tmp_path)
+    assert plan_dir_default() == tmp_path / "_plan"
 
 
 def test_entry_and_get(plan: NumberPlan) -> None:
     us = plan.entry("us")
-    assert (us.country, us.emergency_number, us.fallback_dial) == ("US", "911", "911")
+    assert (us.country, us.emergency_number, us.psap_number, us.psap_caller_id) == (
+        "US", "911", "", "")
     assert plan.entry(" GB ").emergency_number == "999"
     assert plan.entry("AU").emergency_number == "000"
     assert plan.entry("NZ").emergency_number == "111"
@@ -282,10 +364,15 @@ def test_centre_serves() -> None:
 
 GOOD_COUNTRIES = [
     list(COUNTRY_COLUMNS),
-    ["DE", "Germany", "112", "112", "de-DE", "test", ""],
-    ["FR", "France", "112", "+33140000000", "fr-FR", "test", ""],
-    ["US", "United States", "911", "911", "en-US", "test", ""],
+    ["DE", "Germany", "112", "", "", "de-DE", "test", ""],
+    ["FR", "France", "112", "+33140000000", "+33140000001", "fr-FR", "test", ""],
+    ["US", "United States", "911", "", "", "en-US", "test", ""],
 ]
+
+
+def _country(code: str, psap: str = "", caller_id: str = "", *, emergency: str = "112",
+             language: str = "de-DE", source: str = "test") -> list[str]:
+    return [code, code, emergency, psap, caller_id, language, source, ""]
 
 
 def _centre(cid: str, countries: str, priority: int, n: int) -> list[str]:
@@ -309,24 +396,70 @@ GOOD_CENTRES = [
     _centre("star-9", "*", 9, 5),
 ]
 
+GOOD_INBOUND = [
+    list(INBOUND_COLUMNS),
+    ["+442079460900", "emergency", "*", "test"],
+    ["+442079460901", "roadside", "*", "test"],
+    ["+12025550150", "emergency", "US", "test"],
+]
 
-def _write(directory: pathlib.Path, countries: list[list[str]], centres: list[list[str]]) -> None:
+GOOD_TWILIO = [
+    list(TWILIO_EMERGENCY_COLUMNS),
+    ["US", "911 933", "yes", "test"],
+    ["DE", "112", "no", "test"],
+]
+
+
+def _write(
+    directory: pathlib.Path,
+    countries: list[list[str]] = GOOD_COUNTRIES,
+    centres: list[list[str]] = GOOD_CENTRES,
+    inbound: list[list[str]] = GOOD_INBOUND,
+    twilio: list[list[str]] = GOOD_TWILIO,
+) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("countries.csv", countries), ("centres.csv", centres)):
+    files = {"countries.csv": countries, "centres.csv": centres, "inbound.csv": inbound,
+             "twilio_emergency.csv": twilio}
+    for name, rows in files.items():
         with (directory / name).open("w", encoding="utf-8", newline="") as handle:
             csv.writer(handle, lineterminator="\n").writerows(rows)
 
 
 def test_temp_plan_loads(tmp_path: pathlib.Path) -> None:
-    _write(tmp_path, GOOD_COUNTRIES, GOOD_CENTRES)
+    _write(tmp_path)
     plan = load_plan(tmp_path)
     assert plan.countries() == ["DE", "FR", "US"]
-    assert plan.entry("fr").fallback_dial == "+33140000000"
+    fr = plan.entry("fr")
+    assert (fr.psap_number, fr.psap_caller_id) == ("+33140000000", "+33140000001")
+    assert plan.entry("DE").psap_number == ""
     assert plan.source == str(tmp_path)
+    assert plan.twilio_emergency("us") == TwilioEmergency("US", ("911", "933"), True, "test")
+    assert plan.twilio_emergency("DE") == TwilioEmergency("DE", ("112",), False, "test")
+    assert plan.twilio_emergency("FR") is None
+    assert [n.number for n in plan.inbound] == ["+442079460900", "+442079460901",
+                                                "+12025550150"]
+    assert plan.inbound_for("emergency", "US") == InboundNumber(
+        "+12025550150", "emergency", "US", "test")
+    assert plan.inbound_for("emergency", "DE") == InboundNumber(
+        "+442079460900", "emergency", "*", "test")
+    assert plan.inbound_for("owner", "DE") is None
+
+
+def test_psap_number_without_caller_id_passes_the_car_through(tmp_path: pathlib.Path) -> None:
+    _write(tmp_path, GOOD_COUNTRIES + [_country("AT", "+4315551234")])
+    at = load_plan(tmp_path).entry("AT")
+    assert (at.psap_number, at.psap_caller_id) == ("+4315551234", "")
+
+
+def test_inbound_may_be_empty(tmp_path: pathlib.Path) -> None:
+    # the loader accepts it; `assist-gateway check` refuses a plan with no emergency number
+    _write(tmp_path, inbound=[list(INBOUND_COLUMNS)], twilio=[list(TWILIO_EMERGENCY_COLUMNS)])
+    plan = load_plan(tmp_path)
+    assert plan.inbound == () and plan.twilio_emergency("US") is None
 
 
 def test_centres_for_ordering(tmp_path: pathlib.Path) -> None:
-    _write(tmp_path, GOOD_COUNTRIES, GOOD_CENTRES)
+    _write(tmp_path)
     plan = load_plan(tmp_path)
     # priority first; at equal priority specific centres before "*"; then centre_id
     assert [c.centre_id for c in plan.centres_for("de")] == [
@@ -351,72 +484,91 @@ def _bad(rows: list[list[str]], line: int, change: list[str] | None) -> list[lis
     return out
 
 
+def _expect(tmp_path: pathlib.Path, file: str, line: int | None, reason: str) -> None:
+    """load_plan refuses the plan with ``<dir>/<file>:<line>: ...reason...``."""
+    with pytest.raises(PlanError) as info:
+        load_plan(tmp_path)
+    message = str(info.value)
+    where = str(tmp_path / file) + (f":{line}:" if line is not None else ":")
+    assert message.startswith(where), message
+    assert reason in message, message
+
+
 COUNTRY_ERRORS = [
     pytest.param(
-        [r[:5] + r[6:] for r in GOOD_COUNTRIES], 1, "missing column(s) source", id="missing-column"
+        [r[:6] + r[7:] for r in GOOD_COUNTRIES], 1, "missing column(s) source", id="missing-column"
     ),
     pytest.param(
-        _bad(GOOD_COUNTRIES, 3, ["FR", "France", "112", "+3312", "fr-FR", "test", ""]),
+        [r[:3] + r[5:] for r in GOOD_COUNTRIES], 1,
+        "missing column(s) psap_number, psap_caller_id", id="old-format",
+    ),
+    pytest.param(
+        _bad(GOOD_COUNTRIES, 3, ["FR", "France", "112", "+3312", "", "fr-FR", "test", ""]),
         3,
-        "fallback_dial '+3312'",
-        id="invalid-e164",
+        "psap_number '+3312' for FR",
+        id="invalid-psap-number",
     ),
     pytest.param(
-        _bad(GOOD_COUNTRIES, 3, ["FR", "France", "112", "+44 20 7946 0100", "fr-FR", "t", ""]),
+        _bad(GOOD_COUNTRIES, 3, ["FR", "France", "112", "112", "", "fr-FR", "test", ""]),
+        3,
+        "psap_number '112' for FR is not in E.164 form",
+        id="short-psap-number",
+    ),
+    pytest.param(
+        _bad(GOOD_COUNTRIES, 3, ["FR", "France", "112", "+44 20 7946 0100", "", "fr-FR", "t",
+                                 ""]),
         3,
         "E.164",
-        id="e164-with-spaces",
+        id="psap-with-spaces",
     ),
     pytest.param(
-        GOOD_COUNTRIES + [["DE", "Germany again", "112", "112", "de-DE", "test", ""]],
+        _bad(GOOD_COUNTRIES, 3, ["FR", "France", "112", "+33140000000", "+3314", "fr-FR", "t",
+                                 ""]),
+        3,
+        "psap_caller_id '+3314' for FR",
+        id="invalid-psap-caller-id",
+    ),
+    pytest.param(
+        _bad(GOOD_COUNTRIES, 3, ["FR", "France", "112", "", "+33140000001", "fr-FR", "t", ""]),
+        3,
+        "psap_caller_id for FR needs a psap_number",
+        id="caller-id-without-psap",
+    ),
+    pytest.param(
+        GOOD_COUNTRIES + [_country("DE")],
         5,
         "duplicate country DE (first given on line 2)",
         id="duplicate-country",
     ),
     pytest.param(
-        _bad(GOOD_COUNTRIES, 2, ["de", "Germany", "112", "112", "de-DE", "test", ""]),
-        2,
-        "two upper-case letters",
-        id="lower-case-code",
+        _bad(GOOD_COUNTRIES, 2, _country("de")), 2, "two upper-case letters", id="lower-case-code"
     ),
     pytest.param(
-        _bad(GOOD_COUNTRIES, 2, ["DEU", "Germany", "112", "112", "de-DE", "test", ""]),
-        2,
-        "two upper-case letters",
-        id="alpha-3-code",
+        _bad(GOOD_COUNTRIES, 2, _country("DEU")), 2, "two upper-case letters", id="alpha-3-code"
     ),
     pytest.param(
-        _bad(GOOD_COUNTRIES, 4, ["US", "United States", "9-1-1", "911", "en-US", "t", ""]),
+        _bad(GOOD_COUNTRIES, 4, _country("US", emergency="9-1-1")),
         4,
         "digits only",
         id="emergency-not-digits",
     ),
     pytest.param(
-        _bad(GOOD_COUNTRIES, 4, ["US", "United States", "", "911", "en-US", "t", ""]),
+        _bad(GOOD_COUNTRIES, 4, _country("US", emergency="")),
         4,
         "emergency_number is empty",
         id="emergency-empty",
     ),
     pytest.param(
-        _bad(GOOD_COUNTRIES, 4, ["US", "United States", "911", "9x1", "en-US", "t", ""]),
+        _bad(GOOD_COUNTRIES, 4, _country("US")[:7]),
         4,
-        "fallback_dial '9x1'",
-        id="fallback-garbage",
-    ),
-    pytest.param(
-        _bad(GOOD_COUNTRIES, 4, ["US", "United States", "911", "911", "en-US", "t"]),
-        4,
-        "expected 7 fields, found 6",
+        "expected 8 fields, found 7",
         id="short-row",
     ),
     pytest.param(
-        _bad(GOOD_COUNTRIES, 4, ["US", "United States", "911", "911", "en-US", "", ""]),
-        4,
-        "source is empty",
-        id="no-source",
+        _bad(GOOD_COUNTRIES, 4, _country("US", source="")), 4, "source is empty", id="no-source"
     ),
     pytest.param(
-        _bad(GOOD_COUNTRIES, 4, ["US", "United States", "911", "911", "English", "t", ""]),
+        _bad(GOOD_COUNTRIES, 4, _country("US", language="English")),
         4,
         "language 'English'",
         id="bad-language",
@@ -429,13 +581,9 @@ COUNTRY_ERRORS = [
 def test_countries_errors(
     tmp_path: pathlib.Path, countries: list[list[str]], line: int | None, reason: str
 ) -> None:
-    _write(tmp_path, countries, GOOD_CENTRES)
-    with pytest.raises(PlanError) as info:
-        load_plan(tmp_path)
-    message = str(info.value)
-    where = str(tmp_path / "countries.csv") + (f":{line}:" if line is not None else ":")
-    assert message.startswith(where), message
-    assert reason in message
+    # no twilio_emergency rows: its check needs the countries
+    _write(tmp_path, countries, twilio=[list(TWILIO_EMERGENCY_COLUMNS)])
+    _expect(tmp_path, "countries.csv", line, reason)
 
 
 CENTRE_ERRORS = [
@@ -503,18 +651,117 @@ CENTRE_ERRORS = [
 def test_centres_errors(
     tmp_path: pathlib.Path, centres: list[list[str]], line: int, reason: str
 ) -> None:
-    _write(tmp_path, GOOD_COUNTRIES, centres)
-    with pytest.raises(PlanError) as info:
-        load_plan(tmp_path)
-    message = str(info.value)
-    assert message.startswith(f"{tmp_path / 'centres.csv'}:{line}:"), message
-    assert reason in message
+    _write(tmp_path, centres=centres)
+    _expect(tmp_path, "centres.csv", line, reason)
+
+
+INBOUND_ERRORS = [
+    pytest.param(
+        [r[:1] + r[2:] for r in GOOD_INBOUND], 1, "missing column(s) service", id="missing-column"
+    ),
+    pytest.param(
+        _bad(GOOD_INBOUND, 3, ["+442079460901", "breakdown", "*", "test"]),
+        3,
+        "service 'breakdown' is not one of emergency, roadside, owner",
+        id="unknown-service",
+    ),
+    pytest.param(
+        GOOD_INBOUND + [["+442079460900", "owner", "*", "test"]],
+        5,
+        "duplicate number +442079460900 (first given on line 2)",
+        id="duplicate-number",
+    ),
+    pytest.param(
+        _bad(GOOD_INBOUND, 2, ["02079460900", "emergency", "*", "test"]),
+        2,
+        "number '02079460900' is not in E.164 form",
+        id="national-format",
+    ),
+    pytest.param(
+        _bad(GOOD_INBOUND, 2, ["+447700900123", "emergency", "*", "test"]),
+        2,
+        "number '+447700900123' is not a valid number",
+        id="invalid-number",
+    ),
+    pytest.param(
+        _bad(GOOD_INBOUND, 4, ["+12025550150", "emergency", "UK", "test"]),
+        4,
+        "country 'UK' is neither '*' nor a known country code",
+        id="unknown-country",
+    ),
+    pytest.param(
+        _bad(GOOD_INBOUND, 4, ["+12025550150", "", "US", "test"]),
+        4,
+        "service is empty",
+        id="no-service",
+    ),
+    pytest.param(
+        _bad(GOOD_INBOUND, 4, ["+12025550150", "emergency", "US", ""]),
+        4,
+        "source is empty",
+        id="no-source",
+    ),
+]
+
+
+@pytest.mark.parametrize(("inbound", "line", "reason"), INBOUND_ERRORS)
+def test_inbound_errors(
+    tmp_path: pathlib.Path, inbound: list[list[str]], line: int, reason: str
+) -> None:
+    _write(tmp_path, inbound=inbound)
+    _expect(tmp_path, "inbound.csv", line, reason)
+
+
+TWILIO_ERRORS = [
+    pytest.param(
+        [r[:2] + r[3:] for r in GOOD_TWILIO], 1, "missing column(s) address_required",
+        id="missing-column",
+    ),
+    pytest.param(
+        GOOD_TWILIO + [["GB", "999 112", "yes", "test"]],
+        4,
+        "country 'GB' has no row in countries.csv",
+        id="country-not-in-plan",
+    ),
+    pytest.param(
+        GOOD_TWILIO + [["US", "911", "yes", "test"]],
+        4,
+        "duplicate country US (first given on line 2)",
+        id="duplicate-country",
+    ),
+    pytest.param(
+        _bad(GOOD_TWILIO, 3, ["DE", "112", "true", "test"]),
+        3,
+        "address_required 'true' for DE must be yes or no",
+        id="bad-address-required",
+    ),
+    pytest.param(
+        _bad(GOOD_TWILIO, 3, ["DE", "112 +49110", "no", "test"]),
+        3,
+        "numbers +49110 for DE are not short numbers",
+        id="long-number",
+    ),
+    pytest.param(
+        _bad(GOOD_TWILIO, 3, ["DE", "", "no", "test"]), 3, "numbers is empty", id="no-numbers"
+    ),
+    pytest.param(
+        _bad(GOOD_TWILIO, 3, ["DE", "112", "no", ""]), 3, "source is empty", id="no-source"
+    ),
+]
+
+
+@pytest.mark.parametrize(("twilio", "line", "reason"), TWILIO_ERRORS)
+def test_twilio_emergency_errors(
+    tmp_path: pathlib.Path, twilio: list[list[str]], line: int, reason: str
+) -> None:
+    _write(tmp_path, twilio=twilio)
+    _expect(tmp_path, "twilio_emergency.csv", line, reason)
 
 
 def test_centre_may_name_a_known_country_without_a_row(tmp_path: pathlib.Path) -> None:
     # A plan may leave a country out (routing then uses DEFAULT_EMERGENCY);
     # its centres still serve it.
-    _write(tmp_path, GOOD_COUNTRIES, GOOD_CENTRES + [_centre("nordic", "SE DK", 1, 6)])
+    _write(tmp_path, centres=GOOD_CENTRES + [_centre("nordic", "SE DK", 1, 6)])
     plan = load_plan(tmp_path)
     assert plan.get("SE") is None
     assert [c.centre_id for c in plan.centres_for("se")] == ["nordic", "star-1", "star-9"]
@@ -523,33 +770,36 @@ def test_centre_may_name_a_known_country_without_a_row(tmp_path: pathlib.Path) -
 def test_line_numbers_count_quoted_newlines(tmp_path: pathlib.Path) -> None:
     text = (
         ",".join(COUNTRY_COLUMNS) + "\n"
-        'DE,"Germany,\nFederal Republic",112,112,de-DE,test,\n'
-        "FR,France,112,+3312,fr-FR,test,\n"
+        'DE,"Germany,\nFederal Republic",112,,,de-DE,test,\n'
+        "FR,France,112,+3312,,fr-FR,test,\n"
     )
-    _write(tmp_path, GOOD_COUNTRIES, GOOD_CENTRES)
+    _write(tmp_path)
     (tmp_path / "countries.csv").write_text(text, encoding="utf-8")
-    with pytest.raises(PlanError, match=r"countries\.csv:4: fallback_dial"):
+    with pytest.raises(PlanError, match=r"countries\.csv:4: psap_number"):
         load_plan(tmp_path)
 
 
-def test_missing_files(tmp_path: pathlib.Path) -> None:
+@pytest.mark.parametrize(
+    "name", ["countries.csv", "centres.csv", "inbound.csv", "twilio_emergency.csv"]
+)
+def test_missing_files(tmp_path: pathlib.Path, name: str) -> None:
     with pytest.raises(PlanError, match="directory not found"):
         load_plan(tmp_path / "nowhere")
-    _write(tmp_path, GOOD_COUNTRIES, GOOD_CENTRES)
-    (tmp_path / "centres.csv").unlink()
-    with pytest.raises(PlanError, match=r"centres\.csv: file not found"):
+    _write(tmp_path)
+    (tmp_path / name).unlink()
+    with pytest.raises(PlanError, match=re.escape(f"{tmp_path / name}: file not found")):
         load_plan(tmp_path)
 
 
 def test_empty_file(tmp_path: pathlib.Path) -> None:
-    _write(tmp_path, GOOD_COUNTRIES, GOOD_CENTRES)
+    _write(tmp_path)
     (tmp_path / "countries.csv").write_text("", encoding="utf-8")
     with pytest.raises(PlanError, match=r"countries\.csv:1: file is empty"):
         load_plan(tmp_path)
 
 
 def test_blank_lines_and_bom_are_tolerated(tmp_path: pathlib.Path) -> None:
-    _write(tmp_path, GOOD_COUNTRIES, GOOD_CENTRES)
+    _write(tmp_path)
     path = tmp_path / "countries.csv"
     path.write_text("\ufeff" + path.read_text(encoding="utf-8") + "\n\n", encoding="utf-8")
     assert len(load_plan(tmp_path)) == 3
