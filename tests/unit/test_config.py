@@ -23,8 +23,7 @@ def test_defaults_run_on_the_embedded_store() -> None:
         ({**TOKEN, "GATEWAY_RING_TIMEOUT_S": "2"}, "GATEWAY_RING_TIMEOUT_S"),
         ({**TOKEN, "GATEWAY_DIAL_ATTEMPTS": "two"}, "GATEWAY_DIAL_ATTEMPTS"),
         ({**TOKEN, "GATEWAY_DELIVERY_BACKOFF_MAX_S": "nan"}, "GATEWAY_DELIVERY_BACKOFF_MAX_S"),
-        ({**TOKEN, "GATEWAY_VOICE_NUMBER": "12345"}, "GATEWAY_VOICE_NUMBER"),
-        ({**TOKEN, "GATEWAY_IVR_NUMBERS": "+4420794609991234"}, "GATEWAY_IVR_NUMBERS"),
+        ({**TOKEN, "GATEWAY_EMERGENCY_CALLER_IDS": "+4420794"}, "GATEWAY_EMERGENCY_CALLER_IDS"),
         ({**TOKEN, "GATEWAY_AGENT_API_TOKENS": "a" * 20 + ":admin"}, "GATEWAY_AGENT_API_TOKENS"),
         ({**TOKEN, "GATEWAY_ROADSIDE_FREE_MARKETS": "UK"}, "GATEWAY_ROADSIDE_FREE_MARKETS"),
         ({**TOKEN, "GATEWAY_PIN_SCRYPT_N": "1000"}, "GATEWAY_PIN_SCRYPT_N"),
@@ -45,3 +44,57 @@ def test_agent_tokens_carry_roles() -> None:
                                   "a" * 20 + ":read+dispatch," + "b" * 20})
     assert settings.agent_api_tokens["a" * 20] == {"read", "dispatch"}
     assert settings.agent_api_tokens["b" * 20] == {"read"}
+
+
+# -- emergency caller IDs -----------------------------------------------------------------
+
+
+def test_no_emergency_caller_ids_by_default() -> None:
+    assert dict(Settings.from_env(TOKEN).emergency_caller_ids) == {}
+
+
+def test_emergency_caller_ids_are_keyed_by_their_country() -> None:
+    settings = Settings.from_env({**TOKEN, "GATEWAY_EMERGENCY_CALLER_IDS":
+                                  " +442079460555 , +4930901820,+1 202 555 0123"})
+    assert dict(settings.emergency_caller_ids) == {
+        "GB": "+442079460555", "DE": "+4930901820", "US": "+12025550123"}
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("+442079460555,+441614960555",
+         "two caller IDs for GB (+442079460555, +441614960555)"),
+        ("+442079460555,02079460555", "'02079460555' is not an E.164 number"),
+        ("+4412", "'+4412' is not a valid phone number"),
+        ("+80012345678", "'+80012345678' belongs to no country"),  # international freephone
+    ],
+    ids=["two-for-one-country", "national-format", "invalid", "non-geographic"],
+)
+def test_bad_emergency_caller_ids_are_refused(value: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({**TOKEN, "GATEWAY_EMERGENCY_CALLER_IDS": value})
+    assert str(info.value).startswith("GATEWAY_EMERGENCY_CALLER_IDS: ")
+    assert reason in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "replacement"),
+    [
+        ("GATEWAY_VOICE_NUMBER", "+442079460900", "inbound.csv"),
+        ("GATEWAY_IVR_NUMBERS", "+442079460902", "inbound.csv (service owner)"),
+        ("GATEWAY_EMERGENCY_CALLER_ID", "+442079460555", "set GATEWAY_EMERGENCY_CALLER_IDS"),
+    ],
+)
+def test_replaced_variables_are_refused_naming_the_replacement(
+        variable: str, value: str, replacement: str) -> None:
+    # also without the auth token (the CLI reads settings that way): refused first
+    for env in ({**TOKEN, variable: value}, {variable: value}):
+        with pytest.raises(ConfigError) as info:
+            Settings.from_env(env, require_auth_token=False)
+        assert str(info.value).startswith(f"{variable}: no longer read; ")
+        assert replacement in str(info.value)
+
+
+def test_an_empty_replaced_variable_is_ignored() -> None:
+    assert Settings.from_env({**TOKEN, "GATEWAY_VOICE_NUMBER": " "}).twilio_auth_token
