@@ -38,8 +38,15 @@ def _parser() -> argparse.ArgumentParser:
     locate.add_argument("lon", nargs="?", type=_coordinate("longitude", 180))
     locate.add_argument("--csv", action="store_true",
                         help="read lat,lon lines on stdin; write lat,lon,country,emergency_number,"
-                             "fallback_dial lines")
+                             "fallback_dial lines (fallback_dial empty: the call is handed back "
+                             "to the car)")
     locate.add_argument("--msisdn", help="the car's SIM number (E.164), used at sea")
+
+    check = sub.add_parser(
+        "check", help="the emergency route of every country of the plan with the configured "
+                      "caller IDs; exit 1 if the configuration is invalid")
+    check.add_argument("--json", action="store_true",
+                       help="print a JSON array, one object per country")
 
     serve = sub.add_parser("serve", help="serve the gateway with a WSGI server (waitress)")
     serve.add_argument("--host", default="127.0.0.1")
@@ -61,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "locate":
             return _locate(args, sys.stdin, sys.stdout)
+        if args.command == "check":
+            return _check(args, sys.stdout, sys.stderr)
         if args.command == "serve":
             return _serve(args)
         if args.command == "worker":
@@ -82,9 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _locate(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
+    from gateway.calls.call_plan import emergency_route
     from gateway.geo import load_locator
     from gateway.plan import load_plan
-    from gateway.routing import choose_country, emergency_route
+    from gateway.routing import choose_country
 
     settings = Settings.from_env(require_auth_token=False)
     locator = load_locator(settings.boundaries_path)
@@ -93,17 +103,20 @@ def _locate(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
     def resolve(lat: float, lon: float) -> dict[str, object]:
         choice = choose_country(lat, lon, locator=locator, last_known=lambda: None,
                                 msisdn=args.msisdn)
-        route = emergency_route(choice.country, plan)
+        route = emergency_route(choice.country, plan, settings.emergency_caller_ids)
+        entry = plan.get(choice.country) if choice.country else None
         return {
             "lat": lat,
             "lon": lon,
             "country": choice.location_country,
             "route_country": choice.country,
             "emergency_number": route.emergency_number,
-            "fallback_dial": route.fallback_dial,
+            "fallback_dial": route.fallback_dial,  # None: the gateway hands the call back
+            "completable": route.completable,
+            "why": route.why,
             "reason": choice.reason,
             "boundary_source": locator.source,
-            "number_source": route.source,
+            "number_source": entry.source if entry is not None else "plan default (112)",
         }
 
     if not args.csv:
@@ -127,8 +140,79 @@ def _locate(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
             continue
         found = resolve(lat, lon)
         stdout.write(f"{raw_lat},{raw_lon},{found['country'] or ''},"
-                     f"{found['emergency_number']},{found['fallback_dial']}\n")
+                     f"{found['emergency_number']},{found['fallback_dial'] or ''}\n")
     return status
+
+
+def _check(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+    """One row per country: its emergency route and whether the gateway can complete it.
+
+    Exit 1 when the configuration is invalid: the settings or the plan do not load,
+    a caller ID belongs to a country where Twilio places no emergency calls, or
+    ``inbound.csv`` lists no emergency number.  Countries that only hand back are
+    reported, not an error: the car then dials the emergency number itself.
+    """
+    from gateway.calls.call_plan import emergency_route
+    from gateway.calls.inbound import EMERGENCY
+    from gateway.plan import TWILIO_EMERGENCY_FILE, load_plan
+
+    try:
+        settings = Settings.from_env(require_auth_token=False)
+        plan = load_plan(settings.number_plan_dir)
+    except GatewayError as exc:  # ConfigError, PlanError
+        print(f"invalid configuration: {exc}", file=stderr)
+        return 1
+    problems = [
+        f"GATEWAY_EMERGENCY_CALLER_IDS: {number} is a caller ID of {country}, where Twilio "
+        f"places no emergency calls (not in {TWILIO_EMERGENCY_FILE}; countries there: "
+        f"{' '.join(plan.twilio_emergency_countries())})"
+        for country, number in sorted(settings.emergency_caller_ids.items())
+        if plan.twilio_emergency(country) is None
+    ]
+    if not any(n.service == EMERGENCY for n in plan.inbound):
+        problems.append(f"{plan.source}: inbound.csv lists no {EMERGENCY} number; the cars' "
+                        "SOS and crash calls would reach no one")
+
+    rows: list[dict[str, object]] = []
+    for country in plan.countries():
+        route = emergency_route(country, plan, settings.emergency_caller_ids)
+        fallback: dict[str, object] = {"kind": "hand_back"}
+        if route.dials:
+            number, caller_id = route.dials[0]
+            fallback = {"kind": "dial", "number": number, "caller_id": caller_id}
+        rows.append({"country": country, "emergency_number": route.emergency_number,
+                     "fallback": fallback, "completable": route.completable,
+                     "why": route.why})
+    if args.json:
+        stdout.write(json.dumps(rows, ensure_ascii=False, indent=2) + "\n")
+    else:
+        _check_table(rows, stdout)
+    for country, number in sorted(settings.emergency_caller_ids.items()):
+        twilio = plan.twilio_emergency(country)
+        if twilio is not None and twilio.address_required:
+            print(f"note: Twilio routes {country} emergency calls by the address registered "
+                  f"for {number}; register it with Twilio", file=stderr)
+    for problem in problems:
+        print(f"invalid: {problem}", file=stderr)
+    return 1 if problems else 0
+
+
+def _check_table(rows: list[dict[str, object]], out: TextIO) -> None:
+    def fallback(dial: object) -> str:
+        if not isinstance(dial, dict) or dial.get("kind") != "dial":
+            return "hand back"
+        return f"dial {dial['number']}" + (f" from {dial['caller_id']}"
+                                          if dial.get("caller_id") else "")
+
+    table = [("country", "emergency", "fallback", "completable", "why")] + [
+        (str(r["country"]), str(r["emergency_number"]), fallback(r["fallback"]),
+         "yes" if r["completable"] else "no", str(r["why"])) for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(4)]
+    out.writelines("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=False))
+                   + "  " + line[4] + "\n" for line in table)
+    hand_back = sum(1 for r in rows if not r["completable"])
+    out.write(f"{len(rows)} countries, {hand_back} only hand back to the car "
+              f"(it dials the emergency number itself); {len(rows) - hand_back} dial\n")
 
 
 def _serve(args: argparse.Namespace) -> int:
