@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from flask import Blueprint, Response, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.app import services
+from gateway.calls.call_plan import emergency_route
 from gateway.errors import StoreError
+from gateway.plan import NumberPlan
 from gateway.security import public
 
 bp = Blueprint("ops", __name__)
@@ -24,7 +27,11 @@ def healthz() -> Any:
 @bp.get("/readyz")
 @public
 def readyz() -> Any:
-    """Ready when the database answers and the plan and boundary data are loaded."""
+    """Ready when the database answers and the plan and boundary data are loaded.
+
+    ``emergency_routes`` counts the countries whose emergency route only hands the call
+    back to the car: a warning for the operator, not a reason to refuse traffic.
+    """
     svc = services()
     checks: dict[str, str] = {}
     try:
@@ -36,6 +43,7 @@ def readyz() -> Any:
         f"ok ({len(svc.plan)} countries)" if svc.plan is not None
         else f"not loaded: {svc.problems.get('number_plan', 'unknown')}"
     )
+    checks["emergency_routes"] = _emergency_routes(svc.plan, svc.settings.emergency_caller_ids)
     checks["boundaries"] = (
         "ok" if svc.locator is not None
         else f"not loaded: {svc.problems.get('boundaries', 'unknown')}"
@@ -44,6 +52,14 @@ def readyz() -> Any:
     response = jsonify(status="ready" if ready else "not ready", checks=checks)
     response.status_code = 200 if ready else 503
     return response
+
+
+def _emergency_routes(plan: NumberPlan | None, caller_ids: Mapping[str, str]) -> str:
+    if plan is None:
+        return "unknown: the number plan is not loaded"
+    total = len(plan)
+    dial = sum(1 for c in plan.countries() if emergency_route(c, plan, caller_ids).completable)
+    return f"ok ({dial} of {total} countries dial; {total - dial} hand back to the car)"
 
 
 @bp.get("/metrics")

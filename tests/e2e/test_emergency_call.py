@@ -89,7 +89,7 @@ def test_readyz_reports_every_dependency(gateway: GatewayProcess) -> None:
 
     body = requests.get(gateway.base_url + "/readyz", timeout=5).json()
     assert body["status"] == "ready"
-    assert set(body["checks"]) == {"database", "number_plan", "boundaries"}
+    assert set(body["checks"]) == {"database", "number_plan", "emergency_routes", "boundaries"}
 
 
 def test_logs_carry_the_call_sid(gateway: GatewayProcess, tmp_path: Path) -> None:
