@@ -259,8 +259,9 @@ class Arrival:
 
 
 def start(arrival: Arrival, *, plan: NumberPlan | None, policy: VoicePolicy,
-          caller_ids: Mapping[str, str]) -> Step:
-    """The first step of a new call."""
+          caller_ids: Mapping[str, str], now: float | None = None) -> Step:
+    """The first step of a new call, at ``now`` (default: its arrival; later when the
+    first answer failed and Twilio asked the Fallback URL)."""
     lines, skipped = centre_lines(arrival.home, arrival.where, plan, arrival.down)
     call = CallPlan(service=arrival.service, t0=int(arrival.now), home=arrival.home or "",
                     where=arrival.where or "", lines=lines, incident=arrival.incident_id or "",
@@ -268,8 +269,8 @@ def start(arrival: Arrival, *, plan: NumberPlan | None, policy: VoicePolicy,
     why = f"{arrival.service} call; route country {arrival.where or 'unknown'} ({arrival.where_reason})"
     if skipped:
         why += f"; known down: {', '.join(skipped)}"
-    return next_step(call, plan=plan, policy=policy, caller_ids=caller_ids, now=arrival.now,
-                     why=why)
+    return next_step(call, plan=plan, policy=policy, caller_ids=caller_ids,
+                     now=arrival.now if now is None else now, why=why)
 
 
 def centre_answered(dial_status: str, dial_bridged: str | None, accepted: bool | None) -> bool:

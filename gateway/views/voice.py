@@ -24,7 +24,7 @@ from dataclasses import replace
 from typing import Any, TypeVar, cast
 from urllib.parse import parse_qs, urlsplit
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response, g, request
 
 from gateway import twiml
 from gateway.app import services
@@ -144,7 +144,7 @@ def render(step: Step, *, name: str, record: bool = True,
     svc = services()
     call = step.plan
     status_url = action_url("voice.status", {"i": call.incident} if call.incident else None)
-    command = None
+    command = callback = None
     decision: dict[str, Any]
     if isinstance(step, RingCentre):
         result = "voice.roadside_result" if call.service == ROADSIDE else "voice.dial_result"
@@ -171,6 +171,9 @@ def render(step: Step, *, name: str, record: bool = True,
     elif isinstance(step, Callback):
         response = twiml.say_and_hangup("callback", language=call.language or None)
         decision = {"target": "callback", "number": None}
+        callback = {"call_sid": call.caller or request.form.get("CallSid", ""),
+                    "number": e164(request.form.get("From")), "vin": None,
+                    "incident_id": call.incident or None, "reason": step.reason[:300]}
     else:
         assert isinstance(step, Finish)
         response = twiml.hangup()
@@ -182,7 +185,7 @@ def render(step: Step, *, name: str, record: bool = True,
         svc.steps.submit(StepRecord(call_sid=call_sid, step=name,
                                     incident_id=call.incident or None, twiml=body,
                                     detail=dict(detail or {}), decision=decision,
-                                    health=health, command=command))
+                                    health=health, command=command, callback=callback))
     return twiml_response(body)
 
 
@@ -194,9 +197,9 @@ def _failsafe_step(reason: str) -> Step:
     emergency call goes straight to its emergency legs, a roadside call to a callback."""
     plan, policy, caller_ids = _policy()
     call = CallPlan.from_params(request.args)
-    inbound = classify(request.form.get("To"), plan)
-    service = ROADSIDE if inbound.service in (ROADSIDE, OWNER) else call.service
+    service = _service_of_request()
     if not call.t0:
+        inbound = classify(request.form.get("To"), plan)
         arrival = _arrival_from_call(service, inbound.country, _now())
         call = CallPlan(service=service, t0=int(arrival.now), home=arrival.home or "",
                         where=arrival.where or "", language=arrival.language or "",
@@ -206,6 +209,15 @@ def _failsafe_step(reason: str) -> Step:
     call = replace(call, service=EMERGENCY, k=len(call.lines))  # no more centre legs
     return call_plan.next_step(call, plan=plan, policy=policy, caller_ids=caller_ids,
                                now=_now(), why=reason)
+
+
+def _service_of_request() -> str:
+    """The call's service as far as this request has shown it: the number called (once
+    classified), else the plan in the URL.  Unknown: an emergency (fail open)."""
+    known = g.get("service")
+    if known is not None:
+        return ROADSIDE if known in (ROADSIDE, OWNER) else EMERGENCY
+    return ROADSIDE if request.args.get("s") == "r" else EMERGENCY
 
 
 def caller_leg(view: F) -> F:
@@ -224,13 +236,25 @@ def caller_leg(view: F) -> F:
                 return render(step, name=f"failsafe:{request.path.rsplit('/', 1)[-1]}")
             except Exception:
                 log.exception("fail-safe answer failed; answering with the last resort")
-            if CallPlan.from_params(request.args).service == ROADSIDE:
+            if _service_of_request() == ROADSIDE:  # never an emergency number
+                _submit_last_resort_callback()
                 return twiml_response(twiml.say_and_hangup("callback", language=None))
             return twiml_response(twiml.LAST_RESORT)
         finally:
             call_sid_var.reset(token)
 
     return cast(F, wrapper)
+
+
+def _submit_last_resort_callback() -> None:
+    call_sid = request.form.get("CallSid", "")
+    try:
+        services().steps.submit(StepRecord(
+            call_sid=call_sid, step="last-resort", incident_id=None, twiml="", detail={},
+            callback={"call_sid": call_sid, "number": e164(request.form.get("From")),
+                      "vin": None, "incident_id": None, "reason": "handler error"}))
+    except Exception:
+        log.exception("could not queue the callback")
 
 
 def agent_leg(view: F) -> F:
@@ -261,6 +285,7 @@ def incoming() -> Response:
     """The Voice URL of every gateway number: the number called says what the call is."""
     plan, policy, caller_ids = _policy()
     inbound = classify(request.form.get("To"), plan)
+    g.service = inbound.service
     caller = e164(request.form.get("From"))
     if inbound.service == OWNER:
         from gateway.views import ivr
@@ -354,14 +379,16 @@ def fallback() -> Response:
     code = request.form.get("ErrorCode", "") or "?"
     log.warning("fallback URL requested (ErrorCode %s)", code)
     inbound = classify(request.form.get("To"), plan)
+    g.service = ROADSIDE if call.t0 and call.service == ROADSIDE else inbound.service
     name = f"fallback:{error_url.path.rsplit('/', 1)[-1]}:{call.k}:{call.e}"
     why = f"Twilio fallback (error {code})"
     if not call.t0:  # the first step failed: Twilio waited up to its whole timeout
         service = ROADSIDE if inbound.service in (ROADSIDE, OWNER) else EMERGENCY
-        arrival = replace(_arrival_from_call(service, inbound.country, _now()),
-                          now=_now() - TWILIO_WEBHOOK_TIMEOUT_S)
-        return render(call_plan.start(arrival, plan=plan, policy=policy,
-                                      caller_ids=caller_ids), name=name, detail={"why": why})
+        now = _now()
+        arrival = replace(_arrival_from_call(service, inbound.country, now),
+                          now=now - TWILIO_WEBHOOK_TIMEOUT_S)
+        return render(call_plan.start(arrival, plan=plan, policy=policy, caller_ids=caller_ids,
+                                      now=now), name=name, detail={"why": why})
     status = request.form.get("DialCallStatus", "")
     if error_url.path.endswith("/emergency-result"):
         answered = call_plan.emergency_answered(status)
