@@ -47,6 +47,8 @@ class Services:
     #: durable vehicle commands, done when the car confirms (gateway.commands.CommandQueue)
     command_queue: Any = None
     market_rule: Any = None
+    #: voice steps written after the answer (gateway.steps.StepWriter)
+    steps: Any = None
     #: what failed to load at start-up (the app still serves the emergency path)
     problems: dict[str, str] = field(default_factory=dict)
 
@@ -157,6 +159,11 @@ def create_app(
 
     command_queue = CommandQueue(store, commands, clock=clock, poll_s=settings.delivery.poll_s)
 
+    from gateway.steps import StepWriter
+
+    metrics = Metrics()
+    steps = StepWriter(store, health=health, metrics=metrics)  # its thread starts on first use
+
     app = Flask("gateway")
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
     app.extensions["gateway"] = Services(
@@ -170,12 +177,13 @@ def create_app(
         outbox_rows=delivery.outbox_rows,
         on_incident=(lambda _incident: worker.wake.set()) if worker else None,
         worker=worker,
-        metrics=Metrics(),
+        metrics=metrics,
         vehicles=Vehicles(store, PinHasher(n=settings.pin_scrypt_n), clock=clock),
         commands=commands,
         notifier=notifier,
         command_queue=command_queue,
         market_rule=MarketRule(settings.roadside_free_markets),
+        steps=steps,
     )
     if worker is not None:
         worker.start_thread()

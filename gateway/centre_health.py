@@ -3,15 +3,19 @@
 Every gateway instance sharing the database sees the same state.  Two kinds of key:
 
 - ``api``: the centre's incident API (``GATEWAY_ASSISTANCE_URL``), fed by deliveries.
-  The API is the centre's own systems: when it is down, every centre line is taken as
-  unreachable, so a crash call goes to the emergency route at once instead of ringing
-  into a dead centre.
-- a centre id from the number plan, fed by ``<Dial>`` outcomes of that line.
+  It is reported (metrics, ``states()``) but never takes a line down: the API and the
+  staffed phone lines fail independently, and a crash call must not skip a staffed line
+  because the incident API is down.
+- a line key (a centre id from the number plan), fed by ``<Dial>`` outcomes of that
+  line; only these keys make :meth:`CentreHealth.unreachable` skip a line.
 
 States: ``closed`` (reachable), ``open`` (skip it) after ``failure_threshold``
 consecutive failures, ``half_open`` after ``open_for_s``: exactly one caller, across
 all instances, claims the probe (an atomic conditional UPDATE); its success closes the
 breaker, its failure opens it again.  A successful delivery closes the ``api`` breaker.
+
+:meth:`unreachable` runs on the voice path: it has a deadline and answers "nothing
+known down" when the database does not answer in time.
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ import logging
 from collections.abc import Callable, Iterable
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
-from gateway.store import TS, Store, as_utc, metadata
+from gateway.errors import StoreError
+from gateway.store import TS, Store, as_utc, insert_ignore, metadata
 
 log = logging.getLogger(__name__)
 
@@ -62,38 +68,45 @@ class CentreHealth:
     def _now(self) -> dt.datetime:
         return dt.datetime.fromtimestamp(self.clock(), tz=dt.UTC)
 
-    def record(self, key: str, *, ok: bool, reason: str) -> None:
-        """Feed one outcome; raises StoreError."""
+    def record(self, key: str, *, ok: bool, reason: str, conn: Connection | None = None,
+               timeout_s: float = 2.0) -> None:
+        """Feed one outcome; raises StoreError.  With ``conn`` it joins that transaction
+        (the step writer feeds a line's outcome with the step that observed it)."""
+        if conn is not None:
+            state, before = self._record(conn, key, ok=ok, reason=reason)
+        else:
+            state, before = self.store.within(
+                lambda c: self._record(c, key, ok=ok, reason=reason), timeout_s=timeout_s)
+        if ok and before not in (None, "closed"):
+            log.warning("centre %s reachable again (%s)", key, reason)
+        elif not ok and state == "open":
+            log.warning("centre %s known unreachable (%s)", key, reason)
+
+    def _record(self, conn: Connection, key: str, *, ok: bool,
+                reason: str) -> tuple[str | None, str | None]:
+        """``(state after, state before)``."""
         now = self._now()
         table = centre_health
-        with self.store.begin() as conn:
-            row = conn.execute(sa.select(table).where(table.c.key == key)).first()
-            if row is None:
-                try:
-                    with conn.begin_nested():
-                        conn.execute(table.insert().values(
-                            key=key, state="closed", failures=0, updated_at=now))
-                except sa.exc.IntegrityError:
-                    pass  # another instance created it
-            if ok:
-                conn.execute(table.update().where(table.c.key == key).values(
-                    state="closed", failures=0, opened_at=None, probe_until=None,
-                    updated_at=now, last_reason=reason[:200]))
-                if row is not None and row.state != "closed":
-                    log.warning("centre %s reachable again (%s)", key, reason)
-                return
-            # a failure: count it atomically, open at the threshold or after a failed probe
+        before = conn.execute(sa.select(table.c.state).where(table.c.key == key)).scalar()
+        if before is None:  # another instance may create it at the same time
+            insert_ignore(conn, table, {"key": key, "state": "closed", "failures": 0,
+                                        "updated_at": now})
+        if ok:
             conn.execute(table.update().where(table.c.key == key).values(
-                failures=table.c.failures + 1, updated_at=now, last_reason=reason[:200]))
-            conn.execute(
-                table.update()
-                .where(table.c.key == key, table.c.state != "open",
-                       sa.or_(table.c.failures >= self.failure_threshold,
-                              table.c.state == "half_open"))
-                .values(state="open", opened_at=now, probe_until=None))
-            state = conn.execute(sa.select(table.c.state).where(table.c.key == key)).scalar()
-        if state == "open":
-            log.warning("centre %s known unreachable (%s)", key, reason)
+                state="closed", failures=0, opened_at=None, probe_until=None,
+                updated_at=now, last_reason=reason[:200]))
+            return "closed", before
+        # a failure: count it atomically, open at the threshold or after a failed probe
+        conn.execute(table.update().where(table.c.key == key).values(
+            failures=table.c.failures + 1, updated_at=now, last_reason=reason[:200]))
+        conn.execute(
+            table.update()
+            .where(table.c.key == key, table.c.state != "open",
+                   sa.or_(table.c.failures >= self.failure_threshold,
+                          table.c.state == "half_open"))
+            .values(state="open", opened_at=now, probe_until=None))
+        state = conn.execute(sa.select(table.c.state).where(table.c.key == key)).scalar()
+        return state, before
 
     def record_safely(self, key: str, *, ok: bool, reason: str) -> None:
         """Feed an outcome from a webhook: never raises."""
@@ -104,36 +117,45 @@ class CentreHealth:
         except Exception:
             log.exception("could not record centre health for %s", key)
 
-    def unreachable(self) -> set[str]:
-        """Centre ids to skip now.  May claim a half-open probe for the caller."""
+    def unreachable(self, *, timeout_s: float = 0.3) -> set[str]:
+        """Line keys to skip now (never because of the ``api`` key).  May claim a
+        half-open probe for the caller.  Empty when the database does not answer
+        within ``timeout_s``: then every line is tried."""
+        try:
+            return self.store.within(self._unreachable, timeout_s=timeout_s)
+        except StoreError as exc:
+            log.warning("centre health unavailable (%s); trying every line", exc)
+            return set()
+
+    def _unreachable(self, conn: Connection) -> set[str]:
         now = self._now()
         table = centre_health
         down: set[str] = set()
-        with self.store.begin() as conn:
-            rows = conn.execute(sa.select(table).where(table.c.state != "closed")).all()
-            for row in rows:
-                opened = as_utc(row.opened_at) or now
-                probe_until = as_utc(row.probe_until)
-                probing = row.state == "half_open" and probe_until is not None and probe_until > now
-                if probing or (row.state == "open" and now - opened < self.open_for):
-                    down.add(row.key)
-                    continue
-                # open long enough, or a probe that never reported: claim the probe
-                claimed = conn.execute(
-                    table.update()
-                    .where(table.c.key == row.key, table.c.state == row.state,
-                           table.c.updated_at == row.updated_at)
-                    .values(state="half_open", probe_until=now + self.probe_window,
-                            updated_at=now)).rowcount
-                if claimed != 1:
-                    down.add(row.key)  # another caller probes it
-                else:
-                    log.info("probing centre %s", row.key)
-        if API in down:
-            return set(self.centre_ids) | (down - {API})
+        rows = conn.execute(
+            sa.select(table).where(table.c.state != "closed", table.c.key != API)).all()
+        for row in rows:
+            opened = as_utc(row.opened_at) or now
+            probe_until = as_utc(row.probe_until)
+            probing = row.state == "half_open" and probe_until is not None and probe_until > now
+            if probing or (row.state == "open" and now - opened < self.open_for):
+                down.add(row.key)
+                continue
+            # open long enough, or a probe that never reported: claim the probe
+            claimed = conn.execute(
+                table.update()
+                .where(table.c.key == row.key, table.c.state == row.state,
+                       table.c.updated_at == row.updated_at)
+                .values(state="half_open", probe_until=now + self.probe_window,
+                        updated_at=now)).rowcount
+            if claimed != 1:
+                down.add(row.key)  # another caller probes it
+            else:
+                log.info("probing centre %s", row.key)
         return down
 
-    def states(self) -> dict[str, str]:
+    def states(self, *, timeout_s: float = 2.0) -> dict[str, str]:
+        """Every key's state (the ``api`` key included); raises StoreError."""
         query = sa.select(centre_health.c.key, centre_health.c.state)
-        with self.store.begin() as conn:
-            return {key: state for key, state in conn.execute(query)}
+        return self.store.within(
+            lambda conn: {key: state for key, state in conn.execute(query)},
+            timeout_s=timeout_s)

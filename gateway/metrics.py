@@ -39,6 +39,22 @@ class Metrics:
         self.centre_state = Gauge(
             "gateway_centre_open", "1 if the centre (or its API) is known unreachable",
             ["centre"], registry=self.registry)
+        # voice steps, written after the answer by gateway.steps.StepWriter
+        self.steps_written = Counter(
+            "gateway_steps_written", "Voice steps written to the database",
+            registry=self.registry)
+        self.steps_replayed = Counter(
+            "gateway_steps_replayed", "Voice step records that were already stored",
+            registry=self.registry)
+        self.steps_dropped = Counter(
+            "gateway_steps_dropped", "Voice step records lost (queue full, or a write "
+            "that can never succeed)", ["reason"], registry=self.registry)
+        self.step_write_retries = Counter(
+            "gateway_step_write_retries", "Voice step writes retried after a database error",
+            registry=self.registry)
+        self.step_queue_depth = Gauge(
+            "gateway_step_queue_depth", "Voice step records waiting to be written",
+            registry=self.registry)
 
     def render(self, *, worker: Any, health: Any) -> bytes:
         if worker is not None:

@@ -1,27 +1,41 @@
 """Durable storage: SQLAlchemy 2 Core over SQLite (embedded) or PostgreSQL (scale-out).
 
-Every write that the gateway acknowledges with a 2xx is committed before the
-answer is sent.  Idempotency lives in unique constraints: ``incidents.event_id``
+Every vehicle event the gateway acknowledges with a 2xx is committed before the
+answer is sent; voice steps are written after the TwiML went out (gateway.steps).  Idempotency lives in unique constraints: ``incidents.event_id``
 for vehicle events, ``(call_sid, step)`` for webhook steps, ``(call_sid,
 callback_source, sequence_number)`` for status callbacks.  Any database failure
 surfaces as :class:`~gateway.errors.StoreError`, so callers on the emergency
 path can catch one type and carry on.
+
+No database on the critical path: :meth:`Store.within` runs work with a deadline
+(see :mod:`gateway.db`), :meth:`Store.voice_lookup` answers everything a voice
+webhook needs in one round trip under it, and the engine never pre-pings (a ping to a
+hung server blocks as long as the query would).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator, Mapping, Sequence
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from gateway.db import DeadlineRunner, Job, socket_of
+from gateway.db import make_engine as make_engine  # noqa: PLC0414 -- this module's API
 from gateway.errors import StoreError
 
+log = logging.getLogger(__name__)
 metadata = sa.MetaData()
+T = TypeVar("T")
+
+#: incident types a voice call prefers over any other type it may match
+PREFERRED_TYPES = ("crash", "sos")
 
 
 def utcnow() -> dt.datetime:
@@ -122,15 +136,27 @@ callbacks = sa.Table(
 )
 
 
+@dataclass(frozen=True)
+class VoiceLookup:
+    """What a voice webhook reads from the database, in one round trip."""
+
+    #: step name -> the stored step (twiml, detail, incident_id, created_at) of this call
+    steps: Mapping[str, Mapping[str, Any]]
+    #: the caller's newest matching incident (crash/sos first), any status; None if none
+    incident: dict[str, Any] | None
+
+
 class Store:
     """All database access goes through here; methods raise StoreError, nothing else."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, deadline_workers: int = 8,
+                 suspect_s: float = 2.0) -> None:
         self.engine = engine
+        self.deadline = DeadlineRunner(workers=deadline_workers, suspect_s=suspect_s)
 
     @classmethod
-    def from_url(cls, url: str) -> Store:
-        return cls(make_engine(url))
+    def from_url(cls, url: str, **kwargs: Any) -> Store:
+        return cls(make_engine(url), **kwargs)
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -145,6 +171,25 @@ class Store:
         except SQLAlchemyError as exc:
             raise StoreError(f"database error: {type(exc).__name__}") from exc
 
+    def within(self, fn: Callable[[Connection], T], *, timeout_s: float) -> T:
+        """``fn(conn)`` in one transaction, waiting at most ``timeout_s``.
+
+        Raises StoreError on any database error, on the deadline (the work is
+        abandoned and its connection shut down), and at once when every deadline slot
+        is busy or the database missed a deadline within the last few seconds."""
+
+        def job(handle: Job) -> T:
+            try:
+                with self.engine.begin() as conn:
+                    handle.attach(socket_of(conn))
+                    return fn(conn)
+            except StoreError:
+                raise
+            except SQLAlchemyError as exc:
+                raise StoreError(f"database error: {type(exc).__name__}") from exc
+
+        return self.deadline.run(job, timeout_s=timeout_s)
+
     def create_schema(self) -> None:
         register_tables()
         try:
@@ -152,9 +197,8 @@ class Store:
         except SQLAlchemyError as exc:
             raise StoreError(f"could not create schema: {type(exc).__name__}") from exc
 
-    def ping(self) -> None:
-        with self.begin() as conn:
-            conn.execute(sa.text("SELECT 1"))
+    def ping(self, *, timeout_s: float = 1.0) -> None:
+        self.within(lambda conn: conn.execute(sa.text("SELECT 1")), timeout_s=timeout_s)
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -190,10 +234,15 @@ class Store:
             ).first()
         return _row(found)
 
-    def incident(self, incident_id: str) -> dict[str, Any] | None:
+    def incident(self, incident_id: str, *, timeout_s: float | None = None
+                 ) -> dict[str, Any] | None:
+        """One incident; with ``timeout_s``, under that deadline (the call path)."""
+        query = sa.select(incidents).where(incidents.c.id == incident_id)
+        if timeout_s is not None:
+            return self.within(lambda conn: _row(conn.execute(query).first()),
+                               timeout_s=timeout_s)
         with self.begin() as conn:
-            found = conn.execute(sa.select(incidents).where(incidents.c.id == incident_id)).first()
-        return _row(found)
+            return _row(conn.execute(query).first())
 
     def open_incidents_for(
         self, msisdn: str, *, since: dt.datetime, types: tuple[str, ...]
@@ -227,14 +276,58 @@ class Store:
 
     # -- call steps -------------------------------------------------------------------
 
-    def call_step(self, call_sid: str, step: str) -> dict[str, Any] | None:
-        with self.begin() as conn:
-            found = conn.execute(
-                sa.select(call_steps).where(
-                    call_steps.c.call_sid == call_sid, call_steps.c.step == step
-                )
-            ).first()
-        return _row(found)
+    def voice_lookup(self, *, call_sid: str, steps: Sequence[str], msisdn: str | None,
+                     since: dt.datetime, types: Sequence[str],
+                     timeout_s: float = 0.3) -> VoiceLookup:
+        """The stored ``steps`` of this call and the caller's incident: one statement.
+
+        The incident is the newest of ``msisdn`` with a type in ``types`` received at or
+        after ``since``, whatever its status; crash and SOS win over other types."""
+        step_names = [name for name in steps if name]
+        want_steps = bool(call_sid and step_names)
+        want_incident = bool(msisdn and types)
+        if not want_steps and not want_incident:
+            return VoiceLookup(steps={}, incident=None)
+        anchor = sa.select(sa.literal_column("1").label("one")).subquery("anchor")
+        source: sa.FromClause = anchor
+        columns: list[Any] = [anchor.c.one]
+        if want_steps:
+            source = source.outerjoin(call_steps, sa.and_(
+                call_steps.c.call_sid == call_sid, call_steps.c.step.in_(step_names)))
+            columns += [call_steps.c[name].label(f"s_{name}") for name in STEP_FIELDS]
+        if want_incident:
+            preferred = sa.case((incidents.c.type.in_(PREFERRED_TYPES), 0), else_=1)
+            newest = (
+                sa.select(incidents)
+                .where(incidents.c.msisdn == msisdn, incidents.c.type.in_(list(types)),
+                       incidents.c.received_at >= since)
+                .order_by(preferred, incidents.c.received_at.desc(), incidents.c.id)
+                .limit(1)
+                .subquery("newest"))
+            source = source.outerjoin(newest, sa.true())
+            columns += [column.label(f"i_{column.name}") for column in newest.c]
+        query = sa.select(*columns).select_from(source)
+        rows = self.within(lambda conn: conn.execute(query).all(), timeout_s=timeout_s)
+        found: dict[str, Mapping[str, Any]] = {}
+        incident: dict[str, Any] | None = None
+        try:
+            for row in rows:
+                data = _row(row) or {}
+                if data.get("s_step") is not None:
+                    found[data["s_step"]] = {name: data[f"s_{name}"] for name in STEP_FIELDS}
+                if incident is None and data.get("i_id") is not None:
+                    incident = {key[2:]: value for key, value in data.items()
+                                if key.startswith("i_")}
+        except Exception as exc:  # the voice path catches one type
+            log.exception("could not read the voice lookup's rows")
+            raise StoreError(f"unreadable lookup rows: {type(exc).__name__}") from exc
+        return VoiceLookup(steps=found, incident=incident)
+
+    def call_step(self, call_sid: str, step: str, *,
+                  timeout_s: float = 2.0) -> dict[str, Any] | None:
+        query = sa.select(call_steps).where(call_steps.c.call_sid == call_sid,
+                                            call_steps.c.step == step)
+        return _row(self.within(lambda conn: conn.execute(query).first(), timeout_s=timeout_s))
 
     def record_call_step(
         self,
@@ -245,39 +338,15 @@ class Store:
         twiml: str,
         detail: Mapping[str, Any],
         decision: Mapping[str, Any] | None = None,
+        timeout_s: float = 3.0,
     ) -> bool:
         """Store one answered webhook step (and its routing decision) once.
 
-        Returns False when the step was already stored (a Twilio retry).
-        """
+        Returns False when the step was already stored (a Twilio retry)."""
         now = utcnow()
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(
-                    call_steps.insert().values(
-                        call_sid=call_sid,
-                        step=step,
-                        incident_id=incident_id,
-                        created_at=now,
-                        twiml=twiml,
-                        detail=dict(detail),
-                    )
-                )
-                if decision is not None:
-                    conn.execute(
-                        routing_decisions.insert().values(
-                            call_sid=call_sid,
-                            step=step,
-                            incident_id=incident_id,
-                            created_at=now,
-                            **decision,
-                        )
-                    )
-            return True
-        except IntegrityError:
-            return False
-        except SQLAlchemyError as exc:
-            raise StoreError(f"database error: {type(exc).__name__}") from exc
+        return self.within(lambda conn: write_step(
+            conn, call_sid=call_sid, step=step, incident_id=incident_id, twiml=twiml,
+            detail=detail, decision=decision, now=now), timeout_s=timeout_s)
 
     def decisions_for(self, *, incident_id: str | None = None, call_sid: str | None = None) -> list[
         dict[str, Any]
@@ -313,9 +382,12 @@ class Store:
 
     # -- status callbacks -------------------------------------------------------------
 
-    def record_status(self, values: Mapping[str, Any]) -> bool:
-        """Store one status callback; False if this (call, source, sequence) was seen."""
-        return self.insert_once(call_status, values)
+    def record_status(self, values: Mapping[str, Any], *, timeout_s: float = 1.0) -> bool:
+        """Store one status callback under a deadline; False if this (call, source,
+        sequence) was seen."""
+        row = {"created_at": utcnow(), **values}
+        return self.within(lambda conn: insert_ignore(conn, call_status, row),
+                           timeout_s=timeout_s)
 
     def latest_status(self, call_sid: str) -> dict[str, Any] | None:
         """The call's status by SequenceNumber, not by arrival order."""
@@ -327,6 +399,42 @@ class Store:
         )
         with self.begin() as conn:
             return _row(conn.execute(query).first())
+
+
+#: what voice_lookup returns of each stored step (and the step name itself)
+STEP_FIELDS = ("step", "twiml", "detail", "incident_id", "created_at")
+
+
+def insert_ignore(conn: Connection, table: sa.Table, values: Mapping[str, Any]) -> bool:
+    """INSERT ... ON CONFLICT DO NOTHING; True if the row is new.  No error, no
+    savepoint: the surrounding transaction stays usable on a conflict."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        statement: Any = pg_insert(table).values(**values).on_conflict_do_nothing()
+    elif conn.dialect.name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        statement = sqlite_insert(table).values(**values).on_conflict_do_nothing()
+    else:
+        raise StoreError(f"insert_ignore: unsupported database {conn.dialect.name}")
+    # RETURNING, not rowcount: rowcount is unreliable once SQLAlchemy adds RETURNING itself
+    returning = statement.returning(*table.primary_key.columns)
+    return conn.execute(returning).first() is not None
+
+
+def write_step(conn: Connection, *, call_sid: str, step: str, incident_id: str | None,
+               twiml: str, detail: Mapping[str, Any], decision: Mapping[str, Any] | None,
+               now: dt.datetime) -> bool:
+    """The call_steps row and, if it is new, its routing decision; True if new."""
+    created = insert_ignore(conn, call_steps, {
+        "call_sid": call_sid, "step": step, "incident_id": incident_id, "created_at": now,
+        "twiml": twiml, "detail": dict(detail)})
+    if created and decision is not None:
+        insert_ignore(conn, routing_decisions, {
+            "call_sid": call_sid, "step": step, "incident_id": incident_id,
+            "created_at": now, **decision})
+    return created
 
 
 #: modules that define tables on ``metadata`` besides this one
@@ -350,31 +458,3 @@ def _row(found: sa.Row[Any] | None) -> dict[str, Any] | None:
         if isinstance(value, dt.datetime):
             data[key] = as_utc(value)
     return data
-
-
-def make_engine(url: str) -> Engine:
-    """An engine with short timeouts: a webhook must never hang on the database."""
-    if url.startswith("sqlite"):
-        engine = sa.create_engine(url, connect_args={"timeout": 2.0})
-
-        @sa.event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-            cursor = dbapi_conn.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=FULL")
-            cursor.execute("PRAGMA busy_timeout=2000")
-            cursor.close()
-
-        return engine
-    if url.startswith("postgresql"):
-        if url.startswith("postgresql://"):
-            url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
-        return sa.create_engine(
-            url,
-            pool_pre_ping=True,
-            pool_size=5,
-            max_overflow=10,
-            pool_timeout=2,
-            connect_args={"connect_timeout": 2, "options": "-c statement_timeout=2000"},
-        )
-    return sa.create_engine(url, pool_pre_ping=True)

@@ -143,10 +143,12 @@ def test_a_row_is_claimed_by_one_worker_only(delivery_app: Flask,
     assert len(ids) == 20 and len(set(ids)) == 20
 
 
-def test_centre_known_down_sends_the_next_crash_call_to_the_emergency_route(
+def test_centre_api_down_alone_never_skips_a_staffed_line(
     delivery_app: Flask, centre: FakeAssistanceCentre, vehicle_headers: dict[str, str],
     plan: Any,
 ) -> None:
+    """The incident API and the phone lines fail independently: an API outage opens
+    the ``api`` breaker (reported) but a crash call still rings the staffed line."""
     post(delivery_app, vehicle_headers)
     centre.mode = "503"
     policy = DeliveryPolicy(timeout_s=0.5, backoff_initial_s=0.01, backoff_max_s=0.05,
@@ -155,30 +157,39 @@ def test_centre_known_down_sends_the_next_crash_call_to_the_emergency_route(
     worker.deliver(worker.claim(1)[0])
     health: CentreHealth = delivery_app.extensions["gateway"].centre_health
     assert health.states()[API] == "open"
+    assert health.unreachable() == set()
 
     post(delivery_app, vehicle_headers)
     root = parse(Twilio(delivery_app.test_client()).post(
-        "/twilio/voice", call_params("CAdown", SWEDISH_CAR["msisdn"])).data)
-    assert dialled_number(root) == plan.entry("DK").fallback_dial
-    assert "emergency-result" in dial_of(root).get("action", "")
-    decisions = delivery_app.extensions["gateway"].store.decisions_for(call_sid="CAdown")
-    assert "known unreachable" in decisions[0]["reason"]
+        "/twilio/voice", call_params("CAapidown", SWEDISH_CAR["msisdn"])).data)
+    assert dialled_number(root) == plan.centres_for("SE")[0].number
 
 
-def test_half_open_probe_then_recovery(delivery_app: Flask, centre: FakeAssistanceCentre,
-                                       vehicle_headers: dict[str, str], plan: Any,
-                                       clock: Any) -> None:
+def test_api_breaker_closes_on_a_successful_delivery(
+    delivery_app: Flask, vehicle_headers: dict[str, str]
+) -> None:
     health: CentreHealth = delivery_app.extensions["gateway"].centre_health
     for _ in range(3):
         health.record(API, ok=False, reason="test")
-    assert plan.centres_for("SE")[0].centre_id in health.unreachable()
-    clock.advance(31)  # open long enough: exactly one caller gets to probe
-    assert health.unreachable() == set()
-    assert plan.centres_for("SE")[0].centre_id in health.unreachable()  # others still skip
-    # a successful delivery closes the breaker for everyone
+    assert health.states()[API] == "open"
+    assert health.unreachable() == set()  # never a line
     post(delivery_app, vehicle_headers)
     worker = worker_for(delivery_app)
     assert [worker.deliver(r) for r in worker.claim(10)] == ["delivered"]
+    assert health.states()[API] == "closed"
+
+
+def test_half_open_probe_then_recovery(delivery_app: Flask, plan: Any, clock: Any) -> None:
+    health: CentreHealth = delivery_app.extensions["gateway"].centre_health
+    line = plan.centres_for("SE")[0].centre_id
+    for _ in range(3):
+        health.record(line, ok=False, reason="dial failed")
+    assert health.unreachable() == {line}
+    clock.advance(31)  # open long enough: exactly one caller gets to probe
+    assert health.unreachable() == set()
+    assert health.unreachable() == {line}  # others still skip
+    # the probe's dial was answered: the line is back for everyone
+    health.record(line, ok=True, reason="probe: dial answered")
     assert health.unreachable() == set()
 
 
