@@ -16,11 +16,16 @@ from tests.support.twilio import call_params, dial_of, dialled_number, parse
 SWEDE = {"vin": "YV1ZW72U5N1234567", "msisdn": "+46701234567"}
 
 
+GB_CALLER_ID = "+442079460555"
+
+
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    # one centre attempt, so a single no-answer leads to the emergency fallback
+    # one centre line, so a single no-answer leads to the emergency leg; caller IDs for
+    # Great Britain only: elsewhere the call is handed back to the car
     with running_gateway(tmp_path_factory.mktemp("e2e"), "--no-worker",
-                         GATEWAY_DIAL_ATTEMPTS="1") as gw:
+                         GATEWAY_DIAL_ATTEMPTS="1",
+                         GATEWAY_EMERGENCY_CALLER_IDS=GB_CALLER_ID) as gw:
         yield gw
 
 
@@ -28,15 +33,21 @@ def crash_call(gateway: GatewayProcess, call_sid: str, car: dict[str, str], lat:
                lon: float, **extra: Any) -> tuple[dict[str, Any], Any]:
     answer = gateway.post_event(crash_event(**car, location={"lat": lat, "lon": lon}, **extra))
     assert answer.status_code == 201, answer.text
-    response = gateway.twilio("/twilio/voice", call_params(call_sid, car["msisdn"]))
+    body = answer.json()
+    response = gateway.twilio("/twilio/voice", call_params(call_sid, car["msisdn"],
+                                                           to=body["call_number"]))
     assert response.status_code == 200 and response.headers["Content-Type"].startswith("text/xml")
-    return answer.json(), parse(response.content)
+    return body, parse(response.content)
 
 
-def test_swedish_car_in_copenhagen_falls_back_to_denmark(gateway: GatewayProcess,
-                                                         plan: NumberPlan) -> None:
+def said(root: Any) -> str:
+    return " ".join(s.text or "" for s in root.iter("Say"))
+
+
+def test_swedish_car_in_copenhagen_is_handed_back_in_denmark(gateway: GatewayProcess,
+                                                             plan: NumberPlan) -> None:
     incident, root = crash_call(gateway, "CAe2e1", SWEDE, 55.6761, 12.5683)
-    assert incident["country"] == "DK"
+    assert incident["country"] == "DK" and incident["fallback_dial"] is None
 
     # the Swedish car's centre is dialled, the agent first hears the whisper
     assert dialled_number(root) == plan.centres_for("SE")[0].number
@@ -46,15 +57,14 @@ def test_swedish_car_in_copenhagen_falls_back_to_denmark(gateway: GatewayProcess
     whisper = parse(gateway.twilio(whisper_url, {
         "CallSid": "CAe2e1-agent", "ParentCallSid": "CAe2e1", "CallStatus": "in-progress",
         "From": SWEDE["msisdn"], "To": plan.centres_for("SE")[0].number}).content)
-    said = " ".join(s.text or "" for s in whisper.iter("Say"))
-    assert "Crash alert" in said and "Denmark" in said and "Press 1" in said
+    assert "Crash alert" in said(whisper) and "Denmark" in said(whisper)
+    assert "Press 1" in said(whisper)
 
-    # nobody answers: the fallback dials the route of the country where the car is
-    fallback = parse(gateway.twilio(dial.get("action", ""), call_params(
+    # nobody answers, and Twilio cannot call 112 in Denmark: the car dials it itself
+    final = parse(gateway.twilio(dial.get("action", ""), call_params(
         "CAe2e1", SWEDE["msisdn"], DialCallStatus="no-answer", DialCallSid="CAchild")).content)
-    assert dialled_number(fallback) == plan.entry("DK").fallback_dial
-    said = " ".join(s.text or "" for s in fallback.iter("Say"))
-    assert "larmcentralen" in said  # told, in Swedish, what is happening
+    assert final.find("Dial") is None and final.find("Hangup") is not None
+    assert "Bilen ringer nu själv larmnumret 1 1 2" in said(final)  # told, in Swedish
 
 
 @pytest.mark.parametrize(
@@ -66,14 +76,17 @@ def test_swedish_car_in_copenhagen_falls_back_to_denmark(gateway: GatewayProcess
         (50.9900, 1.8000, "FR"),  # the same ferry approaching Calais
     ],
 )
-def test_bridge_and_ferry_get_the_coastal_country(gateway: GatewayProcess, plan: NumberPlan,
-                                                  lat: float, lon: float, country: str) -> None:
+def test_bridge_and_ferry_get_the_coastal_country(gateway: GatewayProcess, lat: float,
+                                                  lon: float, country: str) -> None:
     sid = f"CAe2e-{lat}-{lon}"
     incident, root = crash_call(gateway, sid, SWEDE, lat, lon, type="sos")
     assert incident["country"] == country
-    fallback = parse(gateway.twilio(dial_of(root).get("action", ""), call_params(
+    nxt = parse(gateway.twilio(dial_of(root).get("action", ""), call_params(
         sid, SWEDE["msisdn"], DialCallStatus="no-answer")).content)
-    assert dialled_number(fallback) == plan.entry(country).fallback_dial
+    if country == "GB":  # Twilio dials 999 there, from the British caller ID
+        assert dialled_number(nxt) == "999" and dial_of(nxt).get("callerId") == GB_CALLER_ID
+    else:
+        assert nxt.find("Dial") is None and "1 1 2" in said(nxt)
 
 
 def test_unsigned_webhook_is_refused_by_the_real_server(gateway: GatewayProcess) -> None:
