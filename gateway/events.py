@@ -4,6 +4,13 @@ Hand-written rather than a schema library: the rules are few, every error must
 name its field (``location.lat``) with a reason a firmware engineer can act on,
 and unknown fields are kept but ignored so that newer car firmware is never
 refused in a crash.
+
+Only what can be carried to the end is accepted: the body is read with
+:func:`load_event_json` (no ``NaN``/``Infinity``, at most :data:`MAX_JSON_DEPTH`
+levels, numbers that fit in 64 bits and a double, no lone surrogates) and the
+free-form ``crash`` and ``occupants`` objects that are stored and delivered are
+bounded in size and depth.  Whatever is stored can be written as strict JSON
+(``allow_nan=False``) and spoken in the whisper.
 """
 
 from __future__ import annotations
@@ -25,6 +32,21 @@ ALARM_TYPES = ("alarm_triggered", "alarm_disarmed")
 EVENT_TYPES = ("crash", "sos", "on_call", *ALARM_TYPES)
 #: how an alarm was disarmed; only the car's key interrupts theft notification
 DISARM_METHODS = ("key", "app", "other")
+
+#: nesting allowed in a body (objects and arrays); deeper is refused before parsing
+MAX_JSON_DEPTH = 32
+#: the free-form objects stored with an incident and sent to the centre
+MAX_STORED_OBJECT_BYTES = 4096
+MAX_STORED_OBJECT_DEPTH = 3
+#: integers anywhere in a body: what a 64-bit field holds (signed or unsigned)
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+#: plausible change of speed in a crash, km/h
+DELTA_V_RANGE_KMH = (0.0, 500.0)
+#: occurred_at: not before this, not more than this ahead of the gateway's clock
+EARLIEST_EVENT = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+MAX_CLOCK_AHEAD = dt.timedelta(days=1)
+#: at most this many problems are listed for one body
+_MAX_REPORTED = 20
 
 _VIN = re.compile(r"^[A-HJ-NPR-Z0-9]{17}$")
 _EVENT_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -63,11 +85,172 @@ class VehicleEvent:
     disarmed_by: str | None = None
 
 
-def parse_event(body: Any) -> VehicleEvent:
-    """A validated event, or ValidationError naming every bad field."""
+# -- reading the body -----------------------------------------------------------------
+
+#: what the nesting scan looks at: brackets, quotes and backslashes
+_JSON_SPECIAL = re.compile(r'[\[\]{}"\\]')
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class _Unrepresentable:
+    """Stands in for a number literal that has no faithful value (reported with its path)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"<unrepresentable: {self.reason}>"
+
+
+def _parse_constant(name: str) -> _Unrepresentable:
+    return _Unrepresentable(f"{name} is not a JSON number")
+
+
+def _parse_float(text: str) -> float | _Unrepresentable:
+    number = float(text)
+    if not math.isfinite(number):
+        return _Unrepresentable("a number too large to carry")
+    return number
+
+
+def _parse_int(text: str) -> int | _Unrepresentable:
+    # 21 characters hold every 64-bit value; longer is refused without converting
+    # (int() of thousands of digits is slow, and past 4300 a ValueError)
+    if len(text) > 21:
+        return _Unrepresentable("an integer too large to carry")
+    number = int(text)
+    if not _INT_MIN <= number <= _INT_MAX:
+        return _Unrepresentable("an integer too large to carry")
+    return number
+
+
+def _nesting_depth(text: str, limit: int) -> int:
+    """The deepest nesting of ``[``/``{`` outside strings, counted up to ``limit + 1``.
+
+    One pass over the special characters (linear even for hostile input such as
+    thousands of unterminated strings); malformed JSON is left to the parser.
+    """
+    depth = deepest = 0
+    in_string = False
+    escaped_at = -1
+    for match in _JSON_SPECIAL.finditer(text):
+        at = match.start()
+        if at == escaped_at:
+            continue
+        char = match.group()
+        if in_string:
+            if char == "\\":
+                escaped_at = at + 1
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    break
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def load_event_json(raw: bytes) -> Any:
+    """The body of a vehicle event, read strictly; ValidationError (field ``body``) if unreadable.
+
+    Unlike ``json.loads`` this refuses nesting deeper than :data:`MAX_JSON_DEPTH`
+    before parsing (no RecursionError), and never yields ``NaN``, ``Infinity`` or
+    a number that does not fit: such literals come back as markers that
+    :func:`parse_event` reports with their path.
+    """
+    try:
+        text = raw.decode(json.detect_encoding(raw))
+    except (UnicodeDecodeError, LookupError):
+        raise ValidationError({"body": "not JSON: the bytes are not valid UTF-8 text"}) from None
+    if _nesting_depth(text, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise ValidationError(
+            {"body": f"nested more than {MAX_JSON_DEPTH} levels deep"}
+        )
+    try:
+        return json.loads(text, parse_constant=_parse_constant, parse_float=_parse_float,
+                          parse_int=_parse_int)
+    except json.JSONDecodeError as exc:
+        raise ValidationError(
+            {"body": f"not JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"}
+        ) from None
+    except (ValueError, RecursionError):
+        raise ValidationError({"body": "not JSON"}) from None
+
+
+def _path_key(key: str) -> str:
+    shown = key if len(key) <= 40 else key[:40] + "..."
+    return shown.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _uncarriable(body: Any, errors: dict[str, str]) -> None:
+    """Name every value in ``body`` that cannot be stored and sent as strict JSON.
+
+    Iterative, so a deep structure built in Python cannot exhaust the stack.
+    """
+    stack: list[tuple[str, Any, int]] = [("", body, 0)]
+    while stack and len(errors) < _MAX_REPORTED:
+        path, value, depth = stack.pop()
+        where = path or "body"
+        if isinstance(value, _Unrepresentable):
+            errors[where] = value.reason
+        elif isinstance(value, bool) or value is None:
+            pass
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                errors[where] = "NaN and Infinity are not JSON numbers"
+        elif isinstance(value, int):
+            if not _INT_MIN <= value <= _INT_MAX:
+                errors[where] = "an integer too large to carry"
+        elif isinstance(value, str):
+            if _LONE_SURROGATE.search(value):
+                errors[where] = "text with an unpaired surrogate (not Unicode)"
+        elif isinstance(value, (dict, list)):
+            if depth >= MAX_JSON_DEPTH:
+                errors[where] = f"nested more than {MAX_JSON_DEPTH} levels deep"
+                continue
+            if isinstance(value, dict):
+                items = []
+                for key, item in value.items():
+                    if not isinstance(key, str):
+                        errors[where] = "object keys must be text"
+                        break
+                    shown = _path_key(key)
+                    if _LONE_SURROGATE.search(key):
+                        errors[f"{path}.{shown}" if path else shown] = (
+                            "a name with an unpaired surrogate (not Unicode)"
+                        )
+                        continue
+                    items.append((f"{path}.{shown}" if path else shown, item, depth + 1))
+            else:
+                items = [(f"{path}[{i}]", item, depth + 1) for i, item in enumerate(value)]
+            stack.extend(reversed(items))
+        else:
+            errors[where] = f"not a JSON value ({type(value).__name__})"
+
+
+# -- the event ------------------------------------------------------------------------
+
+
+def parse_event(body: Any, *, now: dt.datetime | None = None) -> VehicleEvent:
+    """A validated event, or ValidationError naming every bad field.
+
+    ``now`` is the gateway's clock, for refusing an ``occurred_at`` in the future.
+    """
     errors: dict[str, str] = {}
     if not isinstance(body, dict):
         raise ValidationError({"body": "must be a JSON object"})
+    _uncarriable(body, errors)
+    if errors:
+        raise ValidationError(errors)
+    now = now if now is not None else dt.datetime.now(dt.UTC)
 
     event_id = body.get("event_id")
     if not isinstance(event_id, str) or not _EVENT_ID.match(event_id):
@@ -82,7 +265,7 @@ def parse_event(body: Any) -> VehicleEvent:
         errors["vin"] = "required: 17 characters, letters (no I, O, Q) and digits"
 
     msisdn = _msisdn(body.get("msisdn"), errors)
-    occurred_at = _timestamp(body.get("occurred_at"), errors)
+    occurred_at = _timestamp(body.get("occurred_at"), errors, now=now)
     location = _location(body.get("location"), errors)
     crash = _crash(body.get("crash"), errors)
     occupants = _occupants(body.get("occupants"), errors)
@@ -124,9 +307,12 @@ def _msisdn(value: Any, errors: dict[str, str]) -> str | None:
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
-def _timestamp(value: Any, errors: dict[str, str]) -> dt.datetime | None:
+def _timestamp(value: Any, errors: dict[str, str], *, now: dt.datetime) -> dt.datetime | None:
     if not isinstance(value, str):
         errors["occurred_at"] = "required: an ISO 8601 timestamp with a time zone"
+        return None
+    if len(value) > 64:
+        errors["occurred_at"] = "not an ISO 8601 timestamp"
         return None
     try:
         stamp = dt.datetime.fromisoformat(value)
@@ -136,14 +322,55 @@ def _timestamp(value: Any, errors: dict[str, str]) -> dt.datetime | None:
     if stamp.tzinfo is None:
         errors["occurred_at"] = "needs a time zone (e.g. 'Z' or '+01:00')"
         return None
-    return stamp.astimezone(dt.UTC)
+    latest = now.astimezone(dt.UTC) + MAX_CLOCK_AHEAD
+    try:
+        utc: dt.datetime | None = stamp.astimezone(dt.UTC)  # 0001-01-01T00:00+01:00: year 0
+    except (OverflowError, ValueError):
+        utc = None
+    if utc is None or not EARLIEST_EVENT <= utc <= latest:
+        errors["occurred_at"] = (
+            f"out of range: from {EARLIEST_EVENT:%Y-%m-%d} to one day after the gateway's clock"
+        )
+        return None
+    return utc
 
 
 def _number(value: Any) -> float | None:
+    """A finite float from a JSON number (not a boolean), else None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond a double's range
+        return None
     return number if math.isfinite(number) else None
+
+
+def _stored_object(value: dict[str, Any], field: str, errors: dict[str, str]) -> bool:
+    """Whether a free-form object is small and shallow enough to store and deliver."""
+    depth = _object_depth(value)
+    if depth > MAX_STORED_OBJECT_DEPTH:
+        errors[field] = f"nested at most {MAX_STORED_OBJECT_DEPTH} levels deep"
+        return False
+    try:
+        size = len(json.dumps(value, allow_nan=False, ensure_ascii=False,
+                              separators=(",", ":")).encode("utf-8"))
+    except (ValueError, TypeError, UnicodeEncodeError):
+        errors[field] = "holds a value that cannot be written as JSON"
+        return False
+    if size > MAX_STORED_OBJECT_BYTES:
+        errors[field] = f"at most {MAX_STORED_OBJECT_BYTES} bytes as JSON"
+        return False
+    return True
+
+
+def _object_depth(value: Any) -> int:
+    """Levels of objects and arrays: ``{}`` is 1, ``{"a": []}`` is 2 (bounded by the loader)."""
+    if isinstance(value, dict):
+        return 1 + max((_object_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_object_depth(v) for v in value), default=0)
+    return 0
 
 
 def _location(value: Any, errors: dict[str, str]) -> Location | None:
@@ -180,11 +407,19 @@ def _crash(value: Any, errors: dict[str, str]) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         errors["crash"] = "an object of crash details"
         return None
+    before = len(errors)
     for key, types in _CRASH_FIELDS.items():
         if key in value and (
             not isinstance(value[key], types) or (bool not in types and isinstance(value[key], bool))
         ):
             errors[f"crash.{key}"] = f"must be {' or '.join(t.__name__ for t in types)}"
+    if "delta_v_kmh" in value and "crash.delta_v_kmh" not in errors:
+        low, high = DELTA_V_RANGE_KMH
+        delta_v = _number(value["delta_v_kmh"])
+        if delta_v is None or not low <= delta_v <= high:
+            errors["crash.delta_v_kmh"] = f"a number of km/h from {low:g} to {high:g}"
+    if not _stored_object(value, "crash", errors) or len(errors) > before:
+        return None
     return dict(value)
 
 
@@ -200,5 +435,7 @@ def _occupants(value: Any, errors: dict[str, str]) -> dict[str, Any] | None:
     count = value.get("count")
     if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= 99:
         errors["occupants.count"] = "required: a whole number from 0 to 99"
+        return None
+    if not _stored_object(value, "occupants", errors):
         return None
     return dict(value)

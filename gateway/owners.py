@@ -18,9 +18,11 @@ Lockout
 
 Lookup code
     Callers phoning from an unregistered number identify the car with its
-    *lookup code*: an 8-digit customer number (7 random digits and a Luhn check
-    digit, so a mistyped code is rejected without a database query).  It is an
-    identifier, not a secret; the PIN is what authenticates.
+    *lookup code*: an 8-digit customer number (7 random digits and a Damm check
+    digit, so a mistyped digit or two swapped neighbours are rejected without a
+    database query).  Numbers issued before Damm carry a Luhn digit and stay
+    valid: they are stored and printed, never re-derived.  It is an identifier,
+    not a secret; the PIN is what authenticates.
 """
 
 from __future__ import annotations
@@ -30,18 +32,20 @@ import datetime as dt
 import hashlib
 import hmac
 import logging
+import random
 import re
 import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 import phonenumbers
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from stdnum import damm, luhn
 
 from gateway.errors import GatewayError, StoreError, ValidationError
 from gateway.store import TS, Store, as_utc, metadata
@@ -217,34 +221,62 @@ class PinHasher:
 
 LOOKUP_CODE_LENGTH = 8
 
-
-def _luhn_digit(body: str) -> str:
-    total = 0
-    for i, ch in enumerate(reversed(body)):
-        d = int(ch)
-        if i % 2 == 0:
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
-    return str((10 - total % 10) % 10)
+_system_random = secrets.SystemRandom()
 
 
-def new_lookup_code() -> str:
-    """A random 8-digit customer number whose last digit is a Luhn check digit."""
-    body = "".join(secrets.choice("0123456789") for _ in range(LOOKUP_CODE_LENGTH - 1))
-    return body + _luhn_digit(body)
-
-
-def lookup_code_valid(code: str) -> bool:
-    """Whether ``code`` is 8 ASCII digits with a correct check digit."""
+def _eight_digits(code: object) -> TypeGuard[str]:
     return (
         isinstance(code, str)
         and len(code) == LOOKUP_CODE_LENGTH
         and code.isascii()
         and code.isdigit()
-        and _luhn_digit(code[:-1]) == code[-1]
     )
+
+
+def lookup_check_digit(body: str) -> str:
+    """The Damm check digit for the 7-digit ``body`` of a customer number."""
+    if not (len(body) == LOOKUP_CODE_LENGTH - 1 and body.isascii() and body.isdigit()):
+        raise ValueError("a lookup code body is 7 ASCII digits")
+    return damm.calc_check_digit(body)
+
+
+def new_lookup_code(rng: random.Random | None = None) -> str:
+    """A random 8-digit customer number whose last digit is a Damm check digit.
+
+    ``rng`` is for tests (a seeded :class:`random.Random`); codes are drawn from
+    the operating system's generator otherwise.
+    """
+    draw = rng if rng is not None else _system_random
+    body = "".join(draw.choice("0123456789") for _ in range(LOOKUP_CODE_LENGTH - 1))
+    return body + lookup_check_digit(body)
+
+
+def lookup_code_valid(code: object) -> bool:
+    """Whether ``code`` is 8 ASCII digits ending in a correct Damm check digit.
+
+    Damm catches every single mistyped digit and every swap of two adjacent
+    digits (Luhn, used before, misses ``09`` <-> ``90``).
+    """
+    return _eight_digits(code) and damm.is_valid(code)
+
+
+def legacy_lookup_code_valid(code: object) -> bool:
+    """Whether ``code`` is 8 ASCII digits ending in a correct *Luhn* check digit.
+
+    Customer numbers issued before the switch to Damm carry a Luhn digit and are
+    printed on the owners' papers, so they stay valid for look-ups and imports.
+    """
+    return _eight_digits(code) and luhn.is_valid(code)
+
+
+def lookup_code_accepted(code: object) -> bool:
+    """Whether the registry takes ``code``: a Damm code, or a Luhn code issued before.
+
+    A caller's typo of a Damm code slips through only if it happens to carry a
+    valid Luhn digit; it then reaches the database and matches nothing unless it
+    is exactly another car's old number (and the PIN still has to be right).
+    """
+    return lookup_code_valid(code) or legacy_lookup_code_valid(code)
 
 
 # -- records --------------------------------------------------------------------------
@@ -477,7 +509,7 @@ class Vehicles:
             errors["purchase_date"] = "must be a date"
         owner_phone = _e164(owner_phone, "owner_phone", errors)
         car_msisdn = _e164(car_msisdn, "car_msisdn", errors)
-        if lookup_code is not None and not lookup_code_valid(lookup_code):
+        if lookup_code is not None and not lookup_code_accepted(lookup_code):
             errors["lookup_code"] = "must be 8 digits with a valid check digit"
         pin_hash = None
         if pin is not None:
@@ -576,7 +608,7 @@ class Vehicles:
     def by_lookup_code(self, code: str) -> Vehicle | None:
         """The vehicle for digits typed by the caller; None for unknown or mistyped codes."""
         code = code.strip() if isinstance(code, str) else ""
-        if not lookup_code_valid(code):
+        if not lookup_code_accepted(code):
             return None
         return self._one(vehicles.c.lookup_code == code)
 

@@ -11,7 +11,7 @@ from flask import Blueprint, jsonify, request
 from gateway import theft
 from gateway.app import services
 from gateway.errors import StoreError, ValidationError
-from gateway.events import ALARM_TYPES, VehicleEvent, parse_event
+from gateway.events import ALARM_TYPES, VehicleEvent, load_event_json, parse_event
 from gateway.incidents import EventConflictError, incident_answer, record_event
 from gateway.security import vehicle_token
 
@@ -32,12 +32,13 @@ def post_event() -> Any:
     """Store the event durably, then answer 201 (200 for a replay of the same event_id)."""
     if not request.is_json:
         return _error(415, "unsupported_media_type", "send the event as application/json")
-    body = request.get_json(silent=True)
+    svc = services()
     try:
-        event = parse_event(body)
+        # strict: no NaN/Infinity, bounded nesting and numbers (request.get_json is lenient)
+        body = load_event_json(request.get_data())
+        event = parse_event(body, now=dt.datetime.fromtimestamp(svc.clock(), tz=dt.UTC))
     except ValidationError as exc:
         return _error(422, "invalid_event", "the event has invalid fields", fields=exc.errors)
-    svc = services()
     if event.type in ALARM_TYPES:
         try:
             registered = svc.vehicles.get(event.vin) is not None
