@@ -49,6 +49,8 @@ class Services:
     market_rule: Any = None
     #: voice steps written after the answer (gateway.steps.StepWriter)
     steps: Any = None
+    #: centre lines known down, from memory (gateway.line_health.LineHealthCache)
+    line_health: Any = None
     #: what failed to load at start-up (the app still serves the emergency path)
     problems: dict[str, str] = field(default_factory=dict)
 
@@ -159,6 +161,7 @@ def create_app(
 
     command_queue = CommandQueue(store, commands, clock=clock, poll_s=settings.delivery.poll_s)
 
+    from gateway.line_health import LineHealthCache
     from gateway.steps import StepWriter
 
     metrics = Metrics()
@@ -184,6 +187,7 @@ def create_app(
         command_queue=command_queue,
         market_rule=MarketRule(settings.roadside_free_markets),
         steps=steps,
+        line_health=LineHealthCache(health),
     )
     if worker is not None:
         worker.start_thread()

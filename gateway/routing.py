@@ -1,7 +1,7 @@
-"""Routing decisions: which country's emergency route applies, and whom to dial next.
+"""Where the car is (for a new incident), and the owners' IVR's choice of centre line.
 
-Plain functions over plain data; no Flask, no database.  The voice views feed
-them what they know and render the decision as TwiML.
+Plain functions over plain data; no Flask, no database.  The emergency policy of a
+car's call lives in :mod:`gateway.calls.call_plan`.
 """
 
 from __future__ import annotations
@@ -13,15 +13,12 @@ from typing import Protocol
 
 import phonenumbers
 
+from gateway.calls.call_plan import MIN_RING_S, TWILIO_RING_SLACK_S
 from gateway.config import VoicePolicy
-from gateway.plan import DEFAULT_EMERGENCY, Centre, NumberPlan
+from gateway.plan import Centre, NumberPlan
 
 log = logging.getLogger(__name__)
 
-#: Twilio adds about this much to a <Dial> timeout before it gives up.
-TWILIO_RING_SLACK_S = 5
-#: the shortest ring timeout worth starting (Twilio's minimum is 5 s)
-MIN_RING_S = 5
 
 
 class Locator(Protocol):
@@ -35,23 +32,6 @@ class CountryChoice:
     country: str | None
     location_country: str | None
     reason: str
-
-
-@dataclass(frozen=True)
-class EmergencyRoute:
-    country: str | None
-    emergency_number: str
-    fallback_dial: str
-    language: str
-    source: str
-
-    def dial_sequence(self) -> list[str]:
-        """Numbers to try in order: the operator's route, the local number, then 112."""
-        seen: list[str] = []
-        for number in (self.fallback_dial, self.emergency_number, DEFAULT_EMERGENCY):
-            if number and number not in seen:
-                seen.append(number)
-        return seen
 
 
 def sim_country(msisdn: str | None) -> str | None:
@@ -105,31 +85,6 @@ def choose_country(
     return CountryChoice(None, None, f"plan-default ({why_not}, no last known or SIM country)")
 
 
-def emergency_route(country: str | None, plan: NumberPlan | None) -> EmergencyRoute:
-    """The emergency route of a country; the plan default (112) if unknown."""
-    entry = None
-    if country and plan is not None:
-        try:
-            entry = plan.get(country)
-        except Exception:
-            log.exception("number plan lookup failed")
-    if entry is None:
-        return EmergencyRoute(
-            country=country,
-            emergency_number=DEFAULT_EMERGENCY,
-            fallback_dial=DEFAULT_EMERGENCY,
-            language="en-GB",
-            source="plan default (112)",
-        )
-    return EmergencyRoute(
-        country=entry.country,
-        emergency_number=entry.emergency_number,
-        fallback_dial=entry.fallback_dial,
-        language=entry.language,
-        source=entry.source,
-    )
-
-
 # -- the voice router -----------------------------------------------------------------
 
 
@@ -140,25 +95,6 @@ class DialCentre:
     attempt: int
     timeout_s: int
     reason: str
-
-
-@dataclass(frozen=True)
-class DialEmergency:
-    route: EmergencyRoute
-    number: str
-    attempt: int
-    reason: str
-
-
-@dataclass(frozen=True)
-class GiveUp:
-    """Every emergency attempt failed: tell the caller which number to dial."""
-
-    route: EmergencyRoute
-    reason: str
-
-
-Decision = DialCentre | DialEmergency | GiveUp
 
 
 def next_centre_attempt(
@@ -206,34 +142,3 @@ def next_centre_attempt(
     if skipped:
         reason += f"; skipped unreachable {', '.join(skipped)}"
     return DialCentre(centre=centre, number=number, attempt=attempt, timeout_s=timeout, reason=reason)
-
-
-def next_emergency_attempt(route: EmergencyRoute, *, attempt: int, policy: VoicePolicy,
-                           reason: str) -> DialEmergency | GiveUp:
-    """Emergency attempt ``attempt`` (1-based): cycle through the route's numbers."""
-    if attempt > policy.emergency_attempts:
-        return GiveUp(route=route, reason=f"{policy.emergency_attempts} emergency attempts failed")
-    numbers = route.dial_sequence()
-    return DialEmergency(
-        route=route, number=numbers[(attempt - 1) % len(numbers)], attempt=attempt, reason=reason
-    )
-
-
-#: DialCallStatus values that mean the centre was not reached
-NOT_REACHED = frozenset({"busy", "no-answer", "failed", "canceled"})
-
-
-def centre_answered(dial_status: str, dial_bridged: str | None, accepted: bool | None) -> bool:
-    """Did a person at the centre take the call?
-
-    ``completed``/``answered`` only count when the agent was bridged: Twilio's
-    ``DialBridged`` says so when present; otherwise the whisper's accept record
-    decides (a voicemail that picked up never pressed the key).  With neither
-    (database down) a completed dial is taken as answered.  Unknown statuses
-    count as not reached: a wrong guess there costs a retry, not a person.
-    """
-    if dial_status not in ("completed", "answered"):
-        return False
-    if dial_bridged is not None and dial_bridged.lower() in ("true", "false"):
-        return dial_bridged.lower() == "true"
-    return accepted is not False

@@ -13,7 +13,7 @@ from twilio.twiml.voice_response import VoiceResponse
 from gateway import prompts
 from gateway.calls.call_plan import DialEmergency as EmergencyLeg
 from gateway.calls.call_plan import HandBack, RingCentre
-from gateway.routing import DialCentre, DialEmergency, GiveUp
+from gateway.routing import DialCentre
 from gateway.whisper import ACCEPT_DIGIT, ACCEPT_PROMPT
 
 __all__ = ["ACCEPT_DIGIT", "LAST_RESORT"]
@@ -113,40 +113,6 @@ def dial_centre(
         status_callback_event="initiated ringing answered completed",
         status_callback_method="POST",
     )
-    return response
-
-
-def dial_emergency(
-    decision: DialEmergency,
-    *,
-    action_url: str,
-    status_url: str,
-    caller_id: str | None,
-    language: str | None,
-    announce: str = "connecting_emergency",
-) -> VoiceResponse:
-    """Connect the caller to the emergency route, telling them what is happening."""
-    response = VoiceResponse()
-    text, lang = prompts.say(announce, language)
-    response.say(text, language=lang)
-    dial = response.dial(action=action_url, method="POST", answer_on_bridge=True, caller_id=caller_id)
-    dial.number(
-        decision.number,
-        status_callback=status_url,
-        status_callback_event="initiated ringing answered completed",
-        status_callback_method="POST",
-    )
-    return response
-
-
-def give_up(decision: GiveUp, *, language: str | None) -> VoiceResponse:
-    response = VoiceResponse()
-    number = prompts.spoken_digits(decision.route.emergency_number)
-    text, lang = prompts.say("give_up", language, number=number)
-    response.say(text, language=lang)
-    response.pause(length=1)
-    response.say(text, language=lang)
-    response.hangup()
     return response
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from flask import Blueprint, abort, g, jsonify, request
 
 from gateway.app import services
+from gateway.calls.call_plan import emergency_route
 from gateway.errors import (
     PermanentUpstreamError,
     StoreError,
@@ -21,7 +22,6 @@ from gateway.errors import (
     ValidationError,
 )
 from gateway.incidents import incident_answer, mark_incident
-from gateway.calls.call_plan import emergency_route
 from gateway.security import agent_role
 
 log = logging.getLogger(__name__)

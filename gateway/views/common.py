@@ -6,6 +6,7 @@ the other's module for it.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -15,9 +16,9 @@ from flask import Response, request, url_for
 from twilio.twiml.voice_response import VoiceResponse
 
 from gateway.app import services
+from gateway.calls.call_plan import centre_answered
 from gateway.calls.inbound import e164
 from gateway.errors import StoreError
-from gateway.routing import centre_answered
 
 log = logging.getLogger(__name__)
 
@@ -103,3 +104,27 @@ def record_callback_safely(*, call_sid: str, vin: str | None, incident_id: str |
             "incident_id": incident_id, "reason": reason[:300]})
     except StoreError:
         log.error("could not record the callback request")
+
+
+def entitlement_of(vehicle: Any) -> Any:
+    """The roadside entitlement of a registered vehicle, today."""
+    svc = services()
+    today = dt.datetime.fromtimestamp(svc.clock(), tz=dt.UTC).date()
+    return svc.market_rule.entitlement(purchase_date=vehicle.purchase_date, today=today,
+                                       market=vehicle.market,
+                                       serviced_regularly=vehicle.serviced_regularly)
+
+
+def roadside_entitlement(vin: str | None, *, timeout_s: float) -> Any:
+    """The entitlement of the car with this VIN, or None (unknown car, or the registry
+    did not answer in time: the call goes on without the notice)."""
+    if not vin:
+        return None
+    svc = services()
+    try:
+        vehicle = svc.store.deadline.run(lambda _job: svc.vehicles.get(vin),
+                                         timeout_s=timeout_s)
+    except StoreError:
+        log.warning("vehicle registry did not answer; no entitlement notice")
+        return None
+    return entitlement_of(vehicle) if vehicle is not None else None

@@ -10,7 +10,6 @@ caller through to an agent; never to the emergency number (that is the SOS butto
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
 import logging
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from gateway.views.common import (
     UrlState,
     action_url,
     dial_outcome,
+    entitlement_of,
     record_callback_safely,
     twiml_response,
     unreachable_centres,
@@ -255,15 +255,6 @@ def _vehicle_command(state: IvrState, command: str, params: dict[str, Any], *, d
     response.say(bye, language=lang)
     response.hangup()
     return twiml_response(response)
-
-
-def entitlement_of(vehicle: Any) -> Any:
-    """The roadside entitlement of a registered vehicle, today."""
-    svc = services()
-    today = dt.datetime.fromtimestamp(svc.clock(), tz=dt.UTC).date()
-    return svc.market_rule.entitlement(purchase_date=vehicle.purchase_date, today=today,
-                                       market=vehicle.market,
-                                       serviced_regularly=vehicle.serviced_regularly)
 
 
 def roadside(state: IvrState) -> Response:

@@ -52,6 +52,7 @@ def post_event() -> Any:
         incident, created = record_event(
             event, store=svc.store, locator=svc.locator, plan=svc.plan, extra_rows=extra_rows,
             now=dt.datetime.fromtimestamp(svc.clock(), tz=dt.UTC),
+            caller_ids=svc.settings.emergency_caller_ids,
         )
     except EventConflictError:
         return _error(409, "event_id_conflict",
@@ -76,7 +77,8 @@ def post_event() -> Any:
             response = _error(503, "unavailable", "retry with the same event_id")
             response.headers["Retry-After"] = "1"
             return response
-    body = incident_answer(incident, voice_number=svc.settings.voice_number)
+    body = incident_answer(incident, plan=svc.plan, policy=svc.settings.voice,
+                           caller_ids=svc.settings.emergency_caller_ids)
     body["replayed"] = not created
     if event.type in ALARM_TYPES:
         body["notifications"] = theft_answer

@@ -45,7 +45,12 @@ from gateway.events import EMERGENCY_TYPES
 from gateway.logs import call_sid_var
 from gateway.security import twilio_signed
 from gateway.steps import StepRecord
-from gateway.views.common import action_url, twiml_response, unreachable_centres
+from gateway.views.common import (
+    action_url,
+    roadside_entitlement,
+    twiml_response,
+    unreachable_centres,
+)
 from gateway.whisper import ACCEPT_DIGIT, whisper_headline, whisper_summary
 
 log = logging.getLogger(__name__)
@@ -137,9 +142,9 @@ def _arrival_from_call(service: str, to_country: str | None, now: float) -> Arri
 # -- rendering a step ---------------------------------------------------------------------
 
 
-def render(step: Step, *, name: str, record: bool = True,
+def render(step: Step, *, name: str,
            health: tuple[str, bool, str] | None = None,
-           detail: Mapping[str, Any] | None = None) -> Response:
+           detail: Mapping[str, Any] | None = None, notices: tuple[str, ...] = ()) -> Response:
     """TwiML for ``step``; its record is queued for the background writer."""
     svc = services()
     call = step.plan
@@ -152,7 +157,7 @@ def render(step: Step, *, name: str, record: bool = True,
         response = twiml.ring_centre(
             step, action_url=action_url(result, call.params(), centre=centre),
             whisper_url=action_url("voice.whisper", call.params(), centre=centre),
-            status_url=status_url)
+            status_url=status_url, notices=notices)
         decision = {"target": "centre", "number": step.number, "centre_id": centre}
     elif isinstance(step, DialEmergency):
         response = twiml.emergency_leg(
@@ -181,7 +186,7 @@ def render(step: Step, *, name: str, record: bool = True,
     decision["reason"] = step.reason[:1000]
     body = str(response)
     call_sid = request.form.get("CallSid", "")
-    if record and call_sid:
+    if call_sid:
         svc.steps.submit(StepRecord(call_sid=call_sid, step=name,
                                     incident_id=call.incident or None, twiml=body,
                                     detail=dict(detail or {}), decision=decision,
@@ -299,13 +304,13 @@ def incoming() -> Response:
                        incident=lookup.incident if lookup is not None else None,
                        db_answered=lookup is not None, now=_now())
     step = call_plan.start(arrival, plan=plan, policy=policy, caller_ids=caller_ids)
-    notices = _roadside_notices(arrival) if inbound.service == ROADSIDE else ()
-    return render(step, name="voice", detail={"to_known": inbound.known, "notices": notices})
-
-
-def _roadside_notices(arrival: Arrival) -> tuple[str, ...]:
-    """Whether the owner is told that costs apply (best effort, never blocks the call)."""
-    return ()
+    notices: tuple[str, ...] = ()
+    if inbound.service == ROADSIDE and lookup is not None and lookup.incident is not None:
+        entitlement = roadside_entitlement(lookup.incident.get("vin"), timeout_s=VOICE_READ_S)
+        if entitlement is not None and not entitlement.included:
+            notices = ("ivr_costs_apply",)
+    return render(step, name="voice", notices=notices,
+                  detail={"to_known": inbound.known, "notices": list(notices)})
 
 
 def _centre_result(*, roadside: bool) -> Response:
@@ -421,8 +426,13 @@ def whisper() -> Response:
     """Played to the agent before the bridge: the headline, then press 1 to accept."""
     svc = services()
     call = CallPlan.from_params(request.args)
-    headline = whisper_headline(_incident(call.incident), service=call.service, plan=svc.plan,
+    incident = _incident(call.incident)
+    headline = whisper_headline(incident, service=call.service, plan=svc.plan,
                                 sim_country=call.home or None)
+    if call.service == ROADSIDE and incident is not None:  # not on the emergency clock
+        entitlement = roadside_entitlement(incident.get("vin"), timeout_s=VOICE_READ_S)
+        if entitlement is not None:
+            headline += " " + entitlement.reason
     response = twiml.whisper(
         headline,
         accept_url=action_url("voice.whisper_accept", call.params(),

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import sys
 import random
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 import sqlalchemy as sa
 
 from gateway.owners import PinHasher, Vehicles
@@ -32,7 +31,8 @@ from tests.support.fake_servers import (
 from tests.support.server import GatewayProcess, running_gateway
 from tests.support.twilio import AUTH_TOKEN, call_params, dial_of, parse
 
-IVR_NUMBER = "+442079460999"
+IVR_NUMBER = "+442079460902"  # numbers/inbound.csv: service owner
+ROADSIDE_NUMBER = "+442079460901"  # numbers/inbound.csv: service roadside (ON CALL)
 ACCOUNT_SID = "AC" + "1" * 32
 SMS_FROM = "+442079460998"
 PIN = "738105"  # distinctive: searched for in logs and the database afterwards
@@ -92,7 +92,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     with FakeVehicleService() as vehicles, FakeTwilioApi(ACCOUNT_SID, AUTH_TOKEN) as twilio_api, \
             FakePush() as push, FakeAssistanceCentre() as centre:
         env = {
-            "GATEWAY_DATABASE_URL": url, "GATEWAY_IVR_NUMBERS": IVR_NUMBER,
+            "GATEWAY_DATABASE_URL": url,
             "GATEWAY_VEHICLE_COMMAND_URL": vehicles.url, "GATEWAY_UNLOCK_RELOCK_S": "90",
             "GATEWAY_TWILIO_ACCOUNT_SID": ACCOUNT_SID, "GATEWAY_TWILIO_API_URL": twilio_api.url,
             "GATEWAY_SMS_FROM": SMS_FROM, "GATEWAY_PUSH_URL": push.url + "/push",
@@ -213,7 +213,8 @@ def test_on_call_entitlement(world: World, car: Car, costs: bool) -> None:
                         event_id=f"oncall-{car.vin}")
     event.pop("crash")
     assert world.a.post_event(event).status_code == 201
-    root = parse(world.a.twilio("/twilio/voice", call_params(f"CAoc{car.vin}", car.car_msisdn)).content)
+    root = parse(world.a.twilio("/twilio/voice", call_params(f"CAoc{car.vin}", car.car_msisdn,
+                                                             to=ROADSIDE_NUMBER)).content)
     dial = dial_of(root)
     assert ("kostar" in said(root)) is costs  # "costs apply", in Swedish
     whisper = parse(world.a.twilio(dial.find("Number").get("url"), {
@@ -223,27 +224,35 @@ def test_on_call_entitlement(world: World, car: Car, costs: bool) -> None:
     assert ("Costs apply" in text) is costs
 
 
-def test_on_call_with_the_centre_down_records_a_callback_not_an_emergency_dial(
+def test_on_call_with_every_line_down_records_a_callback_not_an_emergency_dial(
     world: World, tmp_path: Path
 ) -> None:
-    # its own database: the breaker state is shared by every gateway on a database, and
-    # the other gateways here deliver to a centre that is up
-    own_db = f"sqlite:///{tmp_path}/centre-down.sqlite3"
-    with FakeAssistanceCentre(mode="refuse") as dead:
-        env = {"GATEWAY_DATABASE_URL": own_db, "GATEWAY_ASSISTANCE_URL": dead.url,
-               "GATEWAY_BREAKER_FAILURES": "1", "GATEWAY_DELIVERY_POLL_S": "0.05",
-               "GATEWAY_DELIVERY_BACKOFF_INITIAL_S": "0.05", "GATEWAY_DELIVERY_BUDGET_S": "1"}
-        with running_gateway(tmp_path, **env) as gw:
-            event = crash_event(vin=NEW_CAR.vin, msisdn=NEW_CAR.car_msisdn, type="on_call",
-                                event_id="oncall-down")
-            event.pop("crash")
-            assert gw.post_event(event).status_code == 201
-            assert wait_until(lambda: 'gateway_centre_open{centre="api"} 1.0' in
-                              requests.get(gw.base_url + "/metrics", timeout=2).text,
-                              timeout=15)
-            root = parse(gw.twilio("/twilio/voice", call_params("CAocdown", NEW_CAR.car_msisdn)).content)
-    assert root.find("Dial") is None
-    assert "S O S" in said(root) and root.find("Hangup") is not None
+    """The roadside lines fail (their own dial outcomes open their breakers): the ON CALL
+    caller gets a callback, never an emergency number, now and on the next call."""
+    own_db = f"sqlite:///{tmp_path}/lines-down.sqlite3"  # breakers are per database
+    emergency = {"112", "999", "911"}
+    with running_gateway(tmp_path, GATEWAY_DATABASE_URL=own_db,
+                         GATEWAY_BREAKER_FAILURES="1") as gw:
+        event = crash_event(vin=NEW_CAR.vin, msisdn=NEW_CAR.car_msisdn, type="on_call",
+                            event_id="oncall-down")
+        event.pop("crash")
+        assert gw.post_event(event).status_code == 201
+        root = parse(gw.twilio("/twilio/voice", call_params(
+            "CAocfail", NEW_CAR.car_msisdn, to=ROADSIDE_NUMBER)).content)
+        while root.find("Dial") is not None:  # every roadside line fails
+            assert dial_of(root).find("Number").text not in emergency
+            root = parse(gw.twilio(dial_of(root).get("action"), call_params(
+                "CAocfail", NEW_CAR.car_msisdn, to=ROADSIDE_NUMBER,
+                DialCallStatus="failed")).content)
+        assert "S O S" in said(root) and root.find("Hangup") is not None
+        time.sleep(2.5)  # the call path's copy of the line health refreshes
+        gw.twilio("/twilio/voice", call_params("CAwarm", "+46701230000", to=ROADSIDE_NUMBER))
+        time.sleep(0.5)
+        root = parse(gw.twilio("/twilio/voice", call_params(
+            "CAocdown", NEW_CAR.car_msisdn, to=ROADSIDE_NUMBER)).content)
+        assert root.find("Dial") is None
+        assert "S O S" in said(root) and root.find("Hangup") is not None
+        time.sleep(1.0)  # step records are written after the answer
     store = Store.from_url(own_db)
     try:
         callbacks = [c for c in store.callbacks() if c["call_sid"] == "CAocdown"]
