@@ -1,7 +1,7 @@
 """The owners' IVR: roadside help, remote unlock, theft report, reactivation, an agent.
 
-Calls to a number in ``GATEWAY_IVR_NUMBERS`` land here (a car with an open crash or
-SOS incident never does: it is routed as an emergency first).  The vehicle is found by
+Calls to an ``owner`` number of the plan's ``inbound.csv`` land here (the number called
+says the service: the car's SOS and crash calls go to an emergency number).  The vehicle is found by
 the caller's registered number, or by the customer number typed on the keypad.  PINs
 arrive as ``Digits`` in the request body: they are passed to the registry and never
 written to a URL, a log line, the TwiML or the database.  Any failure here puts the
