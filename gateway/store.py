@@ -348,6 +348,30 @@ class Store:
             conn, call_sid=call_sid, step=step, incident_id=incident_id, twiml=twiml,
             detail=detail, decision=decision, now=now), timeout_s=timeout_s)
 
+    def claim_step(self, call_sid: str, step: str, *, timeout_s: float = 2.0
+                   ) -> tuple[bool, str | None]:
+        """Claim a step before acting on it: ``(True, None)`` for the first request,
+        ``(False, stored TwiML or None while the first is still at work)`` for a replay."""
+
+        def claim(conn: Connection) -> tuple[bool, str | None]:
+            if insert_ignore(conn, call_steps, {"call_sid": call_sid, "step": step,
+                                                "created_at": utcnow(), "twiml": None,
+                                                "detail": {}}):
+                return True, None
+            stored = conn.execute(sa.select(call_steps.c.twiml).where(
+                call_steps.c.call_sid == call_sid, call_steps.c.step == step)).scalar()
+            return False, stored
+
+        return self.within(claim, timeout_s=timeout_s)
+
+    def finish_step(self, call_sid: str, step: str, twiml: str, *,
+                    timeout_s: float = 2.0) -> None:
+        """Store the answer of a claimed step (what a replay gets)."""
+        update = call_steps.update().where(
+            call_steps.c.call_sid == call_sid, call_steps.c.step == step,
+            call_steps.c.twiml.is_(None)).values(twiml=twiml)
+        self.within(lambda conn: conn.execute(update), timeout_s=timeout_s)
+
     def decisions_for(self, *, incident_id: str | None = None, call_sid: str | None = None) -> list[
         dict[str, Any]
     ]:

@@ -11,7 +11,9 @@ caller through to an agent; never to the emergency number (that is the SOS butto
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar, cast
@@ -102,6 +104,53 @@ def fail_to_agent(view: F) -> F:
     return cast(F, wrapper)
 
 
+#: how long a replay waits for the first request of the same step to answer
+REPLAY_WAIT_S = 4.0
+
+
+def replay_safe(view: F) -> F:
+    """Each IVR step happens once per call: the step (``CallSid`` + endpoint + its URL
+    state) is claimed before anything is done; a replay (Twilio's retry, or a captured
+    request sent again) gets the stored TwiML and sends nothing, feeds nothing again."""
+
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        store = services().store
+        call_sid = request.form.get("CallSid", "")
+        digest = hashlib.sha256(request.query_string).hexdigest()[:16]
+        step = f"ivr:{request.endpoint}:{digest}"
+        try:
+            first, stored = store.claim_step(call_sid, step)
+        except StoreError:
+            log.warning("IVR step %s not claimed (database); answering without replay guard",
+                        step)
+            return view(*args, **kwargs)
+        deadline = time.monotonic() + REPLAY_WAIT_S
+        while not first and stored is None and time.monotonic() < deadline:
+            time.sleep(0.2)  # the first request of this step is still at work
+            try:
+                stored = (store.call_step(call_sid, step) or {}).get("twiml")
+            except StoreError:
+                break
+        if not first:
+            log.info("replayed IVR step %s", request.endpoint)
+            if stored is not None:
+                return twiml_response(stored)
+            response = VoiceResponse()  # still at work: come back for its answer
+            response.pause(length=1)
+            response.redirect(services().settings.public_url + request.full_path.rstrip("?"),
+                              method="POST")
+            return twiml_response(response)
+        answer = view(*args, **kwargs)
+        try:
+            store.finish_step(call_sid, step, answer.get_data(as_text=True))
+        except StoreError:
+            log.error("IVR step %s answered but not stored", request.endpoint)
+        return answer
+
+    return cast(F, wrapper)
+
+
 def _vehicle(vin: str) -> Any:
     return services().vehicles.get(vin) if vin else None
 
@@ -130,6 +179,7 @@ def start(*, call_sid: str, caller: str | None) -> Response:
 
 @bp.post("/replay")
 @twilio_signed
+@replay_safe
 @fail_to_agent
 def replay() -> Response:
     """No key pressed: say the menu again, then hand over to an agent."""
@@ -141,6 +191,7 @@ def replay() -> Response:
 
 @bp.post("/choose")
 @twilio_signed
+@replay_safe
 @fail_to_agent
 def choose() -> Response:
     state = replace(_state(), r=0)
@@ -166,6 +217,7 @@ def _ask_customer_number(state: IvrState) -> Response:
 
 @bp.post("/identify")
 @twilio_signed
+@replay_safe
 @fail_to_agent
 def identify() -> Response:
     state = _state()
@@ -201,6 +253,7 @@ def _actor() -> str:
 
 @bp.post("/pin")
 @twilio_signed
+@replay_safe
 @fail_to_agent
 def pin() -> Response:
     """Check the PIN, then unlock or reactivate.  The digits go nowhere else."""
@@ -301,6 +354,7 @@ def callback(state: IvrState, *, reason: str, record: bool = True) -> Response:
 
 @bp.post("/agent-result")
 @twilio_signed
+@replay_safe
 @fail_to_agent
 def agent_result() -> Response:
     state = _state()
@@ -312,6 +366,7 @@ def agent_result() -> Response:
 
 @bp.post("/whisper")
 @twilio_signed
+@replay_safe
 @fail_to_agent
 def whisper() -> Response:
     state = _state()
