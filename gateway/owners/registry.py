@@ -1,53 +1,36 @@
-"""The vehicle registry: owners, PINs, PIN lockout, immobiliser, tracking and audit.
+"""The vehicle registry: vehicles and their owners, immobiliser and tracking state.
 
-PINs
-    4 to 8 ASCII digits, gathered by DTMF.  Stored only as a salted scrypt hash
-    (:class:`PinHasher`), compared with :func:`hmac.compare_digest`.  No PIN
-    digit is ever logged, written to the database or put in an exception
-    message; the audit records *that* an attempt happened and its outcome.
-
-Lockout
-    Kept in the ``pin_failures`` table so it holds across calls and across
-    gateway processes sharing the database.  An attempt is *charged* before the
-    slow hash is checked, with one conditional ``UPDATE`` that only succeeds
-    while the vehicle is not locked; the charge that reaches the limit also sets
-    ``locked_until``.  So however many calls guess at the same time, at most
-    ``max_failures`` guesses are checked per lock window, and a process that dies
-    mid-check leaves a lock that expires rather than a stuck state.  A correct
-    PIN clears the count (and a lock set by concurrent guesses it raced with).
-
-Lookup code
-    Callers phoning from an unregistered number identify the car with its
-    *lookup code*: an 8-digit customer number (7 random digits and a Damm check
-    digit, so a mistyped digit or two swapped neighbours are rejected without a
-    database query).  Numbers issued before Damm carry a Luhn digit and stay
-    valid: they are stored and printed, never re-derived.  It is an identifier,
-    not a secret; the PIN is what authenticates.
+PINs and their lockout are in :mod:`gateway.owners.pins`, customer numbers in
+:mod:`gateway.owners.customer_numbers`, the audit trail in :mod:`gateway.owners.audit`;
+:class:`Vehicles` puts them together over one :class:`~gateway.store.Store`.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import hashlib
-import hmac
 import logging
-import random
 import re
-import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, TypeGuard
+from typing import Any
 
 import phonenumbers
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from stdnum import damm, luhn
 
 from gateway.errors import GatewayError, StoreError, ValidationError
+from gateway.owners.audit import AuditEntry, audit, write_audit
+from gateway.owners.customer_numbers import lookup_code_accepted, new_lookup_code
+from gateway.owners.pins import (
+    PIN_FORMAT_MESSAGE,
+    PinCheck,
+    PinHasher,
+    is_valid_pin,
+    pin_failures,
+)
 from gateway.store import TS, Store, as_utc, metadata
 
 log = logging.getLogger(__name__)
@@ -80,26 +63,6 @@ vehicles = sa.Table(
     sa.Column("updated_at", TS, nullable=False),
 )
 
-pin_failures = sa.Table(
-    "pin_failures",
-    metadata,
-    sa.Column("vin", sa.String(17), primary_key=True),
-    sa.Column("failures", sa.Integer, nullable=False, default=0),
-    sa.Column("locked_until", TS),
-    sa.Column("updated_at", TS, nullable=False),
-)
-
-audit = sa.Table(
-    "audit",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("at", TS, nullable=False),
-    sa.Column("vin", sa.String(17), nullable=False, index=True),
-    sa.Column("actor", sa.String(100), nullable=False),
-    sa.Column("action", sa.String(40), nullable=False),
-    sa.Column("detail", sa.JSON, nullable=False),
-)
-
 # -- errors ---------------------------------------------------------------------------
 
 
@@ -109,174 +72,6 @@ class UnknownVehicleError(GatewayError, LookupError):
     def __init__(self, vin: str) -> None:
         super().__init__(f"no vehicle registered with VIN {vin!r}")
         self.vin = vin
-
-
-# -- PIN hashing ----------------------------------------------------------------------
-
-_PIN_RE = re.compile(r"[0-9]{4,8}", re.ASCII)
-#: deliberately free of digits, so it cannot echo a PIN even by accident
-_PIN_FORMAT_MESSAGE = "PIN must be four to eight ASCII digits"
-
-_HASH_RE = re.compile(
-    r"scrypt\$n=(?P<n>[0-9]+),r=(?P<r>[0-9]+),p=(?P<p>[0-9]+)"
-    r"\$(?P<salt>[A-Za-z0-9+/]+={0,2})\$(?P<hash>[A-Za-z0-9+/]+={0,2})",
-    re.ASCII,
-)
-
-#: upper bounds accepted from a stored hash, so a tampered row cannot make
-#: verification eat the server (2**17 * r=16 is 256 MiB)
-_MAX_N = 2**17
-_MAX_R = 16
-_MAX_P = 8
-
-
-def is_valid_pin(pin: object) -> bool:
-    """Whether ``pin`` is a string of 4 to 8 ASCII digits."""
-    return isinstance(pin, str) and _PIN_RE.fullmatch(pin) is not None
-
-
-def check_pin_format(pin: object) -> str:
-    """Return ``pin`` if well formed; else ValueError whose message holds no digit."""
-    if not is_valid_pin(pin):
-        raise ValueError(_PIN_FORMAT_MESSAGE)
-    assert isinstance(pin, str)
-    return pin
-
-
-class PinHasher:
-    """Salted scrypt hashes of PINs: ``scrypt$n=...,r=...,p=...$<salt b64>$<hash b64>``.
-
-    The defaults (n=2**14, r=8, p=2: 16 MiB, about 65 ms per hash on the
-    development machine) make each guess against a stolen hash cost real time;
-    tests pass a smaller ``n``.  The parameters travel with each stored hash, so
-    hashes made with other parameters still verify (see :meth:`needs_rehash`).
-    """
-
-    def __init__(
-        self, *, n: int = 2**14, r: int = 8, p: int = 2, salt_bytes: int = 16, dklen: int = 32
-    ) -> None:
-        if n < 2 or n & (n - 1) or n > _MAX_N:
-            raise ValueError("scrypt n must be a power of two between 2 and 2**17")
-        if not 1 <= r <= _MAX_R or not 1 <= p <= _MAX_P:
-            raise ValueError("scrypt r or p out of range")
-        if not 16 <= salt_bytes <= 64 or not 16 <= dklen <= 64:
-            raise ValueError("salt and key length must be between 16 and 64 bytes")
-        self.n, self.r, self.p = n, r, p
-        self.salt_bytes, self.dklen = salt_bytes, dklen
-
-    @staticmethod
-    def _derive(pin: str, salt: bytes, n: int, r: int, p: int, dklen: int) -> bytes:
-        maxmem = 128 * r * (n + p + 2) + (1 << 20)
-        return hashlib.scrypt(
-            pin.encode("ascii"), salt=salt, n=n, r=r, p=p, maxmem=maxmem, dklen=dklen
-        )
-
-    def hash(self, pin: str) -> str:
-        """A new salted hash of ``pin``; ValueError if it is not 4 to 8 digits."""
-        check_pin_format(pin)
-        salt = secrets.token_bytes(self.salt_bytes)
-        digest = self._derive(pin, salt, self.n, self.r, self.p, self.dklen)
-        return "scrypt$n={},r={},p={}${}${}".format(
-            self.n,
-            self.r,
-            self.p,
-            base64.b64encode(salt).decode("ascii"),
-            base64.b64encode(digest).decode("ascii"),
-        )
-
-    @staticmethod
-    def _parse(stored: str) -> tuple[int, int, int, bytes, bytes]:
-        match = _HASH_RE.fullmatch(stored) if isinstance(stored, str) else None
-        if match is None:
-            raise ValueError("stored PIN hash is malformed")
-        n, r, p = int(match["n"]), int(match["r"]), int(match["p"])
-        if n < 2 or n & (n - 1) or n > _MAX_N or not 1 <= r <= _MAX_R or not 1 <= p <= _MAX_P:
-            raise ValueError("stored PIN hash has out-of-range parameters")
-        salt = base64.b64decode(match["salt"], validate=True)
-        digest = base64.b64decode(match["hash"], validate=True)
-        if not 16 <= len(salt) <= 64 or not 16 <= len(digest) <= 64:
-            raise ValueError("stored PIN hash has a bad salt or key length")
-        return n, r, p, salt, digest
-
-    def verify(self, pin: str, stored: str) -> bool:
-        """Whether ``pin`` matches ``stored``, compared in constant time.
-
-        A malformed ``pin`` simply does not match; a malformed ``stored`` hash
-        raises ValueError (it means the database row is damaged).
-        """
-        n, r, p, salt, expected = self._parse(stored)
-        if not is_valid_pin(pin):
-            return False
-        candidate = self._derive(pin, salt, n, r, p, len(expected))
-        return hmac.compare_digest(candidate, expected)
-
-    def needs_rehash(self, stored: str) -> bool:
-        n, r, p, salt, digest = self._parse(stored)
-        return (n, r, p, len(salt), len(digest)) != (
-            self.n, self.r, self.p, self.salt_bytes, self.dklen
-        )
-
-
-# -- lookup codes ---------------------------------------------------------------------
-
-LOOKUP_CODE_LENGTH = 8
-
-_system_random = secrets.SystemRandom()
-
-
-def _eight_digits(code: object) -> TypeGuard[str]:
-    return (
-        isinstance(code, str)
-        and len(code) == LOOKUP_CODE_LENGTH
-        and code.isascii()
-        and code.isdigit()
-    )
-
-
-def lookup_check_digit(body: str) -> str:
-    """The Damm check digit for the 7-digit ``body`` of a customer number."""
-    if not (len(body) == LOOKUP_CODE_LENGTH - 1 and body.isascii() and body.isdigit()):
-        raise ValueError("a lookup code body is 7 ASCII digits")
-    return damm.calc_check_digit(body)
-
-
-def new_lookup_code(rng: random.Random | None = None) -> str:
-    """A random 8-digit customer number whose last digit is a Damm check digit.
-
-    ``rng`` is for tests (a seeded :class:`random.Random`); codes are drawn from
-    the operating system's generator otherwise.
-    """
-    draw = rng if rng is not None else _system_random
-    body = "".join(draw.choice("0123456789") for _ in range(LOOKUP_CODE_LENGTH - 1))
-    return body + lookup_check_digit(body)
-
-
-def lookup_code_valid(code: object) -> bool:
-    """Whether ``code`` is 8 ASCII digits ending in a correct Damm check digit.
-
-    Damm catches every single mistyped digit and every swap of two adjacent
-    digits (Luhn, used before, misses ``09`` <-> ``90``).
-    """
-    return _eight_digits(code) and damm.is_valid(code)
-
-
-def legacy_lookup_code_valid(code: object) -> bool:
-    """Whether ``code`` is 8 ASCII digits ending in a correct *Luhn* check digit.
-
-    Customer numbers issued before the switch to Damm carry a Luhn digit and are
-    printed on the owners' papers, so they stay valid for look-ups and imports.
-    """
-    return _eight_digits(code) and luhn.is_valid(code)
-
-
-def lookup_code_accepted(code: object) -> bool:
-    """Whether the registry takes ``code``: a Damm code, or a Luhn code issued before.
-
-    A caller's typo of a Damm code slips through only if it happens to carry a
-    valid Luhn digit; it then reaches the database and matches nothing unless it
-    is exactly another car's old number (and the PIN still has to be right).
-    """
-    return lookup_code_valid(code) or legacy_lookup_code_valid(code)
 
 
 # -- records --------------------------------------------------------------------------
@@ -335,27 +130,6 @@ class Vehicle:
         )
 
 
-PinOutcome = Literal["ok", "wrong", "locked", "not_set"]
-
-
-@dataclass(frozen=True)
-class PinCheck:
-    """The result of one PIN attempt.
-
-    ``outcome``: ``ok``; ``wrong`` (``locked_until`` is set when this attempt
-    used up the last try); ``locked`` (refused without checking the PIN);
-    ``not_set`` (the vehicle has no PIN; nothing is counted).
-    """
-
-    outcome: PinOutcome
-    failures: int
-    locked_until: dt.datetime | None
-
-    @property
-    def ok(self) -> bool:
-        return self.outcome == "ok"
-
-
 @dataclass(frozen=True)
 class Reactivation:
     check: PinCheck
@@ -366,33 +140,6 @@ class Reactivation:
     @property
     def ok(self) -> bool:
         return self.check.ok
-
-
-@dataclass(frozen=True)
-class AuditEntry:
-    id: int
-    at: dt.datetime
-    vin: str
-    actor: str
-    action: str
-    detail: dict[str, Any]
-
-
-def write_audit(
-    conn: Connection,
-    *,
-    vin: str,
-    actor: str,
-    action: str,
-    at: dt.datetime,
-    detail: Mapping[str, Any] | None = None,
-) -> None:
-    """Append one audit row inside the caller's transaction (never put a PIN in ``detail``)."""
-    conn.execute(
-        audit.insert().values(
-            at=at, vin=vin, actor=actor[:100], action=action, detail=dict(detail or {})
-        )
-    )
 
 
 # -- validation helpers ---------------------------------------------------------------
@@ -516,7 +263,7 @@ class Vehicles:
             if is_valid_pin(pin):
                 pin_hash = self.hasher.hash(pin)
             else:
-                errors["pin"] = _PIN_FORMAT_MESSAGE
+                errors["pin"] = PIN_FORMAT_MESSAGE
         if errors:
             raise ValidationError(errors)
 
@@ -619,7 +366,7 @@ class Vehicles:
         vin = _vin(vin)
         actor = _actor(actor)
         if not is_valid_pin(pin):
-            raise ValidationError({"pin": _PIN_FORMAT_MESSAGE})
+            raise ValidationError({"pin": PIN_FORMAT_MESSAGE})
         pin_hash = self.hasher.hash(pin)
         now = self._now()
         with self._tx() as conn:
