@@ -288,26 +288,18 @@ class Store:
         want_incident = bool(msisdn and types)
         if not want_steps and not want_incident:
             return VoiceLookup(steps={}, incident=None)
-        anchor = sa.select(sa.literal_column("1").label("one")).subquery("anchor")
-        source: sa.FromClause = anchor
-        columns: list[Any] = [anchor.c.one]
+        n_steps = len(step_names) if want_steps else 0
+        n_types = len(types) if want_incident else 0
+        query = _voice_query(n_steps, n_types)
+        params: dict[str, Any] = {}
         if want_steps:
-            source = source.outerjoin(call_steps, sa.and_(
-                call_steps.c.call_sid == call_sid, call_steps.c.step.in_(step_names)))
-            columns += [call_steps.c[name].label(f"s_{name}") for name in STEP_FIELDS]
+            params["vl_call_sid"] = call_sid
+            params.update((f"vl_step_{i}", name) for i, name in enumerate(step_names))
         if want_incident:
-            preferred = sa.case((incidents.c.type.in_(PREFERRED_TYPES), 0), else_=1)
-            newest = (
-                sa.select(incidents)
-                .where(incidents.c.msisdn == msisdn, incidents.c.type.in_(list(types)),
-                       incidents.c.received_at >= since)
-                .order_by(preferred, incidents.c.received_at.desc(), incidents.c.id)
-                .limit(1)
-                .subquery("newest"))
-            source = source.outerjoin(newest, sa.true())
-            columns += [column.label(f"i_{column.name}") for column in newest.c]
-        query = sa.select(*columns).select_from(source)
-        rows = self.within(lambda conn: conn.execute(query).all(), timeout_s=timeout_s)
+            params["vl_msisdn"] = msisdn
+            params["vl_since"] = since
+            params.update((f"vl_type_{i}", kind) for i, kind in enumerate(types))
+        rows = self.within(lambda conn: conn.execute(query, params).all(), timeout_s=timeout_s)
         found: dict[str, Mapping[str, Any]] = {}
         incident: dict[str, Any] | None = None
         try:
@@ -427,6 +419,49 @@ class Store:
 
 #: what voice_lookup returns of each stored step (and the step name itself)
 STEP_FIELDS = ("step", "twiml", "detail", "incident_id", "created_at")
+
+
+#: voice_lookup's statements by (number of step names, number of incident types): built
+#: once from bound parameters, so each call skips building the statement and SQLAlchemy
+#: finds its compiled form by the statement's memoized cache key
+_VOICE_QUERIES: dict[tuple[int, int], sa.Select[Any]] = {}
+
+
+def _voice_query(n_steps: int, n_types: int) -> sa.Select[Any]:
+    """The one statement: a one-row anchor, outer-joined to the call's stored steps
+    (``n_steps`` names; 0: none) and to the caller's newest incident (``n_types`` types;
+    0: none).  Parameters: vl_call_sid, vl_step_<i>, vl_msisdn, vl_since, vl_type_<i>."""
+    key = (n_steps, n_types)
+    query = _VOICE_QUERIES.get(key)
+    if query is not None:
+        return query
+    anchor = sa.select(sa.literal_column("1").label("one")).subquery("anchor")
+    source: sa.FromClause = anchor
+    columns: list[Any] = [anchor.c.one]
+    if n_steps:
+        names = [sa.bindparam(f"vl_step_{i}", type_=call_steps.c.step.type)
+                 for i in range(n_steps)]
+        source = source.outerjoin(call_steps, sa.and_(
+            call_steps.c.call_sid == sa.bindparam("vl_call_sid"), call_steps.c.step.in_(names)))
+        columns += [call_steps.c[name].label(f"s_{name}") for name in STEP_FIELDS]
+    if n_types:
+        kinds = [sa.bindparam(f"vl_type_{i}", type_=incidents.c.type.type)
+                 for i in range(n_types)]
+        # plain bound values, not an expanding IN: nothing to render per execution
+        constants = [sa.literal(kind, incidents.c.type.type) for kind in PREFERRED_TYPES]
+        preferred = sa.case((incidents.c.type.in_(constants), 0), else_=1)
+        newest = (
+            sa.select(incidents)
+            .where(incidents.c.msisdn == sa.bindparam("vl_msisdn"), incidents.c.type.in_(kinds),
+                   incidents.c.received_at >= sa.bindparam("vl_since"))
+            .order_by(preferred, incidents.c.received_at.desc(), incidents.c.id)
+            .limit(1)
+            .subquery("newest"))
+        source = source.outerjoin(newest, sa.true())
+        columns += [column.label(f"i_{column.name}") for column in newest.c]
+    query = sa.select(*columns).select_from(source)
+    _VOICE_QUERIES[key] = query
+    return query
 
 
 def insert_ignore(conn: Connection, table: sa.Table, values: Mapping[str, Any]) -> bool:
