@@ -6,9 +6,15 @@ Not run in CI: the output is committed. To regenerate::
     mkdir -p /tmp/osmb && cd /tmp/osmb
     npm pack @osm_borders/maritime_10m@1.1.0          # ODbL, (c) OpenStreetMap contributors
     tar xzf osm_borders-maritime_10m-1.1.0.tgz
+    npm pack @geo-maps/earth-lands-10m@0.6.0          # OSM land polygons, ODbL (Antarctica, SBAs)
+    mkdir lands && tar xzf geo-maps-earth-lands-10m-0.6.0.tgz -C lands
     cd /work/main
-    .venv/bin/pip install "timezonefinder>=6.5,<9.1"   # only for the Northern Cyprus outline
-    .venv/bin/python tools/build_boundaries.py /tmp/osmb/package/borders.geo.json
+    .venv/bin/pip install "timezonefinder==9.0.0"      # Northern Cyprus and SBA outlines
+    .venv/bin/python tools/build_boundaries.py /tmp/osmb/package/borders.geo.json \
+        --lands /tmp/osmb/lands/package/map.geo.json   # 4-6 min, ~3 GB peak
+
+    (timezonefinder 9.0.0 with timezonefinder-data 3.2026.3.post1 reproduces the
+    committed file byte for byte.)
 
     # optional: regenerate the committed reference sample of an independent
     # source (iD editor's hand-drawn borders) used by the integration test
@@ -21,7 +27,12 @@ What it does (see docs/country-lookup.md):
 1. reads every admin_level=2 feature (land + 12 nm territorial waters) of the
    ``@osm_borders/maritime_10m`` package; ISO alpha-2 from ``isoA2`` (the three
    Dutch Caribbean features without one get BQ, CW, SX from their alpha-3);
-2. adds the de-facto overrides listed in ``OVERRIDES`` (disputed areas);
+2. replaces the source's AQ feature (the whole box south of 60 S, open sea
+   included) by the Antarctic land of the OSM land polygons (ice shelves are
+   land there) plus 12 nm plus the polar cap, and gives the UK Sovereign Base
+   Areas on Cyprus (in no feature of the source) and 12 nm from their coast to
+   CY (policy: docs/country-lookup.md);
+   then adds the de-facto overrides listed in ``OVERRIDES`` (disputed areas);
 3. orders the features by priority: explicit ``RANK`` first, then by area,
    smallest first, so a territory wins over a parent feature that also covers it
    (FR covers its overseas departments, NL the Caribbean islands, ...) and the
@@ -54,7 +65,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 OUT = ROOT / "gateway" / "geo" / "data" / "boundaries.bin"
 REFERENCE_OUT = ROOT / "tests" / "data" / "geo_reference_points.csv"
 MAGIC = b"GWGEO1\n"
-SOURCE = "osm-maritime-boundaries (@osm_borders/maritime_10m 1.1.0, ODbL)"
+SOURCE = ("osm-maritime-boundaries (@osm_borders/maritime_10m 1.1.0, ODbL; "
+          "AQ and the Cyprus SBAs from OSM land polygons, @geo-maps/earth-lands-10m 0.6.0, ODbL)")
 SUB = 32  # sub-cells per degree in a mixed cell
 QUANT = 10_000_000  # 1e-7 degree
 
@@ -223,15 +235,150 @@ def approx_km2(g: shapely.Geometry) -> float:
     return float(g.area) * 111.32**2 * math.cos(math.radians(c.y if not c.is_empty else 0.0))
 
 
-def build(src: pathlib.Path) -> None:
+# ---- land-based fixes (Antarctica, Sovereign Base Areas) ----------------------
+# The maritime file has no usable coastline for these two places, so both are
+# derived from OSM land polygons (@geo-maps/earth-lands-10m, ODbL, coastline
+# simplified to 10 m; Antarctic ice shelves are land in OSM) plus a 12 nm belt.
+
+EARTH_R_KM = 6371.0088  # mean Earth radius
+TERRITORIAL_KM = 12 * 1.852  # 12 nautical miles
+
+
+def load_land(path: pathlib.Path, boxes: dict[str, tuple[float, float, float, float]],
+              ) -> dict[str, shapely.Geometry]:
+    """The land polygons of the earth-lands GeoJSON that intersect each named
+    (lon0, lat0, lon1, lat1) box, repaired, as one MultiPolygon per box."""
+    data = json.loads(path.read_text())
+    geoms = data["geometries"] if "geometries" in data else [f["geometry"] for f in data["features"]]
+    parts = np.concatenate([shapely.get_parts(shapely.from_geojson(json.dumps(g))) for g in geoms])
+    tree = shapely.STRtree(parts)
+    out = {}
+    for name, box in boxes.items():
+        # clip first: the continents' polygons (millions of points) touch a small box
+        sel = [shapely.make_valid(shapely.clip_by_rect(parts[i], *box))
+               for i in tree.query(shapely.box(*box))]
+        out[name] = polygonal(shapely.union_all(sel))
+        log(f"  land {name}: {len(sel)} polygons, {shapely.get_num_coordinates(out[name])} points")
+    return out
+
+
+# Antarctica -----------------------------------------------------------------
+# The maritime file's AQ feature is the whole Antarctic Treaty box (60 S to
+# 85.05 S), open ocean included. AQ is rebuilt as the land (ice shelves
+# included) plus 12 nm, buffered in a polar stereographic projection (sphere,
+# true scale at 71 S) with the distance corrected for the projection's scale in
+# 2-degree latitude bands (residual error < 0.5 %, ~100 m), then the polar cap
+# that the Web-Mercator-limited sources lack.
+PS_K0 = (1.0 + math.sin(math.radians(71.0))) / 2.0
+AQ_NORTH = -60.0  # ISO 3166 AQ / Antarctic Treaty area: south of 60 S
+AQ_CAP = -84.9  # south of this: all ice sheet, added as a box (source stops at 85.05 S)
+
+
+def _ps_fwd(xy: np.ndarray) -> np.ndarray:
+    rho = 2.0 * EARTH_R_KM * PS_K0 * np.tan(np.pi / 4.0 + np.radians(xy[:, 1]) / 2.0)
+    lam = np.radians(xy[:, 0])
+    return np.column_stack([rho * np.sin(lam), rho * np.cos(lam)])
+
+
+def _ps_inv(xy: np.ndarray, lon0: float) -> np.ndarray:
+    rho = np.hypot(xy[:, 0], xy[:, 1])
+    lat = np.degrees(2.0 * np.arctan(rho / (2.0 * EARTH_R_KM * PS_K0)) - np.pi / 2.0)
+    lon = np.degrees(np.arctan2(xy[:, 0], xy[:, 1]))
+    lon = (lon - lon0 + 1e-7) % 360.0 + lon0 - 1e-7  # into this sector, 180 vs -180
+    return np.column_stack([np.clip(lon, -180.0, 180.0), lat])
+
+
+def _ps_scale(lat: float) -> float:
+    return 2.0 * PS_K0 / (1.0 + math.sin(math.radians(abs(lat))))
+
+
+def antarctica(land: shapely.Geometry) -> shapely.Geometry:
+    land = polygonal(shapely.intersection(land, shapely.box(-180.0, -90.0, 180.0, AQ_NORTH)))
+    buffers = []
+    for lon0 in range(-180, 180, 90):
+        for lat0 in range(-86, -58, 2):
+            piece = polygonal(shapely.intersection(land, shapely.box(lon0, lat0, lon0 + 90, lat0 + 2)))
+            if piece.is_empty:
+                continue
+            pxy = shapely.transform(shapely.segmentize(piece, 0.02), _ps_fwd)
+            d = TERRITORIAL_KM * _ps_scale(lat0 + 1.0)
+            buffers.append(shapely.buffer(pxy, d, quad_segs=8))
+    region = shapely.simplify(shapely.union_all(buffers), 0.02)  # km
+    pieces = []
+    for lon0 in range(-180, 180, 45):
+        wedge = shapely.transform(
+            shapely.segmentize(shapely.box(lon0, AQ_CAP, lon0 + 45, AQ_NORTH), 0.01), _ps_fwd)
+        part = polygonal(shapely.intersection(region, wedge))
+        if not part.is_empty:
+            pieces.append(shapely.transform(part, lambda xy, l0=lon0: _ps_inv(xy, l0)))
+    pieces.append(shapely.box(-180.0, -90.0, 180.0, AQ_CAP))
+    aq = shapely.set_precision(shapely.union_all(pieces), 1.0 / QUANT)
+    aq = polygonal(shapely.intersection(aq, shapely.box(-180.0, -90.0, 180.0, AQ_NORTH)))
+    holes = sum(shapely.get_num_interior_rings(p) for p in shapely.get_parts(aq))
+    log(f"  AQ: land + 12 nm: {len(shapely.get_parts(aq))} polygons, {holes} holes, "
+        f"{shapely.get_num_coordinates(aq)} points, {approx_km2(aq):.0f} km2")
+    return aq
+
+
+# UK Sovereign Base Areas on Cyprus ------------------------------------------
+# The CY feature leaves notches where the SBAs are (land, OSM's 3 nm SBA sea
+# and the corridor out to 12 nm), and no feature covers them: they answered
+# None. Policy (docs/country-lookup.md): they answer CY. Outline: the tz zone
+# Asia/Nicosia (which includes the SBAs and their 3 nm sea) minus the CY feature
+# and the Northern Cyprus outline; plus 12 nm from the SBA coast (land from the
+# OSM land polygons). Expected: exactly the two SBAs, containing these points.
+SBA_SPOTS = {"Akrotiri (Western SBA)": (34.590, 32.988), "Dhekelia (Eastern SBA)": (34.985, 33.830)}
+CYPRUS_BOX = (32.0, 34.3, 34.7, 35.8)
+
+
+def _local_buffer(g: shapely.Geometry, km: float, lat0: float) -> shapely.Geometry:
+    """Buffer by km on the sphere, in a local equirectangular plane (fine over
+    tens of km at the latitude of Cyprus)."""
+    kx = EARTH_R_KM * math.radians(1.0) * math.cos(math.radians(lat0))
+    ky = EARTH_R_KM * math.radians(1.0)
+    fwd = shapely.transform(g, lambda xy: xy * np.array([kx, ky]))
+    return shapely.transform(shapely.buffer(fwd, km, quad_segs=16), lambda xy: xy / np.array([kx, ky]))
+
+
+def sovereign_base_areas(
+    feats: list[tuple[str, shapely.Geometry]], cyprus_land: shapely.Geometry,
+) -> shapely.Geometry:
+    byc = dict(feats)
+    north = override_outline("tz:Asia/Famagusta", feats)  # Northern Cyprus (TR override)
+    nicosia = tz_outline(("Asia/Nicosia",))
+    rest = polygonal(shapely.difference(nicosia, shapely.union(byc["CY"], north)))
+    comps = [p for p in shapely.get_parts(rest) if approx_km2(p) > 1.0]  # drop slivers
+    if len(comps) != len(SBA_SPOTS) or not all(
+        any(shapely.intersects_xy(p, lon, lat) for p in comps) for lat, lon in SBA_SPOTS.values()
+    ):
+        raise SystemExit(f"SBA outline: expected {len(SBA_SPOTS)} areas at {SBA_SPOTS}, got "
+                         f"{[(round(approx_km2(p)), p.centroid.y, p.centroid.x) for p in comps]}")
+    sba = shapely.union_all(comps)
+    land = polygonal(shapely.intersection(sba, cyprus_land))
+    belt = _local_buffer(land, TERRITORIAL_KM, 34.8)
+    box = shapely.box(*CYPRUS_BOX)
+    others = [g for c, g in feats if c != "CY" and shapely.intersects(g, box)] + [north]
+    add = polygonal(shapely.difference(shapely.union(sba, belt), shapely.union_all(others)))
+    new = polygonal(shapely.difference(add, byc["CY"]))
+    log(f"  SBAs: {approx_km2(land):.0f} km2 land, {approx_km2(sba):.0f} km2 with their 3 nm sea; "
+        f"{approx_km2(new):.0f} km2 added to CY (land + 12 nm)")
+    return add
+
+
+def build(src: pathlib.Path, lands: pathlib.Path, out: pathlib.Path = OUT) -> None:
     t0 = time.time()
     feats = load_osm(src)
     log(f"read {len(feats)} features in {time.time() - t0:.1f}s")
     feats = clip_sea_claims(feats)
-    # The source (Web-Mercator tooling) stops at 85.05 deg S: the polar cap of
-    # Antarctica is missing (random points near the South Pole answered None).
-    cap = shapely.box(-180.0, -90.0, 180.0, -85.0)
-    feats = [(c, polygonal(shapely.union(g, cap)) if c == "AQ" else g) for c, g in feats]
+    land = load_land(lands, {"antarctica": (-180.0, -90.0, 180.0, AQ_NORTH),
+                             "cyprus": CYPRUS_BOX})
+    # AQ: the source's feature is the whole box south of 60 S (open ocean
+    # answered AQ) and stops at 85.05 S (Web Mercator): replaced by the land
+    # (ice shelves included) + 12 nm, plus the polar cap.
+    feats = [(c, antarctica(land["antarctica"]) if c == "AQ" else g) for c, g in feats]
+    # UK Sovereign Base Areas on Cyprus: in no feature (answered None) -> CY.
+    sba = sovereign_base_areas(feats, land["cyprus"])
+    feats = [(c, polygonal(shapely.union(g, sba)) if c == "CY" else g) for c, g in feats]
     feats = absorb_parent_leftovers(feats)
     extra = []
     for code, provider, desc in OVERRIDES:
@@ -358,9 +505,9 @@ def build(src: pathlib.Path) -> None:
     )
     payload = buf.getvalue()
     comp = lzma.compress(payload, preset=9 | lzma.PRESET_EXTREME)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_bytes(MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + comp)
-    log(f"wrote {OUT} ({len(comp) / 1e6:.1f} MB, payload {len(payload) / 1e6:.1f} MB) "
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + comp)
+    log(f"wrote {out} ({len(comp) / 1e6:.1f} MB, payload {len(payload) / 1e6:.1f} MB) "
         f"in {time.time() - t0:.0f}s")
 
 
@@ -417,14 +564,17 @@ def main() -> None:
                     help="borders.geo.json of @osm_borders/maritime_10m")
     ap.add_argument("--country-coder", type=pathlib.Path,
                     help="dist/country-coder.cjs of @rapideditor/country-coder")
+    ap.add_argument("--lands", type=pathlib.Path,
+                    help="map.geo.json of @geo-maps/earth-lands-10m (Antarctica, Cyprus SBAs)")
+    ap.add_argument("--out", type=pathlib.Path, default=OUT)
     ap.add_argument("--reference-only", action="store_true")
     ap.add_argument("--points", type=int, default=20000)
     ap.add_argument("--seed", type=int, default=20240601)
     a = ap.parse_args()
     if not a.reference_only:
-        if a.geojson is None:
-            ap.error("geojson path required")
-        build(a.geojson)
+        if a.geojson is None or a.lands is None:
+            ap.error("geojson and --lands paths required")
+        build(a.geojson, a.lands, a.out)
     if a.country_coder:
         build_reference(a.country_coder, a.points, a.seed)
 

@@ -2,7 +2,9 @@
 
 The data (``data/boundaries.bin``) is built by ``tools/build_boundaries.py`` from
 OpenStreetMap admin_level=2 boundaries *including 12 nm territorial waters*
-(``@osm_borders/maritime_10m``; (c) OpenStreetMap contributors, ODbL). See
+(``@osm_borders/maritime_10m``; (c) OpenStreetMap contributors, ODbL), with
+Antarctica (land, ice shelves, 12 nm) and the UK Sovereign Base Areas on Cyprus
+(answering CY) drawn from OSM land polygons. See
 ``docs/country-lookup.md`` for the choice, the territory and disputed-area policy
 and the measured figures.
 

@@ -101,8 +101,10 @@ def test_agrees_with_time_zones(answers: list[tuple[dict[str, str], str]]) -> No
     compared = 0
     for r, ours in answers:
         if float(r["lat"]) < -60.0:
-            # Antarctic Treaty area: we answer AQ; time zones follow stations
-            # and national claims (Australia/Perth, America/Argentina/Ushuaia, ...)
+            # Antarctic Treaty area: time zones follow stations and national
+            # claims (Australia/Perth, America/Argentina/Ushuaia, ...) as boxes,
+            # and put Marie Byrd Land in Etc/ ocean zones: neither land nor sea.
+            # See test_south_of_60_is_antarctica_or_sea.
             continue
         compared += 1
         ref = r["tz_country"]
@@ -124,3 +126,19 @@ def test_known_tz_errors_are_still_real(answers: list[tuple[dict[str, str], str]
     hits = [(r, o) for r, o in answers if (o, r["tz_country"]) == ("VN", "TH")]
     assert hits
     assert all(r["country_coder"] == "VN" for r, _ in hits)
+
+
+def test_south_of_60_is_antarctica_or_sea(answers: list[tuple[dict[str, str], str]]) -> None:
+    """South of 60 S only Antarctica (land, ice shelves, 12 nm) answers AQ; the
+    open Southern Ocean is sea like any other ocean. Antarctica with its ice
+    shelves is ~14 million km2 of the ~34 million km2 south of 60 S, so with
+    uniform points a bit over 40 % answer AQ (observed 42.1 %); the source's old
+    AQ box answered AQ for all of them."""
+    south = [o for r, o in answers if float(r["lat"]) < -60.0]
+    assert len(south) > 1000
+    assert set(south) <= {"AQ", ""}
+    share = south.count("AQ") / len(south)
+    assert 0.35 < share < 0.50, share
+    # the pole and the interior are AQ; far from every coast it is sea
+    deep = [o for r, o in answers if float(r["lat"]) < -80.0]
+    assert deep and all(o == "AQ" for o in deep)

@@ -34,10 +34,15 @@ def test_hard_set_is_big_and_labelled() -> None:
     assert len(rows) >= 60
     assert all(r["label"].strip() for r in rows)
     assert sum(1 for r in rows if not r["expected"]) >= 8  # at-sea cases
+    # open sea south of 60 S is sea, not AQ (the source's AQ was the whole box)
+    assert sum(1 for r in rows if not r["expected"] and float(r["lat"]) < -60) >= 3
+    # the UK Sovereign Base Areas on Cyprus answer CY (docs/country-lookup.md)
+    assert sum(1 for r in rows if "Sovereign Base Area" in r["label"]) >= 3
     assert {r["expected"] for r in rows} >= {"BE", "NL", "DE", "CH", "ES", "FR", "IT", "AT",
                                               "DK", "SE", "GB", "MC", "SM", "VA", "LI", "AD",
                                               "GI", "RU", "US", "CA", "MX", "SG", "MY", "HK",
-                                              "CN", "MO", "RE", "PR", "SJ", "AX", "GL", "XK"}
+                                              "CN", "MO", "RE", "PR", "SJ", "AX", "GL", "XK",
+                                              "CY", "TR", "AQ"}
 
 
 @pytest.mark.parametrize(
