@@ -1,8 +1,35 @@
-"""PINs: salted scrypt hashes, constant-time comparison, and the lockout tables.
+"""PINs: salted scrypt hashes, constant-time comparison, and the lockout rule.
 
-PINs are 4 to 8 ASCII digits, gathered by DTMF.  Stored only as a salted scrypt
-hash (:class:`PinHasher`), compared with :func:`hmac.compare_digest`.  No PIN
-digit is ever logged, written to the database or put in an exception message.
+PINs
+    4 to 8 ASCII digits, gathered by DTMF.  Stored only as a salted scrypt hash
+    (:class:`PinHasher`), compared with :func:`hmac.compare_digest`.  No PIN
+    digit is ever logged, written to the database or put in an exception
+    message; the audit records *that* an attempt happened and its outcome.
+    Input that is not 4 to 8 ASCII digits (full-width or Arabic-Indic digits,
+    ``*``, letters, nothing, nine digits or more) is *malformed*: it is refused
+    before any hash is read or computed.  From the IVR or the agent API it counts
+    as a wrong attempt (the caller entered something that is not the PIN; the
+    IVR treats it like any other wrong PIN), audited with ``malformed: true``.
+
+Lockout rule
+    ``max_failures`` wrong attempts within ``window`` lock the vehicle's PIN for
+    ``lockout`` (defaults: 3 failures within 15 minutes lock for 15 minutes).
+    A failure is forgotten once it is ``window`` old (at 15:00 exactly it no
+    longer counts), and a lock that has run out forgets the failures that set
+    it, so the next wrong PIN counts 1.  A correct PIN, a new PIN and an
+    operator's unlock clear everything.
+
+    Kept in the database (``pin_failures``: one row per vehicle with the count
+    and ``locked_until``; ``pin_failure_times``: one row per failure that still
+    counts), so it holds across calls and gateway processes.  An attempt is
+    *charged* before the slow hash is checked, in one transaction that first
+    takes the vehicle's ``pin_failures`` row with a conditional ``UPDATE``
+    (only while it is not locked; on PostgreSQL the row lock queues concurrent
+    attempts, on SQLite the write lock does), then forgets failures older than
+    the window, records this one, counts, and sets ``locked_until`` when the
+    count reaches the limit.  So however many calls guess at the same time, at
+    most ``max_failures`` guesses are checked per window, and a process that
+    dies mid-check leaves a charge that ages out rather than a stuck state.
 """
 
 from __future__ import annotations
@@ -17,16 +44,29 @@ from dataclasses import dataclass
 from typing import Literal
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
 
-from gateway.store import TS, metadata
+from gateway.errors import StoreError
+from gateway.store import TS, Store, as_utc, metadata
 
 pin_failures = sa.Table(
     "pin_failures",
     metadata,
     sa.Column("vin", sa.String(17), primary_key=True),
+    #: failures counted at the last attempt (the live count is in pin_failure_times)
     sa.Column("failures", sa.Integer, nullable=False, default=0),
     sa.Column("locked_until", TS),
     sa.Column("updated_at", TS, nullable=False),
+)
+
+#: one row per charged attempt that has not been forgotten or cleared
+pin_failure_times = sa.Table(
+    "pin_failure_times",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("vin", sa.String(17), nullable=False, index=True),
+    sa.Column("at", TS, nullable=False),
 )
 
 # -- hashing ---------------------------------------------------------------------------
@@ -119,12 +159,13 @@ class PinHasher:
     def verify(self, pin: str, stored: str) -> bool:
         """Whether ``pin`` matches ``stored``, compared in constant time.
 
-        A malformed ``pin`` simply does not match; a malformed ``stored`` hash
-        raises ValueError (it means the database row is damaged).
+        A malformed ``pin`` (not 4 to 8 ASCII digits: ``'１２３４'``, ``'12a4'``, ``''``)
+        does not match, and is refused before the stored hash is read or scrypt runs;
+        a malformed ``stored`` hash raises ValueError (the database row is damaged).
         """
-        n, r, p, salt, expected = self._parse(stored)
         if not is_valid_pin(pin):
             return False
+        n, r, p, salt, expected = self._parse(stored)
         candidate = self._derive(pin, salt, n, r, p, len(expected))
         return hmac.compare_digest(candidate, expected)
 
@@ -135,6 +176,7 @@ class PinHasher:
         )
 
 
+# -- lockout ---------------------------------------------------------------------------
 
 PinOutcome = Literal["ok", "wrong", "locked", "not_set"]
 
@@ -144,15 +186,132 @@ class PinCheck:
     """The result of one PIN attempt.
 
     ``outcome``: ``ok``; ``wrong`` (``locked_until`` is set when this attempt
-    used up the last try); ``locked`` (refused without checking the PIN);
-    ``not_set`` (the vehicle has no PIN; nothing is counted).
+    used up the last try; ``malformed`` when the entry was not 4 to 8 ASCII
+    digits); ``locked`` (refused without checking the PIN); ``not_set`` (the
+    vehicle has no PIN; nothing is counted).
     """
 
     outcome: PinOutcome
     failures: int
     locked_until: dt.datetime | None
+    malformed: bool = False
 
     @property
     def ok(self) -> bool:
         return self.outcome == "ok"
 
+
+@dataclass(frozen=True)
+class LockoutPolicy:
+    """``max_failures`` failures within ``window`` lock the PIN for ``lockout``."""
+
+    max_failures: int = 3
+    window: dt.timedelta = dt.timedelta(minutes=15)
+    lockout: dt.timedelta = dt.timedelta(minutes=15)
+
+    def __post_init__(self) -> None:
+        if self.max_failures < 1:
+            raise ValueError("max_failures must be at least 1")
+        if self.window <= dt.timedelta(0):
+            raise ValueError("window must be positive")
+        if self.lockout <= dt.timedelta(0):
+            raise ValueError("lockout must be positive")
+
+
+@dataclass(frozen=True)
+class Charge:
+    """One attempt's charge: ``charged`` False means the PIN is locked (not checked)."""
+
+    charged: bool
+    failures: int
+    locked_until: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class LockoutState:
+    """What an operator sees: failures that count now, and the lock if it still holds."""
+
+    failures: int
+    locked_until: dt.datetime | None
+    max_failures: int
+    window: dt.timedelta
+
+    @property
+    def locked(self) -> bool:
+        return self.locked_until is not None
+
+
+class PinLockout:
+    """The lockout rule over the database; safe across threads and processes."""
+
+    def __init__(self, store: Store, policy: LockoutPolicy | None = None) -> None:
+        self.store = store
+        self.policy = policy or LockoutPolicy()
+
+    def charge(self, vin: str, now: dt.datetime) -> Charge:
+        """Count one attempt unless the PIN is locked (see the module docstring)."""
+        c, t = pin_failures.c, pin_failure_times.c
+        take = (
+            pin_failures.update()
+            .where(c.vin == vin, sa.or_(c.locked_until.is_(None), c.locked_until <= now))
+            .values(updated_at=now)
+            .returning(c.locked_until)
+        )
+        for _ in range(2):
+            with self.store.begin() as conn:
+                row = conn.execute(take).first()
+                if row is not None:
+                    forget = t.vin == vin
+                    if row.locked_until is None:  # no lock ran out: forget only old failures
+                        forget = sa.and_(forget, t.at <= now - self.policy.window)
+                    conn.execute(pin_failure_times.delete().where(forget))
+                    conn.execute(pin_failure_times.insert().values(vin=vin, at=now))
+                    failures = int(conn.execute(
+                        sa.select(sa.func.count()).where(t.vin == vin)).scalar_one())
+                    locked_until = (now + self.policy.lockout
+                                    if failures >= self.policy.max_failures else None)
+                    conn.execute(pin_failures.update().where(c.vin == vin).values(
+                        failures=failures, locked_until=locked_until))
+                    return Charge(True, failures, locked_until)
+                state = conn.execute(
+                    sa.select(c.failures, c.locked_until).where(c.vin == vin)).first()
+                if state is not None:
+                    return Charge(False, int(state.failures), as_utc(state.locked_until))
+            # no lockout row yet (vehicle added behind our back): create it, try again
+            try:
+                with self.store.begin() as conn:
+                    conn.execute(pin_failures.insert().values(vin=vin, failures=0, updated_at=now))
+            except StoreError as exc:
+                if not isinstance(exc.__cause__, IntegrityError):
+                    raise  # an IntegrityError means another process created it first
+        raise StoreError("PIN lockout state could not be created")
+
+    @staticmethod
+    def clear(conn: Connection, vin: str, now: dt.datetime) -> tuple[int, dt.datetime | None]:
+        """Forget every failure and lift any lock, in the caller's transaction.
+
+        Returns the ``(failures, locked_until)`` stored before (for the audit)."""
+        c = pin_failures.c
+        before = conn.execute(sa.select(c.failures, c.locked_until).where(c.vin == vin)).first()
+        conn.execute(pin_failure_times.delete().where(pin_failure_times.c.vin == vin))
+        if before is None:
+            conn.execute(pin_failures.insert().values(vin=vin, failures=0, updated_at=now))
+            return 0, None
+        conn.execute(pin_failures.update().where(c.vin == vin).values(
+            failures=0, locked_until=None, updated_at=now))
+        return int(before.failures), as_utc(before.locked_until)
+
+    def state(self, conn: Connection, vin: str, now: dt.datetime) -> LockoutState:
+        """At ``now``: while locked, the failures that set the lock and its end; else
+        the failures that still count (younger than the window) and no lock."""
+        c, t = pin_failures.c, pin_failure_times.c
+        row = conn.execute(sa.select(c.failures, c.locked_until).where(c.vin == vin)).first()
+        locked_until = as_utc(row.locked_until) if row is not None else None
+        if row is not None and locked_until is not None and locked_until > now:
+            return LockoutState(int(row.failures), locked_until, self.policy.max_failures,
+                                self.policy.window)
+        failures = 0
+        if locked_until is None:  # a lock that ran out forgot the failures that set it
+            failures = int(conn.execute(sa.select(sa.func.count()).where(
+                t.vin == vin, t.at > now - self.policy.window)).scalar_one())
+        return LockoutState(failures, None, self.policy.max_failures, self.policy.window)

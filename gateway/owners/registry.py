@@ -26,8 +26,11 @@ from gateway.owners.audit import AuditEntry, audit, write_audit
 from gateway.owners.customer_numbers import lookup_code_accepted, new_lookup_code
 from gateway.owners.pins import (
     PIN_FORMAT_MESSAGE,
+    LockoutPolicy,
+    LockoutState,
     PinCheck,
     PinHasher,
+    PinLockout,
     is_valid_pin,
     pin_failures,
 )
@@ -168,12 +171,12 @@ def _normalise_phone(value: str) -> str | None:
     return _e164(value, "phone", errors)
 
 
-def _reference(value: object, field: str, errors: dict[str, str]) -> str:
+def _reference(value: object, field: str, errors: dict[str, str], *, limit: int = 100) -> str:
     text = value.strip() if isinstance(value, str) else ""
     if not text:
         errors[field] = "required"
-    elif len(text) > 100:
-        errors[field] = "at most 100 characters"
+    elif len(text) > limit:
+        errors[field] = f"at most {limit} characters"
     return text
 
 
@@ -202,16 +205,19 @@ class Vehicles:
         clock: Callable[[], float] = time.time,
         max_failures: int = 3,
         lockout: dt.timedelta = dt.timedelta(minutes=15),
+        window: dt.timedelta | None = None,
     ) -> None:
-        if max_failures < 1:
-            raise ValueError("max_failures must be at least 1")
-        if lockout <= dt.timedelta(0):
-            raise ValueError("lockout must be positive")
+        """``max_failures`` wrong PINs within ``window`` (default: ``lockout``) lock the
+        PIN for ``lockout``; see :mod:`gateway.owners.pins`."""
         self.store = store
         self.hasher = hasher
         self.clock = clock
-        self.max_failures = max_failures
-        self.lockout = lockout
+        self.pins = PinLockout(store, LockoutPolicy(
+            max_failures=max_failures, window=window or lockout, lockout=lockout))
+
+    @property
+    def max_failures(self) -> int:
+        return self.pins.policy.max_failures
 
     def _now(self) -> dt.datetime:
         return dt.datetime.fromtimestamp(self.clock(), tz=dt.UTC)
@@ -377,64 +383,14 @@ class Vehicles:
             ).rowcount
             if not updated:
                 raise UnknownVehicleError(vin)
-            self._reset_failures(conn, vin, now)
+            self.pins.clear(conn, vin, now)
             write_audit(conn, vin=vin, actor=actor, action="pin_set", at=now)
 
-    def _reset_failures(self, conn: Connection, vin: str, now: dt.datetime) -> None:
-        reset = conn.execute(
-            pin_failures.update()
-            .where(pin_failures.c.vin == vin)
-            .values(failures=0, locked_until=None, updated_at=now)
-        ).rowcount
-        if not reset:
-            conn.execute(pin_failures.insert().values(vin=vin, failures=0, updated_at=now))
-
-    def _charge(
-        self, vin: str, now: dt.datetime
-    ) -> tuple[bool, int, dt.datetime | None]:
-        """Count one attempt unless locked: ``(charged, failures, locked_until)``.
-
-        One conditional UPDATE, so concurrent attempts from any process cannot
-        get more than ``max_failures`` checks into one lock window.
-        """
-        c = pin_failures.c
-        expired = sa.and_(c.locked_until.is_not(None), c.locked_until <= now)
-        new_failures = sa.case((expired, 1), else_=c.failures + 1)
-        lock_at = now + self.lockout
-        charge = (
-            pin_failures.update()
-            .where(c.vin == vin, sa.or_(c.locked_until.is_(None), c.locked_until <= now))
-            .values(
-                failures=new_failures,
-                locked_until=sa.case(
-                    (new_failures >= self.max_failures, sa.literal(lock_at, TS)), else_=None
-                ),
-                updated_at=now,
-            )
-            .returning(c.failures, c.locked_until)
-        )
-        for _ in range(2):
-            with self._tx() as conn:
-                row = conn.execute(charge).first()
-                if row is not None:
-                    return True, int(row.failures), as_utc(row.locked_until)
-                state = conn.execute(
-                    sa.select(c.failures, c.locked_until).where(c.vin == vin)
-                ).first()
-                if state is not None:
-                    return False, int(state.failures), as_utc(state.locked_until)
-            # no lockout row yet (vehicle added behind our back): create it, try again
-            try:
-                with self.store.engine.begin() as conn:
-                    conn.execute(pin_failures.insert().values(vin=vin, failures=0, updated_at=now))
-            except IntegrityError:
-                pass  # another process created it first
-            except SQLAlchemyError as exc:
-                raise StoreError(f"database error: {type(exc).__name__}") from exc
-        raise StoreError("PIN lockout state could not be created")
-
     def verify_pin(self, vin: str, pin: str, *, actor: str) -> PinCheck:
-        """Check one PIN attempt against the lockout policy; every attempt is audited."""
+        """Check one PIN attempt against the lockout rule; every attempt is audited.
+
+        A malformed entry (not 4 to 8 ASCII digits) is charged and answered as a wrong
+        PIN without reading or computing any hash (``PinCheck.malformed``)."""
         vin = _vin(vin)
         actor = _actor(actor)
         now = self._now()
@@ -449,8 +405,9 @@ class Vehicles:
                 return PinCheck("not_set", 0, None)
         pin_hash: str = stored.pin_hash
 
-        charged, failures, locked_until = self._charge(vin, now)
-        if not charged:
+        charge = self.pins.charge(vin, now)
+        failures, locked_until = charge.failures, charge.locked_until
+        if not charge.charged:
             with self._tx() as conn:
                 write_audit(
                     conn, vin=vin, actor=actor, action="pin_locked", at=now,
@@ -458,27 +415,49 @@ class Vehicles:
                 )
             return PinCheck("locked", failures, locked_until)
 
-        try:
-            matched = self.hasher.verify(pin, pin_hash)
-        except ValueError:
-            # a damaged hash row: the attempt stays charged; nobody gets in
-            log.error("stored PIN hash of vehicle %s is unreadable", vin)
-            raise StoreError("stored PIN hash is unreadable") from None
+        malformed = not is_valid_pin(pin)
+        matched = False
+        if not malformed:
+            try:
+                matched = self.hasher.verify(pin, pin_hash)
+            except ValueError:
+                # a damaged hash row: the attempt stays charged; nobody gets in
+                log.error("stored PIN hash of vehicle %s is unreadable", vin)
+                raise StoreError("stored PIN hash is unreadable") from None
 
         with self._tx() as conn:
             if matched:
-                self._reset_failures(conn, vin, now)
+                self.pins.clear(conn, vin, now)
                 write_audit(conn, vin=vin, actor=actor, action="pin_ok", at=now)
                 return PinCheck("ok", 0, None)
             detail: dict[str, Any] = {"failures": failures, "max_failures": self.max_failures}
             if locked_until is not None:
                 detail["locked_until"] = _iso(locked_until)
-            if not is_valid_pin(pin):
+            if malformed:
                 detail["malformed"] = True
             write_audit(conn, vin=vin, actor=actor, action="pin_wrong", at=now, detail=detail)
         if locked_until is not None:
             log.warning("vehicle %s locked after %d wrong PIN attempts", vin, failures)
-        return PinCheck("wrong", failures, locked_until)
+        return PinCheck("wrong", failures, locked_until, malformed=malformed)
+
+    def unlock_pin(self, vin: str, *, actor: str, reason: str) -> LockoutState:
+        """An operator clears the failures and any lock; audited with the reason."""
+        vin = _vin(vin)
+        actor = _actor(actor)
+        errors: dict[str, str] = {}
+        reason = _reference(reason, "reason", errors, limit=200)
+        if errors:
+            raise ValidationError(errors)
+        now = self._now()
+        with self._tx() as conn:
+            if not self._exists(conn, vin):
+                raise UnknownVehicleError(vin)
+            was = self.pins.state(conn, vin, now)
+            self.pins.clear(conn, vin, now)
+            write_audit(conn, vin=vin, actor=actor, action="pin_unlock", at=now, detail={
+                "reason": reason, "failures": was.failures,
+                "locked_until": _iso(was.locked_until)})
+            return self.pins.state(conn, vin, now)
 
     # -- immobiliser and tracking -----------------------------------------------------
 
@@ -584,15 +563,15 @@ class Vehicles:
         ]
 
     def lockout_state(self, vin: str) -> tuple[int, dt.datetime | None]:
-        """``(failures, locked_until)`` as stored (``locked_until`` may be in the past)."""
+        """``(failures that count now, locked_until while the lock holds)``."""
+        state = self.lockout(vin)
+        return state.failures, state.locked_until
+
+    def lockout(self, vin: str) -> LockoutState:
+        """The PIN lockout as an operator sees it (failures counted, lock, the rule)."""
         vin = _vin(vin)
         with self._tx() as conn:
-            row = conn.execute(
-                sa.select(pin_failures.c.failures, pin_failures.c.locked_until).where(
-                    pin_failures.c.vin == vin
-                )
-            ).first()
-        return (0, None) if row is None else (int(row.failures), as_utc(row.locked_until))
+            return self.pins.state(conn, vin, self._now())
 
     @staticmethod
     def _exists(conn: Connection, vin: str) -> bool:

@@ -191,8 +191,84 @@ def test_success_resets_the_count(registry: Vehicles, car: Vehicle) -> None:
 def test_malformed_entry_counts_as_a_wrong_attempt(registry: Vehicles, car: Vehicle) -> None:
     for entry in ("", "12", "1*2#"):
         check = registry.verify_pin(VIN, entry, actor=IVR)
-    assert (check.outcome, check.failures) == ("wrong", 3)
+    assert (check.outcome, check.failures, check.malformed) == ("wrong", 3, True)
     assert check.locked_until is not None
+
+
+class SpyHasher(PinHasher):
+    def __init__(self) -> None:
+        super().__init__(n=2**8, r=8, p=1)
+        self.verified = 0
+
+    def verify(self, pin: str, stored: str) -> bool:
+        self.verified += 1
+        return super().verify(pin, stored)
+
+
+@pytest.mark.parametrize("entry", ["１２３４", "٧٣٨١٠٥", "12a4", "", "123456789", "7381O5"])
+def test_malformed_entry_never_reaches_the_hash_even_a_damaged_one(
+    store: Store, clock: Clock, entry: str
+) -> None:
+    spy = SpyHasher()
+    registry = Vehicles(store, spy, clock=clock)
+    register(registry)
+    with store.engine.begin() as conn:
+        conn.execute(vehicles.update().values(pin_hash="garbage"))  # would be a StoreError
+    check = registry.verify_pin(VIN, entry, actor=IVR)
+    assert (check.outcome, check.failures, check.malformed) == ("wrong", 1, True)
+    assert spy.verified == 0
+    entry_ = registry.audit_for(VIN)[-1]
+    assert (entry_.action, entry_.detail) == (
+        "pin_wrong", {"failures": 1, "max_failures": 3, "malformed": True})
+
+
+def test_a_well_formed_wrong_pin_is_not_called_malformed(registry: Vehicles, car: Vehicle) -> None:
+    check = registry.verify_pin(VIN, WRONG, actor=IVR)
+    assert (check.outcome, check.malformed) == ("wrong", False)
+
+
+def test_failures_older_than_the_window_are_forgotten(
+    registry: Vehicles, car: Vehicle, clock: Clock
+) -> None:
+    """The issue's case: two wrong PINs months apart and one more must not lock."""
+    assert registry.verify_pin(VIN, WRONG, actor=IVR).failures == 1
+    clock.advance(60 * 24 * 3600)
+    assert registry.verify_pin(VIN, WRONG, actor=IVR).failures == 1
+    clock.advance(14 * 60 + 59)
+    check = registry.verify_pin(VIN, WRONG, actor=IVR)
+    assert (check.outcome, check.failures, check.locked_until) == ("wrong", 2, None)
+    clock.advance(1)  # the first of the two is now exactly 15 minutes old
+    assert registry.lockout_state(VIN) == (1, None)
+    check = registry.verify_pin(VIN, WRONG, actor=IVR)
+    assert (check.failures, check.locked_until) == (2, None)
+    assert registry.verify_pin(VIN, PIN, actor=IVR).ok
+
+
+def test_an_operator_unlock_clears_the_lock_and_is_audited_with_the_reason(
+    registry: Vehicles, car: Vehicle, clock: Clock
+) -> None:
+    for _ in range(3):
+        registry.verify_pin(VIN, WRONG, actor=IVR)
+    locked = registry.lockout(VIN)
+    assert (locked.failures, locked.locked) == (3, True)
+    assert locked.locked_until == at(clock) + dt.timedelta(minutes=15)
+    clock.advance(60)
+    after = registry.unlock_pin(VIN, actor="admin:ops-1", reason=" owner identified by phone ")
+    assert (after.failures, after.locked_until, after.locked) == (0, None, False)
+    entry = registry.audit_for(VIN)[-1]
+    assert (entry.action, entry.actor) == ("pin_unlock", "admin:ops-1")
+    assert entry.detail == {"reason": "owner identified by phone", "failures": 3,
+                            "locked_until": locked.locked_until.isoformat()}
+    assert registry.verify_pin(VIN, PIN, actor=IVR).ok
+
+
+@pytest.mark.parametrize("reason", ["", "  ", None, "x" * 201])
+def test_unlock_needs_a_reason(registry: Vehicles, car: Vehicle, reason: str | None) -> None:
+    with pytest.raises(ValidationError) as info:
+        registry.unlock_pin(VIN, actor="admin:ops-1", reason=reason)  # type: ignore[arg-type]
+    assert set(info.value.errors) == {"reason"}
+    with pytest.raises(UnknownVehicleError):
+        registry.unlock_pin("YV1ZW72U5N0000000", actor="admin:ops-1", reason="r")
 
 
 def test_policy_is_configurable(store: Store, clock: Clock) -> None:
@@ -203,6 +279,11 @@ def test_policy_is_configurable(store: Store, clock: Clock) -> None:
     assert check.locked_until == at(clock) + dt.timedelta(minutes=2)
     clock.advance(120)
     assert registry.verify_pin(VIN, PIN, actor=IVR).ok
+    windowed = Vehicles(store, fast_hasher(), clock=clock, max_failures=2,
+                        lockout=dt.timedelta(minutes=2), window=dt.timedelta(hours=1))
+    assert windowed.verify_pin(VIN, WRONG, actor=IVR).failures == 1
+    clock.advance(59 * 60)
+    assert windowed.verify_pin(VIN, WRONG, actor=IVR).locked_until is not None
 
 
 def test_vehicle_without_pin(registry: Vehicles) -> None:

@@ -1,27 +1,31 @@
-"""PinHasher: salted scrypt, parameters in the stored string, constant-time compare."""
+"""PINs: salted scrypt, constant-time compare, malformed input refused before any hash,
+and the lockout rule at its boundaries (a fake clock over a real SQLite database)."""
 
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import hashlib
 import hmac
-import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
-from gateway.owners import (
-    PinHasher,
-    check_pin_format,
-    is_valid_pin,
-    legacy_lookup_code_valid,
-    lookup_check_digit,
-    lookup_code_accepted,
-    lookup_code_valid,
-    new_lookup_code,
+from gateway.errors import StoreError
+from gateway.owners import PinHasher, check_pin_format, is_valid_pin
+from gateway.owners.pins import (
+    Charge,
+    LockoutPolicy,
+    LockoutState,
+    PinLockout,
+    pin_failure_times,
+    pin_failures,
 )
+from gateway.store import Store
 
 FAST = {"n": 2**8, "r": 8, "p": 1}
 PIN = "738105"
@@ -135,75 +139,169 @@ def test_cost_parameters_are_validated() -> None:
         PinHasher(n=2**20)
 
 
-#: fixed bodies: edge digits, the 0/9 pair Luhn cannot tell apart, and a spread
-BODIES = ["0000000", "9999999", "0932202", "9032202", "1234567", "7654321", "5050505"] + [
-    f"{n:07d}" for n in range(0, 10**7, 104_729)  # a prime stride: ~96 codes all over
-]
+
+# -- malformed input never reaches the hash ---------------------------------------------
+
+MALFORMED = ["１２３４", "١٢٣٤", "12a4", "", "123", "123456789", "1234 ", " 1234", "12*4",
+             "1234#", "+1234", "1234\n", "\x00123", None, 1234, b"1234"]
 
 
-def _single_digit_errors(code: str) -> list[str]:
-    return [code[:i] + d + code[i + 1:] for i in range(len(code)) for d in "0123456789"
-            if d != code[i]]
+@pytest.mark.parametrize("entry", MALFORMED)
+def test_malformed_entry_is_refused_before_the_stored_hash_or_scrypt(
+    hasher: PinHasher, entry: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stored = hasher.hash(PIN)
+    touched: list[str] = []
+    monkeypatch.setattr(hashlib, "scrypt", lambda *a, **k: touched.append("scrypt"))
+    monkeypatch.setattr(PinHasher, "_parse", staticmethod(lambda s: touched.append("parse")))
+    assert not is_valid_pin(entry)
+    assert hasher.verify(entry, stored) is False
+    # even against a damaged row: a malformed entry is not reported as a damaged hash
+    assert hasher.verify(entry, "garbage") is False
+    assert touched == []
 
 
-def _adjacent_transpositions(code: str) -> list[str]:
-    return [code[:i] + code[i + 1] + code[i] + code[i + 2:] for i in range(len(code) - 1)
-            if code[i] != code[i + 1]]
+@pytest.mark.parametrize("entry", ["0000", "12345678", "0123", "99999999"])
+def test_well_formed_entries_are_hashed(hasher: PinHasher, entry: str) -> None:
+    assert is_valid_pin(entry) and check_pin_format(entry) == entry
+    assert hasher.verify(entry, hasher.hash(PIN)) is False
 
 
-def test_generated_lookup_codes_carry_a_damm_check_digit() -> None:
-    rng = random.Random(20261125)
-    codes = [new_lookup_code(rng) for _ in range(500)]
-    assert all(len(c) == 8 and c.isascii() and c.isdigit() and lookup_code_valid(c) for c in codes)
-    again = random.Random(20261125)
-    assert [new_lookup_code(again) for _ in range(500)] == codes  # reproducible
-    assert len(set(codes)) == 500
-    assert all(lookup_check_digit(c[:-1]) == c[-1] for c in codes)
-    assert all(lookup_code_valid(new_lookup_code()) for _ in range(50))  # the system generator
+def test_pin_format_message_names_the_rule_without_a_digit() -> None:
+    with pytest.raises(ValueError, match="^PIN must be four to eight ASCII digits$"):
+        check_pin_format("12")
 
 
-@pytest.mark.parametrize("body", BODIES)
-def test_every_single_digit_error_and_adjacent_swap_is_caught(body: str) -> None:
-    code = body + lookup_check_digit(body)
-    assert lookup_code_valid(code)
-    typos = _single_digit_errors(code)
-    swaps = _adjacent_transpositions(code)
-    assert len(typos) == 72
-    assert [t for t in typos if lookup_code_valid(t)] == []
-    assert [s for s in swaps if lookup_code_valid(s)] == []
+# -- the lockout rule at its boundaries -------------------------------------------------
+
+VIN = "YV1ZW72U5N1234567"
+T0 = dt.datetime(2026, 11, 25, 10, 0, tzinfo=dt.UTC)
 
 
-def test_damm_catches_the_09_90_swap_that_luhn_misses() -> None:
-    # Luhn: both are valid, so a caller swapping the first two digits is not caught
-    assert legacy_lookup_code_valid("09322025") and legacy_lookup_code_valid("90322025")
-    code = "0932202" + lookup_check_digit("0932202")
-    assert code == "09322027"
-    assert lookup_code_valid(code) and not lookup_code_valid("90322027")
-    assert not lookup_code_valid("09322025") and not lookup_code_valid("90322025")
+def after(seconds: float) -> dt.datetime:
+    return T0 + dt.timedelta(seconds=seconds)
 
 
-def test_known_check_digits() -> None:
-    # Damm's table (Wikipedia): 572 -> 4; our 8-digit codes
-    assert lookup_code_valid("12345671") and not lookup_code_valid("12345674")
-    assert lookup_check_digit("0000000") == "0"
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    store = Store.from_url(f"sqlite:///{tmp_path}/pins.sqlite3")
+    store.create_schema()
+    yield store
+    store.dispose()
+
+
+@pytest.fixture
+def lockout(store: Store) -> PinLockout:
+    return PinLockout(store)  # 3 failures within 15 minutes lock for 15 minutes
+
+
+def charges(lockout: PinLockout, *seconds: float) -> list[Charge]:
+    return [lockout.charge(VIN, after(s)) for s in seconds]
+
+
+def state(lockout: PinLockout, seconds: float) -> LockoutState:
+    with lockout.store.begin() as conn:
+        return lockout.state(conn, VIN, after(seconds))
+
+
+def test_default_rule_is_three_failures_in_fifteen_minutes_lock_fifteen() -> None:
+    policy = LockoutPolicy()
+    assert (policy.max_failures, policy.window, policy.lockout) == (
+        3, dt.timedelta(minutes=15), dt.timedelta(minutes=15))
+
+
+def test_three_failures_within_the_window_lock(lockout: PinLockout) -> None:
+    first, second, third = charges(lockout, 0, 450, 899)
+    assert first == Charge(True, 1, None)
+    assert second == Charge(True, 2, None)
+    assert third == Charge(True, 3, after(899 + 900))
+    assert lockout.charge(VIN, after(900)) == Charge(False, 3, after(1799))
+    assert lockout.charge(VIN, after(1798)) == Charge(False, 3, after(1799))
+    locked = state(lockout, 1798)
+    assert (locked.failures, locked.locked_until, locked.locked) == (3, after(1799), True)
+
+
+def test_a_failure_is_forgotten_when_it_is_exactly_the_window_old(lockout: PinLockout) -> None:
+    assert [c.failures for c in charges(lockout, 0, 899)] == [1, 2]
+    assert state(lockout, 899.999).failures == 2
+    assert state(lockout, 900).failures == 1  # the first is 15:00 old: forgotten
+    third = lockout.charge(VIN, after(900))
+    assert third == Charge(True, 2, None)  # not locked: only two within the window
+    # at 1798 s the failure at 899 s is 899 s old: it still counts, with those at 900, 1798
+    assert lockout.charge(VIN, after(1798)) == Charge(True, 3, after(1798 + 900))
+
+
+def test_two_wrong_pins_months_apart_and_one_more_do_not_lock(lockout: PinLockout) -> None:
+    day = 24 * 3600
+    assert [c.failures for c in charges(lockout, 0, 60 * day, 60 * day + 1)] == [1, 1, 2]
+    assert not state(lockout, 60 * day + 1).locked
+
+
+def test_a_lock_that_ran_out_forgets_the_failures_that_set_it(lockout: PinLockout) -> None:
+    charges(lockout, 0, 1, 2)
+    assert lockout.charge(VIN, after(901.999)).charged is False
+    expired = state(lockout, 902)
+    assert (expired.failures, expired.locked_until, expired.locked) == (0, None, False)
+    assert lockout.charge(VIN, after(902)) == Charge(True, 1, None)
+
+
+def test_a_longer_lock_than_window_still_starts_afresh(store: Store) -> None:
+    lockout = PinLockout(store, LockoutPolicy(max_failures=2, window=dt.timedelta(minutes=1),
+                                              lockout=dt.timedelta(hours=1)))
+    assert charges(lockout, 0, 59)[-1] == Charge(True, 2, after(59 + 3600))
+    # both failures are older than the window by now; the lock still holds and says why
+    assert state(lockout, 3000) == LockoutState(2, after(3659), 2, dt.timedelta(minutes=1))
+    assert lockout.charge(VIN, after(3658)).charged is False
+    assert lockout.charge(VIN, after(3659)) == Charge(True, 1, None)
+
+
+def test_clear_forgets_failures_and_lifts_the_lock(lockout: PinLockout, store: Store) -> None:
+    charges(lockout, 0, 1, 2)
+    with store.begin() as conn:
+        assert lockout.clear(conn, VIN, after(3)) == (3, after(902))
+    assert state(lockout, 3) == LockoutState(0, None, 3, dt.timedelta(minutes=15))
+    assert lockout.charge(VIN, after(4)) == Charge(True, 1, None)
+    with store.begin() as conn:
+        rows = conn.execute(sa.select(pin_failure_times.c.at)).all()
+    assert len(rows) == 1
+
+
+def test_clear_without_any_row_creates_one(lockout: PinLockout, store: Store) -> None:
+    with store.begin() as conn:
+        assert lockout.clear(conn, VIN, T0) == (0, None)
+        row = conn.execute(sa.select(pin_failures)).one()
+    assert (row.vin, row.failures, row.locked_until) == (VIN, 0, None)
+
+
+def test_state_of_an_unknown_vehicle_is_clean(lockout: PinLockout) -> None:
+    assert state(lockout, 0) == LockoutState(0, None, 3, dt.timedelta(minutes=15))
+
+
+def test_charge_creates_the_missing_row_and_keeps_one_row_per_vehicle(
+    lockout: PinLockout, store: Store
+) -> None:
+    charges(lockout, 0, 1)
+    with store.begin() as conn:
+        rows = conn.execute(sa.select(pin_failures)).all()
+    assert len(rows) == 1 and rows[0].failures == 2 and rows[0].updated_at is not None
+
+
+def test_charge_reports_a_database_that_cannot_be_written(tmp_path: Path) -> None:
+    broken = PinLockout(Store.from_url(f"sqlite:///{tmp_path}/missing/x.sqlite3"))
+    with pytest.raises(StoreError):
+        broken.charge(VIN, T0)
+
+
+@pytest.mark.parametrize("bad", [
+    {"max_failures": 0},
+    {"window": dt.timedelta(0)},
+    {"lockout": dt.timedelta(seconds=-1)},
+])
+def test_policy_refuses_nonsense(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
-        lookup_check_digit("123456")
-    with pytest.raises(ValueError):
-        lookup_check_digit("12345６7")
+        LockoutPolicy(**bad)
 
 
-def test_numbers_issued_with_luhn_are_still_accepted() -> None:
-    """Customer numbers are stored and printed, never re-derived: old ones keep working."""
-    legacy = "12345674"  # Luhn-valid, issued before the switch
-    assert legacy_lookup_code_valid(legacy) and not lookup_code_valid(legacy)
-    assert lookup_code_accepted(legacy) and lookup_code_accepted("12345671")
-    assert not lookup_code_accepted("12345675")  # neither Luhn nor Damm
-
-
-@pytest.mark.parametrize(
-    "code", ["1234567", "123456745", "1234567a", "１２３４５６７１", " 12345671", "", None, 12345671]
-)
-def test_malformed_lookup_codes_are_refused(code: object) -> None:
-    assert not lookup_code_valid(code)
-    assert not legacy_lookup_code_valid(code)
-    assert not lookup_code_accepted(code)
+def test_policy_accepts_the_smallest_values() -> None:
+    tiny = dt.timedelta(microseconds=1)
+    assert LockoutPolicy(max_failures=1, window=tiny, lockout=tiny).max_failures == 1
