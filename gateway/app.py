@@ -154,9 +154,12 @@ def create_app(
     commands = adapters["commands"] if commands is _UNSET else commands
     sms = adapters["sms"] if sms is _UNSET else sms
     push = adapters["push"] if push is _UNSET else push
-    notifier = NotificationWorker(store, sms=sms, push=push, centre=adapters["centre"],
-                                  clock=clock, poll_s=settings.delivery.poll_s,
-                                  retry_after_s=settings.notify_retry_s)
+    # escalations reach the centre through the delivery outbox: wake its worker
+    notifier = NotificationWorker(store, sms=sms, push=push, clock=clock,
+                                  poll_s=settings.delivery.poll_s,
+                                  backoff_initial_s=settings.notify_retry_s,
+                                  backoff_max_s=max(60.0, settings.notify_retry_s),
+                                  on_escalation=(lambda _key: worker.wake.set()) if worker else None)
     from gateway.commands import CommandQueue
 
     command_queue = CommandQueue(store, commands, clock=clock, poll_s=settings.delivery.poll_s)

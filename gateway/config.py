@@ -112,6 +112,8 @@ class Settings:
     vehicle_api_tokens: frozenset[str] = frozenset()
     #: agent bearer token -> roles (``read``, ``dispatch``, ``immobilise``, ``supervisor``)
     agent_api_tokens: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    #: bearer tokens of the admin API (enrolment, PINs, lockouts): its own role
+    admin_api_tokens: frozenset[str] = frozenset()
     assistance_url: str | None = None
     number_plan_dir: Path | None = None
     boundaries_path: Path | None = None
@@ -132,8 +134,12 @@ class Settings:
     roadside_free_markets: frozenset[str] = frozenset()
     #: scrypt cost for PIN hashes (2**14 ~ 60 ms); tests lower it
     pin_scrypt_n: int = 2**14
-    #: a notification that failed for a passing reason is retried after this, seconds
-    notify_retry_s: float = 60.0
+    #: first gap before a theft SMS/push that failed for a passing reason is retried,
+    #: seconds; the gap doubles (with jitter) up to a minute
+    notify_retry_s: float = 5.0
+    #: seconds after a theft alarm not disarmed with the key when the owner's SMS/push
+    #: stop being retried and the centre gets the escalation with what failed
+    theft_escalation_s: int = 600
     voice: VoicePolicy = field(default_factory=VoicePolicy)
     delivery: DeliveryPolicy = field(default_factory=DeliveryPolicy)
 
@@ -185,6 +191,7 @@ class Settings:
             database_url=reader.text("GATEWAY_DATABASE_URL") or cls.database_url,
             vehicle_api_tokens=frozenset(reader.csv("GATEWAY_VEHICLE_API_TOKENS")),
             agent_api_tokens=reader.agent_tokens("GATEWAY_AGENT_API_TOKENS"),
+            admin_api_tokens=frozenset(reader.csv("GATEWAY_ADMIN_API_TOKENS")),
             assistance_url=reader.url("GATEWAY_ASSISTANCE_URL", default=None),
             number_plan_dir=reader.path("GATEWAY_NUMBER_PLAN"),
             boundaries_path=reader.path("GATEWAY_BOUNDARIES"),
@@ -200,16 +207,28 @@ class Settings:
             sms_from=reader.e164("GATEWAY_SMS_FROM"),
             roadside_free_markets=_markets(reader.text("GATEWAY_ROADSIDE_FREE_MARKETS")),
             pin_scrypt_n=reader.integer("GATEWAY_PIN_SCRYPT_N", 2**14),
-            notify_retry_s=reader.number("GATEWAY_NOTIFY_RETRY_S", 60.0),
+            notify_retry_s=reader.number("GATEWAY_NOTIFY_RETRY_S", cls.notify_retry_s),
+            theft_escalation_s=reader.integer("GATEWAY_THEFT_ESCALATION_S",
+                                              cls.theft_escalation_s),
         )
         if not 10 <= settings.unlock_relock_s <= 600:
             raise ConfigError("GATEWAY_UNLOCK_RELOCK_S: must be between 10 and 600")
+        if not 60 <= settings.theft_escalation_s <= 86400:
+            raise ConfigError("GATEWAY_THEFT_ESCALATION_S: must be between 60 and 86400 seconds")
+        if not 0 < settings.notify_retry_s < settings.theft_escalation_s:
+            raise ConfigError("GATEWAY_NOTIFY_RETRY_S: must be positive and below "
+                              "GATEWAY_THEFT_ESCALATION_S")
         n = settings.pin_scrypt_n
         if n < 2**8 or n & (n - 1):
             raise ConfigError("GATEWAY_PIN_SCRYPT_N: must be a power of two, at least 256")
         for t in settings.vehicle_api_tokens | set(settings.agent_api_tokens):
             if len(t) < 16:
                 raise ConfigError("API tokens must be at least 16 characters long")
+        if any(len(t) < 16 for t in settings.admin_api_tokens):
+            raise ConfigError("GATEWAY_ADMIN_API_TOKENS: tokens must be at least 16 characters")
+        if settings.admin_api_tokens & (settings.vehicle_api_tokens | set(settings.agent_api_tokens)):
+            raise ConfigError("GATEWAY_ADMIN_API_TOKENS: a token is also a vehicle or agent "
+                              "token; give the admin API its own")
         return settings
 
     def replace(self, **changes: object) -> Settings:

@@ -9,10 +9,21 @@ so that client overrides :meth:`TwilioHttpClient.request` and rewrites the
 pointed at a fake in tests) before handing the request to the stock
 implementation.
 
-Idempotency: Twilio's Messages API has no idempotency key; the key is sent as an
-``Idempotency-Key`` header for tracing only, so a retry after a lost answer can
-send a second SMS.  Callers retry SMS only on errors that happened before the
-request could have been accepted, or accept the rare duplicate.
+Idempotency: Twilio's Messages API has no idempotency key (the key is sent as an
+``Idempotency-Key`` header for tracing only), and Twilio's own error page for 20500
+says a retried POST that sends an SMS can reach the customer twice.  So
+:meth:`TwilioSms.send` tells the two kinds of transient failure apart:
+
+* :class:`SmsMaybeSentError` -- the request may have been accepted: a 5xx answer, a
+  read timeout, a connection dropped or an answer cut short after the request went
+  out.  Before sending again, look the message up with :meth:`TwilioSms.find_sent`
+  (a ``GET`` of the account's recent messages to that number from our sender,
+  matched on a reference the caller put in the body: GETs are safe to retry);
+* any other :class:`~gateway.errors.TransientUpstreamError` -- the request was not
+  taken: connection refused, connect timeout, 429.  Send again.
+
+What remains is a message Twilio created but does not list yet when we look, which
+would be sent a second time: at least once, not exactly once.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from twilio.base.exceptions import TwilioException, TwilioRestException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.http.response import Response as TwilioResponse
 from twilio.rest import Client
+from urllib3.exceptions import ConnectTimeoutError, MaxRetryError
 
 from gateway.adapters._http import (
     TRANSIENT_REQUEST_ERRORS,
@@ -41,6 +53,34 @@ from gateway.errors import PermanentUpstreamError, TransientUpstreamError
 TWILIO_API_URL = "https://api.twilio.com"
 SMS_SERVICE = "Twilio Messages API"
 PUSH_SERVICE = "push provider"
+#: how many of the most recent messages to the owner :meth:`TwilioSms.find_sent` reads
+LOOKUP_LIMIT = 20
+
+
+class SmsServiceError(TransientUpstreamError):
+    """A transient failure of Twilio's API; ``status`` is the HTTP status if it answered."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class SmsMaybeSentError(SmsServiceError):
+    """A transient SMS failure after which Twilio may still have accepted the message.
+
+    Look it up (:meth:`TwilioSms.find_sent`) before sending again.
+    """
+
+
+def _never_sent(exc: requests.RequestException) -> bool:
+    """True when the request cannot have reached the server (no connection was made)."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    if isinstance(exc, requests.ConnectionError) and exc.args:
+        cause = exc.args[0]
+        # NewConnectionError (refused, DNS) is a ConnectTimeoutError in urllib3 2
+        return isinstance(cause, MaxRetryError) and isinstance(cause.reason, ConnectTimeoutError)
+    return False
 
 
 class RebasingTwilioHttpClient(TwilioHttpClient):  # type: ignore[misc]
@@ -99,10 +139,11 @@ class RebasingTwilioHttpClient(TwilioHttpClient):  # type: ignore[misc]
 class TwilioSms:
     """``send(to, body, idempotency_key=...)`` -> the Message SID (``SM...``).
 
-    One attempt per call (the outbox retries).  ``TwilioRestException`` with
-    status 429/5xx, refused connections and timeouts become
-    :class:`TransientUpstreamError`; any other 4xx (invalid ``To`` 21211, bad
-    credentials 20003, ...) becomes :class:`PermanentUpstreamError`.
+    One attempt per call (the notifier retries).  A 2xx with a SID is delivered.
+    Refused connections, connect timeouts and 429 become
+    :class:`TransientUpstreamError`; 5xx, read timeouts and dropped answers become
+    :class:`SmsMaybeSentError` (see the module docstring); any other 4xx (invalid
+    ``To`` 21211, bad credentials 20003, ...) becomes :class:`PermanentUpstreamError`.
     """
 
     def __init__(self, account_sid: str, auth_token: str, *, from_number: str,
@@ -126,23 +167,61 @@ class TwilioSms:
             with self.http_client.extra_headers({"Idempotency-Key": idempotency_key}):
                 message = self._client.messages.create(to=to, from_=self.from_number, body=body)
         except TRANSIENT_REQUEST_ERRORS as exc:
-            raise transient_from(SMS_SERVICE, exc, self.timeout_s) from exc
+            error = transient_from(SMS_SERVICE, exc, self.timeout_s)
+            if _never_sent(exc):
+                raise error from exc
+            raise SmsMaybeSentError(str(error)) from exc
         except TwilioRestException as exc:
-            raise self._mapped(int(exc.status), f"{exc.code}: {exc.msg}") from exc
+            raise self._mapped(int(exc.status), f"{exc.code}: {exc.msg}", sending=True) from exc
         except TwilioException as exc:  # TwilioServiceException (RFC 9457 errors) and others
             status = getattr(exc, "status", None)
             if not isinstance(status, int):
                 raise
-            raise self._mapped(status, str(exc)) from exc
+            raise self._mapped(status, str(exc), sending=True) from exc
         sid: Any = message.sid
         if not isinstance(sid, str) or not sid:
-            raise PermanentUpstreamError(f"{SMS_SERVICE} accepted the message without a SID")
+            # accepted (2xx) without the SID that proves it: treat as possibly sent
+            raise SmsMaybeSentError(f"{SMS_SERVICE} answered without a message SID")
         return sid
 
+    def find_sent(self, to: str, marker: str) -> str | None:
+        """The SID of a recent message from our sender to ``to`` whose body has ``marker``.
+
+        Reads the newest :data:`LOOKUP_LIMIT` messages of the account to ``to`` from
+        ``from_number`` (one ``GET`` of the Messages list).  None if none matches.
+        Transient failures raise :class:`TransientUpstreamError`; a 4xx (a key without
+        read access, ...) raises :class:`PermanentUpstreamError`.
+        """
+        if not marker:
+            raise ValueError("marker is required")
+        try:
+            messages = self._client.messages.list(to=to, from_=self.from_number,
+                                                  limit=LOOKUP_LIMIT)
+        except TRANSIENT_REQUEST_ERRORS as exc:
+            raise transient_from(SMS_SERVICE, exc, self.timeout_s) from exc
+        except TwilioRestException as exc:
+            raise self._mapped(int(exc.status), f"{exc.code}: {exc.msg}") from exc
+        except TwilioException as exc:  # a page: TwilioException("Unable to fetch page", response)
+            response = exc.args[1] if len(exc.args) > 1 else None
+            status = getattr(exc, "status", None) or getattr(response, "status_code", None)
+            if not isinstance(status, int):
+                raise
+            detail = str(getattr(response, "text", "") or exc)[:200]
+            raise self._mapped(status, detail) from exc
+        for message in messages:
+            if marker in (message.body or "") and isinstance(message.sid, str) and message.sid:
+                return message.sid
+        return None
+
     @staticmethod
-    def _mapped(status: int, detail: str) -> TransientUpstreamError | PermanentUpstreamError:
+    def _mapped(status: int, detail: str,
+                sending: bool = False) -> TransientUpstreamError | PermanentUpstreamError:
         error = error_for_status(SMS_SERVICE, status, detail)
-        if isinstance(error, TransientUpstreamError | PermanentUpstreamError):
+        if sending and status >= 500 and error is not None:
+            return SmsMaybeSentError(str(error), status)  # Twilio: a 5xx POST may still have sent
+        if isinstance(error, TransientUpstreamError):
+            return SmsServiceError(str(error), status)
+        if isinstance(error, PermanentUpstreamError):
             return error
         return PermanentUpstreamError(f"{SMS_SERVICE} failed with HTTP {status}: {detail}", status)
 

@@ -90,9 +90,10 @@ def post_event() -> Any:
 def _alarm(event: VehicleEvent, svc: Any) -> list[dict[str, Any]]:
     now = dt.datetime.fromtimestamp(svc.clock(), tz=dt.UTC)
     if event.type == "alarm_triggered":
-        rows = theft.on_alarm_triggered(store=svc.store, vehicles=svc.vehicles, vin=event.vin,
-                                        event_id=event.event_id, occurred_at=event.occurred_at,
-                                        now=now)
+        rows = theft.on_alarm_triggered(
+            store=svc.store, vehicles=svc.vehicles, vin=event.vin, event_id=event.event_id,
+            occurred_at=event.occurred_at, now=now,
+            escalate_after=dt.timedelta(seconds=svc.settings.theft_escalation_s))
         if svc.notifier is not None:
             svc.notifier.wake.set()
     elif event.disarmed_by == "key":

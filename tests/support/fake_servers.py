@@ -597,3 +597,88 @@ class FakeCarCommands(FakeVehicleService):
 
 
 __all__ += ["FakeCarCommands"]
+
+
+# -------------------------------------------------------------------------------------
+# Twilio Messages, readable: the list the notifier checks before sending an SMS again
+
+
+class FakeTwilioMessages(FakeTwilioApi):
+    """:class:`FakeTwilioApi` plus ``GET .../Messages.json`` and outcomes in doubt.
+
+    The list answers like Twilio's: the account's messages, newest first, filtered by
+    ``To`` and ``From``, at most ``PageSize`` (default 50) in one page (no next page).
+    In mode ``500`` it answers 500 too (the whole API is down); ``429`` and ``400``
+    only refuse sends.  Extra modes, for sends only (the list answers normally):
+
+    ``accept-500``
+        the message is created (it is in ``.messages`` and in the list), then the
+        answer is a 500 -- what Twilio warns a retried POST can duplicate;
+    ``accept-hang``
+        the message is created, then no answer: the handler waits ``slow_s`` (or until
+        the transport changes or the fake closes) and drops the connection.
+    """
+
+    MODES = FakeTwilioApi.MODES | frozenset({"accept-500", "accept-hang"})
+
+    def __init__(self, account_sid: str, auth_token: str, *, mode: str = "up",
+                 slow_s: float = 2.0) -> None:
+        self._as_up = threading.local()
+        super().__init__(account_sid, auth_token, mode=mode, slow_s=slow_s)
+
+    @property
+    def mode(self) -> str:
+        """The mode; inside an ``accept-*`` send the base class reads ``up``."""
+        return "up" if getattr(self._as_up, "on", False) else self._mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        FakeServer.mode.fset(self, mode)  # type: ignore[attr-defined]
+
+    def lookups(self) -> list[RecordedRequest]:
+        """The list requests (GET) that reached the fake."""
+        return [r for r in self.requests if r.method == "GET"]
+
+    def sends(self) -> list[RecordedRequest]:
+        """The send requests (POST) that reached the fake, whatever the answer."""
+        return [r for r in self.requests if r.method == "POST"]
+
+    def respond(self, request: RecordedRequest) -> Reply | None:
+        match = _MESSAGES_PATH.match(request.path)
+        if request.method == "GET" and match is not None:
+            return self._list(request, match["sid"])
+        mode = self._mode
+        if request.method != "POST" or mode not in ("accept-500", "accept-hang"):
+            return super().respond(request)
+        self._as_up.on = True
+        try:
+            reply = super().respond(request)
+        finally:
+            self._as_up.on = False
+        if reply is None or reply.status != 201:
+            return reply
+        if mode == "accept-500":
+            return _twilio_error(500, 20500, "Internal Server Error")
+        self.pause(self.slow_s)
+        return None
+
+    def _list(self, request: RecordedRequest, sid: str) -> Reply:
+        if not self._authorised(request, sid):
+            return _twilio_error(401, 20003, "Authenticate")
+        if self._mode == "500":
+            return _twilio_error(500, 20500, "Internal Server Error")
+        if self._mode in TRANSPORT_MODES:  # pragma: no cover - the transport answers first
+            return _twilio_error(500, 20500, "Internal Server Error")
+        to, sender = request.query.get("To"), request.query.get("From")
+        size = int(request.query.get("PageSize") or 50)
+        with self._cond:
+            found = [m for m in reversed(self.messages)
+                     if (to is None or m["to"] == to) and (sender is None or m["from"] == sender)]
+        page = found[:size]
+        uri = f"/2010-04-01/Accounts/{sid}/Messages.json?PageSize={size}&Page=0"
+        return Reply(200, {"messages": page, "page": 0, "page_size": size, "start": 0,
+                           "end": max(len(page) - 1, 0), "uri": uri, "first_page_uri": uri,
+                           "next_page_uri": None, "previous_page_uri": None})
+
+
+__all__ += ["FakeTwilioMessages"]
