@@ -13,6 +13,7 @@ from typing import Any
 
 from flask import Blueprint, abort, g, jsonify, request
 
+from gateway import theft
 from gateway.app import services
 from gateway.calls.call_plan import emergency_route
 from gateway.errors import (
@@ -22,6 +23,7 @@ from gateway.errors import (
     ValidationError,
 )
 from gateway.incidents import incident_answer, mark_incident
+from gateway.owners import UnknownVehicleError
 from gateway.security import agent_role
 
 log = logging.getLogger(__name__)
@@ -201,13 +203,51 @@ def reactivate(vin: str) -> Any:
 @bp.post("/vehicles/<vin>/tracking")
 @agent_role("dispatch")
 def start_tracking(vin: str) -> Any:
-    """Unauthorised use confirmed: start tracking, recording the police notification."""
-    body = _body("police_reference")
+    """Unauthorised use confirmed: start tracking and notify the police through the centre.
+
+    Everything is validated before the car gets a command.  A replay while tracking
+    sends no command and no second police notification (one per tracking session).
+    """
+    reference = theft.check_police_reference(_body("police_reference")["police_reference"])
     svc = services()
-    _vehicle_or_404(vin)
-    failed = _command(vin, "start_tracking")
+    vehicle = _vehicle_or_404(vin)
+    if not vehicle.tracking:
+        failed = _command(vehicle.vin, "start_tracking")
+        if failed is not None:
+            return failed
+    try:
+        started = theft.start_tracking(svc.store, vin=vehicle.vin, actor=_actor(),
+                                       police_reference=reference, now=_now())
+    except UnknownVehicleError:
+        abort(404, description="no such vehicle")
+    if svc.worker is not None:
+        svc.worker.wake.set()
+    answer = _vehicle_json(_vehicle_or_404(vehicle.vin))
+    answer["police_notification"] = {"id": started.notification_key,
+                                     "police_reference": started.police_reference,
+                                     "status": started.notification_status}
+    return jsonify(answer)
+
+
+@bp.post("/vehicles/<vin>/tracking/stop")
+@agent_role("dispatch")
+def stop_tracking(vin: str) -> Any:
+    """Stop tracking (optional ``reason``); 409 if the vehicle is not being tracked."""
+    body = request.get_json(silent=True) if request.get_data() else None
+    if request.get_data() and body is None:
+        raise ValidationError({"body": "must be a JSON object"})
+    reason = theft.stop_reason(body)
+    svc = services()
+    vehicle = _vehicle_or_404(vin)
+    if not vehicle.tracking:
+        return _error(409, "not_tracking", "the vehicle is not being tracked")
+    failed = _command(vehicle.vin, "stop_tracking")
     if failed is not None:
         return failed
-    vehicle = svc.vehicles.start_tracking(vin, actor=_actor(),
-                                          police_reference=body["police_reference"])
-    return jsonify(_vehicle_json(vehicle))
+    try:
+        theft.stop_tracking(svc.store, vin=vehicle.vin, actor=_actor(), reason=reason, now=_now())
+    except UnknownVehicleError:
+        abort(404, description="no such vehicle")
+    except theft.NotTrackingError:
+        return _error(409, "not_tracking", "the vehicle is not being tracked")
+    return jsonify(_vehicle_json(_vehicle_or_404(vehicle.vin)))
