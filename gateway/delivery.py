@@ -90,6 +90,9 @@ def incident_payload(incident: Mapping[str, Any]) -> dict[str, Any]:
         "home_country": incident["home_country"],
         "crash": incident["crash"],
         "occupants": incident["occupants"],
+        # an eCall MSD (EN 15722) exactly as the car sent it, base64; test calls are flagged
+        "msd": incident.get("msd"),
+        "test_call": bool(incident.get("test_call")),
     }
 
 

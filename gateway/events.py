@@ -5,6 +5,12 @@ name its field (``location.lat``) with a reason a firmware engineer can act on,
 and unknown fields are kept but ignored so that newer car firmware is never
 refused in a crash.
 
+A car that speaks the eCall Minimum Set of Data (EN 15722) may send it as ``msd`` (base64
+of the UPER bytes, decoded by :mod:`gateway.msd`) instead of, or beside, the JSON fields:
+``vin``, ``type``, ``occurred_at``, ``location`` and ``occupants`` come from the MSD when
+they are not given, and a given one that disagrees with the MSD is refused with its name.
+``event_id`` and ``msisdn`` are always required (an MSD has no phone number).
+
 Only what can be carried to the end is accepted: the body is read with
 :func:`load_event_json` (no ``NaN``/``Infinity``, at most :data:`MAX_JSON_DEPTH`
 levels, numbers that fit in 64 bits and a double, no lone surrogates) and the
@@ -26,6 +32,7 @@ from typing import Any
 import phonenumbers
 
 from gateway.errors import ValidationError
+from gateway.msd import Msd, MsdError, decode_base64
 
 EMERGENCY_TYPES = ("crash", "sos")
 ALARM_TYPES = ("alarm_triggered", "alarm_disarmed")
@@ -47,6 +54,14 @@ EARLIEST_EVENT = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 MAX_CLOCK_AHEAD = dt.timedelta(days=1)
 #: at most this many problems are listed for one body
 _MAX_REPORTED = 20
+#: an MSD and the JSON fields beside it describe one fix: positions further apart than
+#: this (degrees; about 110 m of latitude), headings further apart than this, and times
+#: further apart than this disagree
+MSD_POSITION_TOLERANCE_DEG = 0.001
+MSD_HEADING_TOLERANCE_DEG = 2.0
+MSD_TIME_TOLERANCE = dt.timedelta(seconds=1)
+#: occupants.count accepted in JSON (an MSD's numberOfPassengers above it is not stored)
+MAX_OCCUPANTS = 99
 
 _VIN = re.compile(r"^[A-HJ-NPR-Z0-9]{17}$")
 _EVENT_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -78,11 +93,20 @@ class VehicleEvent:
     vin: str
     msisdn: str
     occurred_at: dt.datetime
-    location: Location
+    #: None only for an MSD whose position is unknown and no JSON location beside it
+    location: Location | None
     crash: dict[str, Any] | None
     occupants: dict[str, Any] | None
     payload_sha256: str
     disarmed_by: str | None = None
+    #: the decoded MSD the event carried, with its bytes as received
+    msd: Msd | None = None
+
+    @property
+    def test_call(self) -> bool:
+        """The MSD's testCall flag: the call is to be answered and recorded, and never
+        dialled to emergency services (stored on the incident for the call path)."""
+        return self.msd is not None and self.msd.test_call
 
 
 # -- reading the body -----------------------------------------------------------------
@@ -256,19 +280,61 @@ def parse_event(body: Any, *, now: dt.datetime | None = None) -> VehicleEvent:
     if not isinstance(event_id, str) or not _EVENT_ID.match(event_id):
         errors["event_id"] = "required: 1-128 characters of letters, digits, '.', '_', ':', '-'"
 
+    # an MSD given (even one that does not decode) stands in for the fields it carries
+    msd_given = body.get("msd") is not None
+    msd: Msd | None = None
+    if msd_given:
+        try:
+            msd = decode_base64(body["msd"])
+        except MsdError as exc:
+            errors["msd"] = str(exc)
+
     kind = body.get("type")
-    if kind not in EVENT_TYPES:
+    if kind is None and msd_given:
+        kind = msd.event_type if msd is not None else None
+    elif kind not in EVENT_TYPES:
         errors["type"] = f"required: one of {', '.join(EVENT_TYPES)}"
+    elif msd is not None and kind != msd.event_type:
+        activation = "automatic" if msd.automatic_activation else "manual"
+        errors["type"] = (f"disagrees with the MSD: its {activation} activation "
+                          f"means {msd.event_type}")
 
     vin = body.get("vin")
-    if not isinstance(vin, str) or not _VIN.match(vin.upper()):
+    if vin is None and msd_given:
+        vin = msd.vin if msd is not None else None
+    elif not isinstance(vin, str) or not _VIN.match(vin.upper()):
         errors["vin"] = "required: 17 characters, letters (no I, O, Q) and digits"
+    elif msd is not None and vin.upper() != msd.vin:
+        errors["vin"] = f"disagrees with the MSD's VIN {msd.vin}"
 
     msisdn = _msisdn(body.get("msisdn"), errors)
-    occurred_at = _timestamp(body.get("occurred_at"), errors, now=now)
-    location = _location(body.get("location"), errors)
+    occurred_at: dt.datetime | None
+    if body.get("occurred_at") is None and msd_given:
+        occurred_at = (_msd_time(msd, now) or now) if msd is not None else None
+    else:
+        occurred_at = _timestamp(body.get("occurred_at"), errors, now=now)
+        msd_time = _msd_time(msd, now) if msd is not None else None
+        if occurred_at is not None and msd_time is not None and (
+                abs(occurred_at - msd_time) > MSD_TIME_TOLERANCE):
+            errors["occurred_at"] = (f"disagrees with the MSD's timestamp "
+                                     f"{msd_time.isoformat().replace('+00:00', 'Z')}")
+    location: Location | None
+    if body.get("location") is None and msd_given:
+        location = _msd_location(msd) if msd is not None else None
+    else:
+        location = _location(body.get("location"), errors)
+        if location is not None and msd is not None:
+            location = _beside_msd(location, msd, errors)
     crash = _crash(body.get("crash"), errors)
-    occupants = _occupants(body.get("occupants"), errors)
+    occupants: dict[str, Any] | None
+    if body.get("occupants") is None and msd_given:
+        occupants = _msd_occupants(msd)
+    else:
+        occupants = _occupants(body.get("occupants"), errors)
+        if (occupants is not None and msd is not None and msd.passengers is not None
+                and occupants["count"] != msd.passengers):
+            errors["occupants.count"] = (f"disagrees with the MSD's numberOfPassengers "
+                                         f"{msd.passengers}")
 
     disarmed_by = body.get("disarmed_by")
     if kind == "alarm_disarmed" and disarmed_by not in DISARM_METHODS:
@@ -276,7 +342,8 @@ def parse_event(body: Any, *, now: dt.datetime | None = None) -> VehicleEvent:
     if errors:
         raise ValidationError(errors)
     assert isinstance(event_id, str) and isinstance(kind, str) and isinstance(vin, str)
-    assert msisdn is not None and occurred_at is not None and location is not None
+    assert msisdn is not None and occurred_at is not None
+    assert location is not None or msd is not None
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
     return VehicleEvent(
         event_id=event_id,
@@ -289,7 +356,63 @@ def parse_event(body: Any, *, now: dt.datetime | None = None) -> VehicleEvent:
         occupants=occupants,
         payload_sha256=digest,
         disarmed_by=disarmed_by if kind == "alarm_disarmed" else None,
+        msd=msd,
     )
+
+
+# -- the MSD beside the JSON fields -----------------------------------------------------
+
+
+def _msd_time(msd: Msd, now: dt.datetime) -> dt.datetime | None:
+    """The MSD's timestamp if usable: in the range ``occurred_at`` accepts.
+
+    A vehicle without time (0, or a clock never set) still gets its crash through: the
+    event then counts from the gateway's clock, and the MSD forwarded to the centre keeps
+    the timestamp as sent."""
+    stamp = msd.occurred_at()
+    if not EARLIEST_EVENT <= stamp <= now.astimezone(dt.UTC) + MAX_CLOCK_AHEAD:
+        return None
+    return stamp
+
+
+def _msd_location(msd: Msd) -> Location | None:
+    """The MSD's position, or None when it is unknown (routing then falls back)."""
+    if msd.lat is None or msd.lon is None:
+        return None
+    return Location(lat=msd.lat, lon=msd.lon, heading_deg=msd.heading_deg,
+                    trusted=msd.position_can_be_trusted)
+
+
+def _beside_msd(location: Location, msd: Msd, errors: dict[str, str]) -> Location:
+    """The JSON location checked against the MSD's, completed with its heading and trust."""
+    if msd.lat is not None and msd.lon is not None:
+        for field, given, sent in (("lat", location.lat, msd.lat), ("lon", location.lon, msd.lon)):
+            if abs(given - sent) > MSD_POSITION_TOLERANCE_DEG:
+                errors[f"location.{field}"] = (
+                    f"disagrees with the MSD's position {sent:.6f} (more than "
+                    f"{MSD_POSITION_TOLERANCE_DEG:g} degrees apart)")
+    if location.trusted is not None and location.trusted != msd.position_can_be_trusted:
+        errors["location.trusted"] = (f"disagrees with the MSD's positionCanBeTrusted "
+                                      f"({str(msd.position_can_be_trusted).lower()})")
+    heading = location.heading_deg
+    if heading is not None and msd.heading_deg is not None:
+        apart = abs(heading - msd.heading_deg) % 360
+        if min(apart, 360 - apart) > MSD_HEADING_TOLERANCE_DEG:
+            errors["location.heading_deg"] = (
+                f"disagrees with the MSD's direction {msd.heading_deg:g} degrees")
+    return Location(
+        lat=location.lat, lon=location.lon,
+        heading_deg=heading if heading is not None else msd.heading_deg,
+        accuracy_m=location.accuracy_m,
+        # the car's own doubt about its position is never dropped
+        trusted=location.trusted if location.trusted is not None else msd.position_can_be_trusted,
+    )
+
+
+def _msd_occupants(msd: Msd | None) -> dict[str, Any] | None:
+    if msd is None or msd.passengers is None or msd.passengers > MAX_OCCUPANTS:
+        return None
+    return {"count": msd.passengers}
 
 
 def _msisdn(value: Any, errors: dict[str, str]) -> str | None:
@@ -433,8 +556,8 @@ def _occupants(value: Any, errors: dict[str, str]) -> dict[str, Any] | None:
         errors["occupants"] = "a count (0-99) or an object with 'count'"
         return None
     count = value.get("count")
-    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= 99:
-        errors["occupants.count"] = "required: a whole number from 0 to 99"
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= MAX_OCCUPANTS:
+        errors["occupants.count"] = f"required: a whole number from 0 to {MAX_OCCUPANTS}"
         return None
     if not _stored_object(value, "occupants", errors):
         return None

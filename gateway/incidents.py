@@ -20,6 +20,16 @@ from gateway.store import Store, utcnow
 ExtraRows = Callable[[Mapping[str, Any]], list[tuple[sa.Table, Mapping[str, Any]]]]
 
 
+#: in the route reason of a test call's incident (an MSD's testCall flag)
+TEST_CALL_REASON = "test call: answered and recorded, never dialled to emergency services"
+
+
+def is_test_call(incident: Mapping[str, Any] | None) -> bool:
+    """Whether an incident is an eCall test call: its call is answered by the centre and
+    recorded, and no leg of it may dial an emergency number or hand back to the car."""
+    return bool(incident is not None and incident.get("test_call"))
+
+
 class EventConflictError(Exception):
     """The same event_id arrived again with a different body."""
 
@@ -44,16 +54,21 @@ def record_event(
     if existing is not None:
         return _same_or_conflict(existing, event), False
 
+    location = event.location  # None: an MSD whose position is unknown
     choice = choose_country(
-        event.location.lat,
-        event.location.lon,
+        location.lat if location is not None else None,
+        location.lon if location is not None else None,
         locator=locator,
         last_known=lambda: store.last_known_country(event.vin),
         msisdn=event.msisdn,
     )
     route = emergency_route(choice.country, plan, caller_ids or {})
     reason = choice.reason
-    if event.location.trusted is False:
+    if event.test_call:
+        reason += "; " + TEST_CALL_REASON
+    if location is None:
+        reason += "; the MSD's position is unknown"
+    elif location.trusted is False:
         reason += "; position flagged untrusted by the car"
     row: dict[str, Any] = {
         "id": str(uuid.uuid4()),
@@ -64,11 +79,11 @@ def record_event(
         "msisdn": event.msisdn,
         "occurred_at": event.occurred_at,
         "received_at": now or utcnow(),
-        "lat": event.location.lat,
-        "lon": event.location.lon,
-        "heading_deg": event.location.heading_deg,
-        "accuracy_m": event.location.accuracy_m,
-        "trusted": event.location.trusted,
+        "lat": location.lat if location is not None else None,
+        "lon": location.lon if location is not None else None,
+        "heading_deg": location.heading_deg if location is not None else None,
+        "accuracy_m": location.accuracy_m if location is not None else None,
+        "trusted": location.trusted if location is not None else None,
         "crash": event.crash,
         "occupants": event.occupants,
         "location_country": choice.location_country,
@@ -78,6 +93,9 @@ def record_event(
         "emergency_number": route.emergency_number,
         "fallback_dial": route.fallback_dial or "",  # "" = the gateway hands back
         "status": "open",
+        # the MSD as the car sent it (base64), and its testCall flag
+        "msd": event.msd.base64() if event.msd is not None else None,
+        "test_call": event.test_call,
     }
     extra = extra_rows(row) if extra_rows else []
     incident, created = store.insert_incident(row, extra=extra)
@@ -96,7 +114,8 @@ def incident_answer(incident: Mapping[str, Any], *, plan: NumberPlan | None,
                     policy: VoicePolicy, caller_ids: Mapping[str, str]) -> dict[str, Any]:
     """What the car is told: the number to call for this event's service, and what to
     dial itself if no agent has taken the call after ``hand_back_after_s`` seconds (or
-    if it cannot reach the gateway at all)."""
+    if it cannot reach the gateway at all).  A test call (``test_call: true``) has no
+    ``hand_back_after_s``: the car never dials an emergency number for it."""
     service = {"crash": "emergency", "sos": "emergency", "on_call": "roadside"}.get(
         str(incident["type"]))
     row = None
@@ -104,6 +123,7 @@ def incident_answer(incident: Mapping[str, Any], *, plan: NumberPlan | None,
         row = plan.inbound_for(service, incident["home_country"] or incident["route_country"])
     call_number = row.number if row is not None else None
     route = emergency_route(incident["route_country"], plan, caller_ids)
+    test_call = is_test_call(incident)
     return {
         "incident_id": incident["id"],
         "event_id": incident["event_id"],
@@ -114,7 +134,9 @@ def incident_answer(incident: Mapping[str, Any], *, plan: NumberPlan | None,
         "emergency_number": incident["emergency_number"],
         "fallback_dial": incident["fallback_dial"] or None,
         "call_number": call_number,
-        "hand_back_after_s": hand_back_after_s(route, policy) if service == "emergency" else None,
+        "hand_back_after_s": (hand_back_after_s(route, policy)
+                              if service == "emergency" and not test_call else None),
+        "test_call": test_call,
     }
 
 

@@ -62,8 +62,9 @@ incidents = sa.Table(
     sa.Column("msisdn", sa.String(20), nullable=False, index=True),
     sa.Column("occurred_at", TS, nullable=False),
     sa.Column("received_at", TS, nullable=False),
-    sa.Column("lat", sa.Float, nullable=False),
-    sa.Column("lon", sa.Float, nullable=False),
+    # NULL only for an eCall MSD whose position is unknown (routed by the fallback chain)
+    sa.Column("lat", sa.Float),
+    sa.Column("lon", sa.Float),
     sa.Column("heading_deg", sa.Float),
     sa.Column("accuracy_m", sa.Float),
     sa.Column("trusted", sa.Boolean),
@@ -76,6 +77,10 @@ incidents = sa.Table(
     sa.Column("emergency_number", sa.String(20), nullable=False),
     sa.Column("fallback_dial", sa.String(20), nullable=False),
     sa.Column("status", sa.String(16), nullable=False, server_default="open"),
+    # the eCall MSD (EN 15722) as the car sent it, base64; and its testCall flag: a test
+    # call is answered and recorded, never dialled to emergency services
+    sa.Column("msd", sa.String(200)),
+    sa.Column("test_call", sa.Boolean),
 )
 
 call_steps = sa.Table(

@@ -80,9 +80,13 @@ def whisper_summary(
         if country
         else f"outside any country's waters, routed to {_country_name(incident.get('route_country'), plan)}"
     )
-    parts.append(
-        f"Position {where}, latitude {incident['lat']:.4f}, longitude {incident['lon']:.4f}."
-    )
+    if incident.get("lat") is None or incident.get("lon") is None:  # an MSD without a fix
+        routed = _country_name(incident.get("route_country"), plan)
+        parts.append(f"Position unknown, routed to {routed}. Ask the caller where they are.")
+    else:
+        parts.append(
+            f"Position {where}, latitude {incident['lat']:.4f}, longitude {incident['lon']:.4f}."
+        )
     if incident.get("heading_deg") is not None:
         parts.append(f"Heading {round(incident['heading_deg'])} degrees.")
     if incident.get("trusted") is False:
