@@ -202,6 +202,7 @@ def create_app(
 
     for module in (ops, vehicle, voice, ivr, agent):
         app.register_blueprint(module.bp)
+    _request_hooks(app)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Any:
@@ -219,6 +220,28 @@ def create_app(
         return response
 
     return app
+
+
+def _request_hooks(app: Flask) -> None:
+    """Per request: the log context, bound at the start and cleared at the end (whatever
+    happened), so no line is stamped with another request's call."""
+    from flask import request
+
+    from gateway import logs
+
+    @app.before_request
+    def _start() -> None:
+        try:  # a body the view would refuse (too large) is refused there, not here
+            form = request.form if request.mimetype == "application/x-www-form-urlencoded" else {}
+            call_sid = form.get("CallSid")
+        except HTTPException:
+            call_sid = None
+        logs.bind_request(call_sid=call_sid, incident_id=request.args.get("i")
+                          or (request.view_args or {}).get("incident_id"))
+
+    @app.teardown_request
+    def _end(_exc: BaseException | None) -> None:
+        logs.clear_request()
 
 
 def services() -> Services:
