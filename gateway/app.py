@@ -198,9 +198,9 @@ def create_app(
         notifier.start_thread()
         command_queue.start_thread()
 
-    from gateway.views import agent, ivr, ops, vehicle, voice
+    from gateway.views import admin, agent, ivr, ops, vehicle, voice
 
-    for module in (ops, vehicle, voice, ivr, agent):
+    for module in (ops, vehicle, voice, ivr, agent, admin):
         app.register_blueprint(module.bp)
     _request_hooks(app)
 

@@ -128,3 +128,29 @@ def agent_role(role: str) -> Callable[[F], F]:
         return _mark(cast(F, wrapper), f"bearer:agent:{role}")
 
     return decorate
+
+
+ADMIN = "bearer:admin"
+
+
+def admin_token(view: F) -> F:
+    """The admin API (enrolment, PINs, lockouts): 401 without a valid bearer token,
+    403 for a token of another API (vehicle or agent); ``g.admin`` is the token's id."""
+
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        settings = current_app.extensions["gateway"].settings
+        token = _bearer_token()
+        matched = _match(token, settings.admin_api_tokens) if token else None
+        if matched is None:
+            others = [*settings.vehicle_api_tokens, *settings.agent_api_tokens]
+            if token and _match(token, others) is not None:
+                response = jsonify(error="forbidden",
+                                   detail="this token is not an admin API token")
+                response.status_code = 403
+                return response
+            return _unauthorized("admin")
+        g.admin = hmac.new(b"admin-id", matched.encode(), "sha256").hexdigest()[:12]
+        return view(*args, **kwargs)
+
+    return _mark(cast(F, wrapper), ADMIN)

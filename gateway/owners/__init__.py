@@ -1,7 +1,8 @@
 """Owner services: the vehicle registry, PINs and their lockout, customer numbers, audit.
 
-- :mod:`~gateway.owners.registry`: vehicles and owners, immobiliser and tracking state
-  (:class:`Vehicles`);
+- :mod:`~gateway.owners.registry`: :class:`Vehicles`, joining its parts: ``records``
+  (tables, :class:`Vehicle`), ``pin_checks``, ``immobiliser``, ``enrolment`` (what
+  operators do), with ``vehicle_fields`` validating what they give;
 - :mod:`~gateway.owners.pins`: PIN hashing and the lockout rule;
 - :mod:`~gateway.owners.customer_numbers`: the 8-digit number the IVR asks for;
 - :mod:`~gateway.owners.audit`: who did what, never a PIN.
@@ -19,33 +20,45 @@ from gateway.owners.customer_numbers import (
     lookup_code_valid,
     new_lookup_code,
 )
+from gateway.owners.enrolment import ImportResult
+from gateway.owners.immobiliser import Reactivation
 from gateway.owners.pins import (
     PIN_FORMAT_MESSAGE,
+    LockoutPolicy,
+    LockoutState,
     PinCheck,
     PinHasher,
     PinOutcome,
     check_pin_format,
     is_valid_pin,
+    pin_failure_times,
     pin_failures,
 )
-from gateway.owners.registry import (
-    Reactivation,
+from gateway.owners.records import (
     UnknownVehicleError,
     Vehicle,
-    Vehicles,
+    VehicleConflictError,
+    owner_phones,
     vehicles,
 )
+from gateway.owners.registry import Vehicles
+from gateway.owners.vehicle_fields import VehicleRecord, parse_changes, parse_record
 
 __all__ = [
     "LOOKUP_CODE_LENGTH",
     "PIN_FORMAT_MESSAGE",
     "AuditEntry",
+    "ImportResult",
+    "LockoutPolicy",
+    "LockoutState",
     "PinCheck",
     "PinHasher",
     "PinOutcome",
     "Reactivation",
     "UnknownVehicleError",
     "Vehicle",
+    "VehicleConflictError",
+    "VehicleRecord",
     "Vehicles",
     "audit",
     "check_pin_format",
@@ -55,6 +68,10 @@ __all__ = [
     "lookup_code_accepted",
     "lookup_code_valid",
     "new_lookup_code",
+    "owner_phones",
+    "parse_changes",
+    "parse_record",
+    "pin_failure_times",
     "pin_failures",
     "vehicles",
     "write_audit",
