@@ -144,7 +144,10 @@ def create_app(
 
     clock = clock or time.time
     health = build_health(settings, store, plan, clock)
-    worker = delivery.build_worker(settings, store, health, clock) if start_worker else None
+    metrics = Metrics()
+    metrics.watch_database(store, health=health, clock=clock)
+    worker = (delivery.build_worker(settings, store, health, clock, metrics=metrics)
+              if start_worker else None)
 
     from gateway.entitlement import MarketRule
     from gateway.notify import NotificationWorker
@@ -167,7 +170,6 @@ def create_app(
     from gateway.line_health import LineHealthCache
     from gateway.steps import StepWriter
 
-    metrics = Metrics()
     steps = StepWriter(store, health=health, metrics=metrics)  # its thread starts on first use
 
     app = Flask("gateway")
@@ -202,7 +204,7 @@ def create_app(
 
     for module in (ops, vehicle, voice, ivr, agent, admin):
         app.register_blueprint(module.bp)
-    _request_hooks(app)
+    _request_hooks(app, metrics)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Any:
@@ -222,15 +224,20 @@ def create_app(
     return app
 
 
-def _request_hooks(app: Flask) -> None:
-    """Per request: the log context, bound at the start and cleared at the end (whatever
-    happened), so no line is stamped with another request's call."""
-    from flask import request
+#: blueprints whose routes are Twilio webhooks (answers and latency are counted)
+WEBHOOK_BLUEPRINTS = ("voice", "ivr")
+
+
+def _request_hooks(app: Flask, metrics: Any) -> None:
+    """Per request: the log context (bound at the start, cleared at the end, whatever
+    happened) and, for Twilio webhooks, the answer's outcome and latency."""
+    from flask import g, request
 
     from gateway import logs
 
     @app.before_request
     def _start() -> None:
+        g.started = time.perf_counter()
         try:  # a body the view would refuse (too large) is refused there, not here
             form = request.form if request.mimetype == "application/x-www-form-urlencoded" else {}
             call_sid = form.get("CallSid")
@@ -238,6 +245,19 @@ def _request_hooks(app: Flask) -> None:
             call_sid = None
         logs.bind_request(call_sid=call_sid, incident_id=request.args.get("i")
                           or (request.view_args or {}).get("incident_id"))
+
+    @app.after_request
+    def _count(response: Any) -> Any:
+        if request.blueprint in WEBHOOK_BLUEPRINTS and request.endpoint:
+            outcome = g.get("webhook_outcome") or (
+                "rejected" if response.status_code == 403
+                else "unavailable" if response.status_code == 503
+                else "error" if response.status_code >= 500
+                else "answered")
+            started = g.get("started")
+            metrics.webhook(request.endpoint, outcome,
+                            None if started is None else time.perf_counter() - started)
+        return response
 
     @app.teardown_request
     def _end(_exc: BaseException | None) -> None:

@@ -57,7 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-worker", action="store_true",
                        help="do not run the delivery worker thread in this process")
 
-    sub.add_parser("worker", help="deliver the outbox to the assistance centre (separate process)")
+    worker = sub.add_parser("worker",
+                            help="deliver the outbox to the assistance centre (separate process)")
+    worker.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus metrics on this port (default: "
+                             "GATEWAY_WORKER_METRICS_PORT; unset: no metrics server)")
+    worker.add_argument("--metrics-host", default="127.0.0.1",
+                        help="address of the metrics server (default 127.0.0.1)")
     sub.add_parser("init-db", help="create the database tables")
     return parser
 
@@ -75,7 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "worker":
             from gateway.delivery import run_worker_process
 
-            return run_worker_process(Settings.from_env(require_auth_token=False))
+            return run_worker_process(Settings.from_env(require_auth_token=False),
+                                      metrics_port=_worker_metrics_port(args.metrics_port),
+                                      metrics_host=args.metrics_host)
         if args.command == "init-db":
             from gateway.store import Store
 
@@ -88,6 +96,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 2
+
+
+def _worker_metrics_port(flag: int | None) -> int | None:
+    if flag is not None:
+        return flag
+    raw = os.environ.get("GATEWAY_WORKER_METRICS_PORT", "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise ConfigError(f"GATEWAY_WORKER_METRICS_PORT: expected a port number, got {raw!r}")
+    return int(raw)
 
 
 def _locate(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:

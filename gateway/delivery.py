@@ -110,7 +110,8 @@ def outbox_rows(incident: Mapping[str, Any]) -> list[tuple[sa.Table, Mapping[str
 
 
 class Counters:
-    """Delivery outcomes, for metrics (plain ints behind a lock)."""
+    """Delivery outcomes of this worker (plain ints behind a lock); the Prometheus
+    counters are in :class:`gateway.metrics.Metrics`."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -120,6 +121,12 @@ class Counters:
     def add(self, name: str, n: int = 1) -> None:
         with self._lock:
             self.values[name] += n
+
+
+def _count(metrics: Any, name: str, *labels: str) -> None:
+    counter = getattr(metrics, name, None)
+    if counter is not None:
+        (counter.labels(*labels) if labels else counter).inc()
 
 
 class OutboxWorker:
@@ -132,8 +139,10 @@ class OutboxWorker:
         health: CentreHealth | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
+        metrics: Any = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics
         self.sink = sink
         self.policy = policy
         self.health = health
@@ -205,23 +214,29 @@ class OutboxWorker:
                     if self.stopping.is_set() and attempt.retry_state.attempt_number > 1:
                         raise _Stopping()
                     self._attempt_started(int(row["id"]))
+                    _count(self.metrics, "delivery_attempts")
                     try:
                         status = self.sink.send_incident(row["payload"], idempotency_key=key)
                     except TransientUpstreamError as exc:
                         self.counters.add("transient_failures")
+                        _count(self.metrics, "delivery_failures", "transient")
                         self._feed_health(ok=False, reason=f"delivery: {exc}")
                         raise
         except PermanentUpstreamError as exc:
             self.counters.add("permanent_failures")
+            _count(self.metrics, "delivery_failures", "permanent")
+            _count(self.metrics, "deliveries", "failed")
             log.error("incident %s refused by the centre (HTTP %s): %s; not retried",
                       key, exc.status, exc)
             self._finish(row, status="failed", last_status=exc.status, error=str(exc))
             return "failed"
         except (TransientUpstreamError, _Stopping) as exc:
             self.counters.add("rescheduled")
+            _count(self.metrics, "deliveries", "rescheduled")
             self._reschedule(row, error=str(exc) or type(exc).__name__)
             return "rescheduled"
         self.counters.add("delivered")
+        _count(self.metrics, "deliveries", "delivered")
         self._feed_health(ok=True, reason=f"delivered {key}")
         self._finish(row, status="delivered", last_status=status, error=None)
         log.info("incident %s delivered (HTTP %s)", key, status)
@@ -299,27 +314,43 @@ class _Stopping(Exception):
 
 
 def build_worker(settings: Settings, store: Store, health: CentreHealth | None,
-                 clock: Callable[[], float] = time.time) -> OutboxWorker | None:
+                 clock: Callable[[], float] = time.time, *,
+                 metrics: Any = None) -> OutboxWorker | None:
     """The worker for these settings, or None without GATEWAY_ASSISTANCE_URL."""
     if not settings.assistance_url:
         return None
     from gateway.adapters.assistance import AssistanceCentreClient
 
     client = AssistanceCentreClient(settings.assistance_url, timeout_s=settings.delivery.timeout_s)
-    return OutboxWorker(store, client, policy=settings.delivery, health=health, clock=clock)
+    return OutboxWorker(store, client, policy=settings.delivery, health=health, clock=clock,
+                        metrics=metrics)
 
 
-def run_worker_process(settings: Settings) -> int:
-    """``python -m gateway worker``: deliver until SIGTERM/SIGINT."""
+def run_worker_process(settings: Settings, *, metrics_port: int | None = None,
+                       metrics_host: str = "127.0.0.1") -> int:
+    """``python -m gateway worker``: deliver until SIGTERM/SIGINT; with ``metrics_port``
+    its Prometheus metrics are served on ``metrics_host:metrics_port``."""
     from gateway.app import build_health, load_plan_or_none
+    from gateway.metrics import Metrics
 
     store = Store.from_url(settings.database_url)
     store.create_schema()
     plan = load_plan_or_none(settings, {})
-    worker = build_worker(settings, store, build_health(settings, store, plan))
+    health = build_health(settings, store, plan)
+    metrics = Metrics()
+    metrics.watch_database(store, health=health)
+    worker = build_worker(settings, store, health, metrics=metrics)
     if worker is None:
         log.error("GATEWAY_ASSISTANCE_URL is not set: nothing to deliver to")
         return 2
+    if metrics_port is not None:
+        try:
+            metrics.serve(metrics_port, metrics_host)
+        except OSError as exc:
+            log.error("worker metrics: cannot listen on %s:%s (%s)", metrics_host,
+                      metrics_port, exc)
+            return 2
+        log.info("worker metrics on http://%s:%s/metrics", metrics_host, metrics_port)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     signal.signal(signal.SIGINT, lambda *_: worker.stop())
     worker.run()

@@ -17,7 +17,7 @@ from typing import Any, TypeVar, cast
 
 from flask import Response, g, request
 
-from gateway import twiml
+from gateway import logs, twiml
 from gateway.app import services
 from gateway.calls import call_plan
 from gateway.calls.call_plan import (
@@ -166,6 +166,12 @@ def render(step: Step, *, name: str,
         response = twiml.hangup()
         decision = {"target": "none", "number": None}
     decision["reason"] = step.reason[:1000]
+    target = "finish" if isinstance(step, Finish) else str(decision["target"])
+    g.webhook_outcome = target
+    if svc.metrics is not None:
+        svc.metrics.voice_step(target, name, hand_back=None if not isinstance(step, HandBack)
+                               else "emergency_unanswered" if step.route.dials else "no_route")
+    logs.bind(incident_id=call.incident)
     body = str(response)
     call_sid = request.form.get("CallSid", "")
     if call_sid:
@@ -215,14 +221,24 @@ def caller_leg(view: F) -> F:
         token = call_sid_var.set(request.form.get("CallSid"))
         try:
             try:
-                return view(*args, **kwargs)
+                answer = view(*args, **kwargs)
+                if g.get("webhook_outcome") is None:
+                    # a caller-leg view answers without render() only with a replay (the
+                    # stored TwiML) or, for an owner number, the IVR
+                    g.webhook_outcome = "ivr" if g.get("service") == OWNER else "replay"
+                return answer
             except Exception:
                 log.exception("voice step failed; answering from the URL alone")
             try:
                 step = failsafe_step("handler error")
-                return render(step, name=f"failsafe:{request.path.rsplit('/', 1)[-1]}")
+                answer = render(step, name=f"failsafe:{request.path.rsplit('/', 1)[-1]}")
+                g.webhook_outcome = "failsafe"
+                _count_fallback("handler_error")
+                return answer
             except Exception:
                 log.exception("fail-safe answer failed; answering with the last resort")
+            g.webhook_outcome = "last_resort"
+            _count_fallback("last_resort")
             if service_of_request() == ROADSIDE:  # never an emergency number
                 submit_last_resort_callback()
                 return twiml_response(twiml.say_and_hangup("callback", language=None))
@@ -231,6 +247,14 @@ def caller_leg(view: F) -> F:
             call_sid_var.reset(token)
 
     return cast(F, wrapper)
+
+
+def _count_fallback(reason: str) -> None:
+    """For the wrappers: counting never stands in the way of the answer."""
+    try:
+        services().metrics.fallback(reason)
+    except Exception:
+        log.exception("fallback not counted")
 
 
 def submit_last_resort_callback() -> None:
@@ -255,6 +279,8 @@ def agent_leg(view: F) -> F:
             return view(*args, **kwargs)
         except Exception:
             log.exception("agent-leg step failed; bridging the agent")
+            g.webhook_outcome = "failsafe"
+            _count_fallback("agent_leg_error")
             return twiml_response(twiml.AGENT_LEG_BRIDGE)
         finally:
             call_sid_var.reset(token)

@@ -30,14 +30,17 @@ def _error(status: int, error: str, detail: str, **extra: Any) -> Any:
 @vehicle_token
 def post_event() -> Any:
     """Store the event durably, then answer 201 (200 for a replay of the same event_id)."""
-    if not request.is_json:
-        return _error(415, "unsupported_media_type", "send the event as application/json")
     svc = services()
+    if not request.is_json:
+        svc.metrics.event(None, "invalid")
+        return _error(415, "unsupported_media_type", "send the event as application/json")
+    body: Any = None
     try:
         # strict: no NaN/Infinity, bounded nesting and numbers (request.get_json is lenient)
         body = load_event_json(request.get_data())
         event = parse_event(body, now=dt.datetime.fromtimestamp(svc.clock(), tz=dt.UTC))
     except ValidationError as exc:
+        svc.metrics.event(body.get("type") if isinstance(body, dict) else None, "invalid")
         return _error(422, "invalid_event", "the event has invalid fields", fields=exc.errors)
     if event.type in ALARM_TYPES:
         try:
@@ -45,6 +48,7 @@ def post_event() -> Any:
         except StoreError:
             registered = True  # let the store attempt below answer 503
         if not registered:
+            svc.metrics.event(event.type, "invalid")
             return _error(422, "invalid_event", "the alarm event has invalid fields",
                           fields={"vin": "no registered vehicle with this VIN"})
     extra_rows = svc.outbox_rows if svc.outbox_rows is not None else None
@@ -55,11 +59,13 @@ def post_event() -> Any:
             caller_ids=svc.settings.emergency_caller_ids,
         )
     except EventConflictError:
+        svc.metrics.event(event.type, "conflict")
         return _error(409, "event_id_conflict",
                       "this event_id was already used for a different event",
                       fields={"event_id": "already used with a different body"})
     except StoreError:
         log.exception("event not stored")
+        svc.metrics.event(event.type, "unavailable")
         response = _error(503, "unavailable", "the event was not stored; retry with the same event_id")
         response.headers["Retry-After"] = "1"
         return response
@@ -70,10 +76,12 @@ def post_event() -> Any:
         try:
             theft_answer = _alarm(event, svc)
         except ValidationError as exc:
+            svc.metrics.event(event.type, "invalid")
             return _error(422, "invalid_event", "the alarm event has invalid fields",
                           fields=exc.errors)
         except StoreError:
             log.exception("alarm not handled")
+            svc.metrics.event(event.type, "unavailable")
             response = _error(503, "unavailable", "retry with the same event_id")
             response.headers["Retry-After"] = "1"
             return response
@@ -82,6 +90,7 @@ def post_event() -> Any:
     body["replayed"] = not created
     if event.type in ALARM_TYPES:
         body["notifications"] = theft_answer
+    svc.metrics.event(event.type, "created" if created else "replayed")
     response = jsonify(body)
     response.status_code = 201 if created else 200
     return response
