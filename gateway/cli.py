@@ -9,6 +9,7 @@ import os
 import secrets
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TextIO
 
 from gateway import logs
@@ -65,6 +66,16 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--metrics-host", default="127.0.0.1",
                         help="address of the metrics server (default 127.0.0.1)")
     sub.add_parser("init-db", help="create the database tables")
+
+    vehicles = sub.add_parser("vehicles", help="the vehicle registry (enrolment)")
+    vehicles_sub = vehicles.add_subparsers(dest="vehicles_command", required=True)
+    vehicles_import = vehicles_sub.add_parser(
+        "import", help="create or update vehicles from the delivery centre's CSV file "
+                       "(all rows or none)",
+        description=_IMPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    vehicles_import.add_argument("file", type=Path, help="the CSV file (UTF-8, header row)")
+    vehicles_import.add_argument("--dry-run", action="store_true",
+                                 help="check the file and say what would change; write nothing")
     return parser
 
 
@@ -84,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_worker_process(Settings.from_env(require_auth_token=False),
                                       metrics_port=_worker_metrics_port(args.metrics_port),
                                       metrics_host=args.metrics_host)
+        if args.command == "vehicles":
+            return _vehicles_import(args, sys.stdout, sys.stderr)
         if args.command == "init-db":
             from gateway.store import Store
 
@@ -107,6 +120,63 @@ def _worker_metrics_port(flag: int | None) -> int | None:
     if not raw.isdigit() or not 0 < int(raw) < 65536:
         raise ConfigError(f"GATEWAY_WORKER_METRICS_PORT: expected a port number, got {raw!r}")
     return int(raw)
+
+
+_IMPORT_HELP = """\
+Create or update vehicles from a CSV file (UTF-8, comma-separated, a header row):
+
+  vin, car_msisdn, market, purchase_date, owner_name, owner_phones   required
+  serviced_regularly (true/false; empty: false), language (sv-SE), pin   optional
+
+owner_phones: one or more numbers separated by ';' (the first gets theft SMS).
+pin: 4 to 8 digits, set only on a vehicle that has no PIN yet.
+Every row is checked first; any error is reported as FILE:LINE: FIELD: reason,
+nothing is written and the exit status is 1.  Otherwise all rows are written in one
+transaction, each reported as created, updated (with the fields) or unchanged.
+Idempotent on the VIN: importing the same file again changes nothing.
+Uses GATEWAY_DATABASE_URL and GATEWAY_PIN_SCRYPT_N.
+"""
+
+
+def _vehicles_import(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
+    from gateway.owners import PinHasher, Vehicles
+    from gateway.owners.bulk_import import import_file
+    from gateway.store import Store
+
+    settings = Settings.from_env(require_auth_token=False)
+    name = args.file.name
+    store = Store.from_url(settings.database_url)
+    try:
+        store.create_schema()
+        registry = Vehicles(store, PinHasher(n=settings.pin_scrypt_n))
+        report = import_file(args.file, registry=registry, actor=f"import:{name}"[:100],
+                             dry_run=args.dry_run)
+    except OSError as exc:
+        print(f"{args.file}: cannot read the file: {exc.strerror or exc}", file=stderr)
+        return 1
+    except GatewayError as exc:  # the database, or a car SIM taken by a concurrent writer
+        print(f"{name}: {exc}; nothing was imported", file=stderr)
+        return 1
+    finally:
+        store.dispose()
+    if report.errors:
+        for error in report.errors:
+            print(error.format(name), file=stderr)
+        rows = len({e.line for e in report.errors})
+        print(f"{name}: {len(report.errors)} error(s) in {rows} row(s); nothing was imported",
+              file=stderr)
+        return 1
+    for line, result in report.results:
+        what = ("would be " if report.dry_run else "") + result.result
+        if result.fields:
+            what += f" ({', '.join(result.fields)})"
+        if result.customer_number:
+            what += f", customer number {result.customer_number}"
+        stdout.write(f"{name}:{line}: {result.vin} {what}\n")
+    summary = ", ".join(f"{report.count(k)} {k}" for k in ("created", "updated", "unchanged"))
+    done = "checked (dry run, nothing written)" if report.dry_run else "imported"
+    stdout.write(f"{name}: {done}: {summary}\n")
+    return 0
 
 
 def _locate(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:

@@ -196,6 +196,17 @@ class EnrolmentMixin(ImmobiliserMixin):
                 found.update((r.vin, record_of(r, phones.get(r.vin, ()))) for r in rows)
         return found
 
+    def with_pin(self, vins: Iterable[str]) -> set[str]:
+        """Those of these VINs whose vehicle has a PIN."""
+        wanted = sorted({normal_vin(v) for v in vins})
+        found: set[str] = set()
+        with self._tx() as conn:
+            for start in range(0, len(wanted), 500):
+                found.update(conn.execute(sa.select(vehicles.c.vin).where(
+                    vehicles.c.vin.in_(wanted[start:start + 500]),
+                    vehicles.c.pin_hash.is_not(None))).scalars())
+        return found
+
     def sim_holders(self, msisdns: Iterable[str]) -> dict[str, str]:
         """car MSISDN -> the VIN it is registered to, for the ones that are."""
         wanted = sorted(set(msisdns))

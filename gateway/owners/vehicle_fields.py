@@ -236,6 +236,15 @@ def _unknown(data: Mapping[str, object], allowed: tuple[str, ...]) -> dict[str, 
     return errors
 
 
+def _in_order(errors: dict[str, str]) -> dict[str, str]:
+    """Field errors in :data:`FIELDS` order (``owner_phones[1]`` with its field), then
+    the others (unknown fields) as given."""
+    def position(key: str) -> int:
+        name = key.split("[", 1)[0]
+        return FIELDS.index(name) if name in FIELDS else len(FIELDS)
+    return {key: errors[key] for key in sorted(errors, key=position)}
+
+
 def parse_record(data: Mapping[str, object], *, text: bool, today: dt.date) -> VehicleRecord:
     """A whole record (create, import); ValidationError names every bad field.
 
@@ -245,7 +254,7 @@ def parse_record(data: Mapping[str, object], *, text: bool, today: dt.date) -> V
     errors.update({f: "required" for f in FIELDS if f in REQUIRED and f not in given})
     values = _parse(data, given, text=text, market=None, today=today, errors=errors)
     if errors:
-        raise ValidationError(errors)
+        raise ValidationError(_in_order(errors))
     return VehicleRecord(**{**_DEFAULTS, **values})
 
 
@@ -261,5 +270,5 @@ def parse_changes(data: Mapping[str, object], *, text: bool, today: dt.date,
     given = tuple(f for f in EDITABLE if f in data and f not in errors)
     values = _parse(data, given, text=text, market=market, today=today, errors=errors)
     if errors:
-        raise ValidationError(errors)
+        raise ValidationError(_in_order(errors))
     return values
