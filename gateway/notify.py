@@ -4,15 +4,16 @@ Rows are created by :mod:`gateway.theft` and cancelled there by a disarm with th
 this worker sends the due ones.  One pass (:meth:`NotificationWorker.run_once`) claims
 due rows with a lease (one sender per row, across processes), then for each:
 
-* **SMS / push past the deadline** -> ``expired``, not sent.
+* **SMS / push past their deadline** (a day after the alarm: past the escalation, so an
+  outage longer than the escalation delay still ends with the owner told) -> ``expired``.
 * **SMS / push** -> one attempt, counted before it is made.  Delivered (Twilio 2xx with a
   message SID; push 2xx) -> ``sent``.  A permanent refusal (4xx other than 429, e.g.
   Twilio 21211) -> ``failed``, that channel is not tried again.  A transient failure ->
   due again after a backoff with tenacity's ``wait_exponential_jitter`` shape
   (``initial * 2**(n-1) + uniform(0, initial)``, capped at ``backoff_max_s``), stored in
-  the row's ``due_at`` -- unless that is at or after the escalation deadline, which
-  makes the row ``expired``.  So a channel is retried until delivered, refused,
-  disarmed by key, or the deadline.
+  the row's ``due_at`` -- unless that is at or after the row's deadline, which makes it
+  ``expired``.  So a channel is retried until delivered, refused, disarmed by key, or
+  its deadline; the escalation to the centre does not stop it.
 * **escalation** (due at the deadline) -> :func:`gateway.theft.escalate`: an outbox row
   carrying every owner channel's status, attempts and last error, delivered to the
   centre by :mod:`gateway.delivery` (retried there, never dropped).

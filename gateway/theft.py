@@ -58,6 +58,10 @@ NotificationKind = Literal["sms", "push", "escalation"]
 NotificationStatus = Literal["pending", "sent", "cancelled", "failed", "expired"]
 OWNER_CHANNELS = ("sms", "push")
 
+#: owner messages (SMS, push) are retried this long, past the escalation: a message
+#: that arrives late still tells the owner; the centre was told at the escalation
+OWNER_GIVE_UP_AFTER = dt.timedelta(hours=24)
+
 #: the escalation deadline when none is configured (``GATEWAY_THEFT_ESCALATION_S``)
 DEFAULT_ESCALATION = dt.timedelta(minutes=10)
 
@@ -164,13 +168,16 @@ def on_alarm_triggered(
     texts = owner_texts(vin=vehicle.vin, occurred_at=occurred_at, language=vehicle.language,
                         market=vehicle.market, sms_key=f"{event_id}:sms")
     deadline = now + escalate_after
+    # the owner is still told after the centre was (an outage longer than the escalation
+    # delay must not lose the SMS): owner messages are tried until OWNER_GIVE_UP_AFTER
+    give_up = now + max(escalate_after, OWNER_GIVE_UP_AFTER)
     planned: list[dict[str, Any]] = []
     if vehicle.owner_phone:
         planned.append({"kind": "sms", "target": vehicle.owner_phone, "body": texts.sms,
-                        "language": texts.language, "due_at": now, "deadline_at": deadline})
+                        "language": texts.language, "due_at": now, "deadline_at": give_up})
     planned.append({"kind": "push", "target": f"vin:{vehicle.vin}", "body": texts.push_body,
                     "title": texts.push_title, "language": texts.language, "due_at": now,
-                    "deadline_at": deadline})
+                    "deadline_at": give_up})
     planned.append({"kind": "escalation", "target": escalation_target,
                     "body": agent_text(vin=vehicle.vin, occurred_at=occurred_at),
                     "due_at": deadline, "deadline_at": deadline})
@@ -429,7 +436,9 @@ def escalation_payload(escalation: Mapping[str, Any], channels: Sequence[Mapping
     summary = str(escalation["body"])
     if failed:
         summary += " Not delivered to the owner: " + "; ".join(
-            f"{r['channel'].upper()} {r['status']} after {r['attempts']} attempt(s)"
+            f"{r['channel'].upper()} "
+            f"{'still retried' if r['status'] == 'pending' else r['status']} "
+            f"after {r['attempts']} attempt(s)"
             + (f" (last error: {r['last_error']})" if r["last_error"] else "")
             for r in failed) + "."
     if not channels:
@@ -451,9 +460,9 @@ def escalation_payload(escalation: Mapping[str, Any], channels: Sequence[Mapping
 def escalate(store: Store, escalation: Mapping[str, Any], *, now: dt.datetime) -> str | None:
     """Hand a due escalation to the delivery outbox, with what reached the owner.
 
-    In one transaction: owner channels of the alarm still pending (and not being
-    sent right now) become ``expired``; the escalation becomes ``sent`` with the
-    outbox key as ``provider_ref``; the outbox row is inserted (once per key).
+    In one transaction: the escalation becomes ``sent`` with the outbox key as
+    ``provider_ref``; the outbox row is inserted (once per key), reporting each owner
+    channel (a pending one is still retried after the escalation).
     Returns the outbox key, or None if the escalation was no longer pending
     (cancelled by the key meanwhile).
     """
@@ -468,13 +477,8 @@ def escalate(store: Store, escalation: Mapping[str, Any], *, now: dt.datetime) -
         ).rowcount
         if not won:
             return None
-        conn.execute(
-            notifications.update()
-            .where(notifications.c.alarm_event_id == event_id,
-                   notifications.c.kind.in_(OWNER_CHANNELS),
-                   notifications.c.status == "pending", _free(now))
-            .values(status="expired", given_up_at=now, leased_until=None)
-        )
+        # owner channels still pending keep being retried (until OWNER_GIVE_UP_AFTER):
+        # the centre is told now, the owner as soon as the channel recovers
         channels = [_as_dict(r) for r in conn.execute(
             sa.select(notifications)
             .where(notifications.c.alarm_event_id == event_id,

@@ -38,6 +38,7 @@ LOOKUP = "12345674"
 OWNER = "+46701740605"
 T0 = dt.datetime(2026, 11, 25, 10, 15, tzinfo=dt.UTC)
 TEN_MINUTES = dt.timedelta(minutes=10)
+A_DAY = dt.timedelta(hours=24)
 DISARMED = "alarm_disarmed with key"
 AGENT = "agent:0123456789ab"
 
@@ -98,9 +99,9 @@ def test_trigger_creates_sms_push_and_escalation(store: Store, registry: Vehicle
     assert all(r["status"] == "pending" and r["vin"] == VIN for r in rows.values())
     assert all(r["alarm_event_id"] == "alarm-1" and r["attempts"] == 0 for r in rows.values())
     assert rows["sms"]["due_at"] == T0 and rows["push"]["due_at"] == T0
-    # the channels are retried until the escalation deadline, when the escalation is due
+    # the escalation is due at the deadline; the owner's channels are retried for a day
     assert rows["escalation"]["due_at"] == T0 + TEN_MINUTES
-    assert rows["sms"]["deadline_at"] == rows["push"]["deadline_at"] == T0 + TEN_MINUTES
+    assert rows["sms"]["deadline_at"] == rows["push"]["deadline_at"] == T0 + A_DAY
     sms = str(rows["sms"]["body"])
     assert "234567" in sms and "10:14 UTC" in sms
     assert reference("alarm-1:sms") in sms  # what the notifier looks for at Twilio
@@ -113,7 +114,7 @@ def test_trigger_creates_sms_push_and_escalation(store: Store, registry: Vehicle
 def test_escalation_deadline_is_configurable(store: Store, registry: Vehicles) -> None:
     rows = by_kind(trigger(store, registry, escalate_after=dt.timedelta(seconds=90)))
     assert rows["escalation"]["due_at"] == T0 + dt.timedelta(seconds=90)
-    assert rows["sms"]["deadline_at"] == T0 + dt.timedelta(seconds=90)
+    assert rows["sms"]["deadline_at"] == T0 + A_DAY
     assert registry.audit_for(VIN)[-1].detail["escalation_at"] == (
         T0 + dt.timedelta(seconds=90)).isoformat()
     with pytest.raises(ValueError):
@@ -277,7 +278,7 @@ def test_transient_failure_is_retried_at_the_given_time(store: Store, registry: 
 
 def test_no_retry_at_or_after_the_deadline(store: Store, registry: Vehicles) -> None:
     sms = by_kind(trigger(store, registry))["sms"]
-    deadline = T0 + TEN_MINUTES
+    deadline = T0 + A_DAY
     row = mark_failed(store, int(sms["id"]), "timeout", permanent=False,
                       now=deadline - dt.timedelta(seconds=20), retry_at=deadline)
     assert row is not None and row["status"] == "expired"
@@ -309,7 +310,7 @@ def test_escalation_goes_to_the_outbox_with_what_failed(store: Store, registry: 
     assert key is not None and len(key) == 36
     after = by_kind(notifications_for(store, VIN))
     assert after["escalation"]["status"] == "sent" and after["escalation"]["provider_ref"] == key
-    assert after["sms"]["status"] == "expired"  # no more SMS attempts after the deadline
+    assert after["sms"]["status"] == "pending"  # the owner is still texted after the escalation
     [row] = outbox_rows(store)
     assert row["incident_id"] == key and row["status"] == "pending"
     payload = row["payload"]
@@ -317,10 +318,10 @@ def test_escalation_goes_to_the_outbox_with_what_failed(store: Store, registry: 
     assert payload["alarm_event_id"] == "alarm-1" and payload["failed_channels"] == ["sms", "push"]
     sms, push = payload["owner_notifications"]
     assert (sms["channel"], sms["status"], sms["attempts"], sms["last_status"]) == (
-        "sms", "expired", 1, 500)
+        "sms", "pending", 1, 500)
     assert sms["last_error"] == "Twilio answered HTTP 500" and sms["target"] == OWNER
     assert (push["channel"], push["status"], push["last_status"]) == ("push", "failed", 400)
-    assert "SMS expired after 1 attempt(s)" in payload["summary"]
+    assert "SMS still retried after 1 attempt(s)" in payload["summary"]
     assert registry.audit_for(VIN)[-1].action == "theft_escalated"
     # a second sender with the same row changes nothing
     assert escalate(store, rows["escalation"], now=deadline) is None
