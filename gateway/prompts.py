@@ -60,6 +60,16 @@ _TEXT: dict[str, dict[str, str]] = {
         "sv": "Bilen ringer nu själv larmnumret {number}. Stanna i bilen och håll linjen fri.",
         "da": "Bilen ringer nu selv til alarmnummeret {number}. Bliv i bilen og hold linjen fri.",
     },
+    "test_call_end": {
+        "en": "This test call was received. Thank you. Goodbye.",
+        "de": "Dieser Testanruf ist eingegangen. Vielen Dank. Auf Wiederhören.",
+        "fr": "Cet appel de test a bien été reçu. Merci. Au revoir.",
+        "es": "Hemos recibido esta llamada de prueba. Gracias. Adiós.",
+        "it": "Questa chiamata di prova è stata ricevuta. Grazie. Arrivederci.",
+        "nl": "Deze testoproep is ontvangen. Dank u. Tot ziens.",
+        "sv": "Testsamtalet har tagits emot. Tack. Hej då.",
+        "da": "Testopkaldet er modtaget. Tak. Farvel.",
+    },
     "give_up": {
         "en": "We could not connect your call. Please hang up and dial {number} directly.",
         "de": "Wir konnten Ihren Anruf nicht verbinden. Bitte legen Sie auf und wählen Sie {number}.",

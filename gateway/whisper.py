@@ -21,7 +21,9 @@ def whisper_headline(incident: Mapping[str, Any] | None, *, service: str,
                      plan: NumberPlan | None, sim_country: str | None) -> str:
     """What the agent hears before pressing the key: the trigger, the worst signs and the
     country, in at most :data:`WHISPER_MAX_WORDS` words with the accept prompt."""
-    if service == "roadside":
+    if incident is not None and incident.get("test_call"):
+        trigger = "Test call, no emergency."
+    elif service == "roadside":
         trigger = "Roadside assistance call."
     elif incident is None:
         trigger = "Emergency call, no data message."

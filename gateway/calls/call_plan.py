@@ -80,12 +80,13 @@ class CallPlan:
     k: int = 0  # centre legs started
     e: int = 0  # emergency legs started
     caller: str = ""  # the caller's CallSid (requests on the agent's leg carry the agent's)
+    test: bool = False  # an eCall test call: the centre, never the emergency services
 
     def params(self) -> dict[str, str]:
         values = {"s": "r" if self.service == ROADSIDE else "e", "t0": str(self.t0),
                   "h": self.home, "w": self.where, "L": ",".join(self.lines),
                   "i": self.incident, "lg": self.language, "k": str(self.k), "e": str(self.e),
-                  "p": self.caller}
+                  "p": self.caller, "x": "1" if self.test else ""}
         return {k: v for k, v in values.items() if v not in ("", "0")}
 
     @classmethod
@@ -105,7 +106,8 @@ class CallPlan:
         return cls(service=ROADSIDE if args.get("s") == "r" else EMERGENCY, t0=number("t0"),
                    home=text("h", _CODE), where=text("w", _CODE), lines=lines[:16],
                    incident=text("i", _SID), language=text("lg", _LANGUAGE),
-                   k=number("k"), e=number("e"), caller=text("p", _SID))
+                   k=number("k"), e=number("e"), caller=text("p", _SID),
+                   test=args.get("x") == "1")
 
 
 # -- where the emergency route goes -------------------------------------------------------
@@ -233,6 +235,15 @@ class Callback:
 
 
 @dataclass(frozen=True)
+class TestCallEnd:
+    """A test call no centre line took: say it was received and hang up (a test call is
+    never put through to the emergency services)."""
+
+    plan: CallPlan
+    reason: str
+
+
+@dataclass(frozen=True)
 class Finish:
     """A person took the call: hang up when the bridge ends."""
 
@@ -240,7 +251,7 @@ class Finish:
     reason: str
 
 
-Step = RingCentre | DialEmergency | HandBack | Callback | Finish
+Step = RingCentre | DialEmergency | HandBack | Callback | TestCallEnd | Finish
 
 
 @dataclass(frozen=True)
@@ -256,6 +267,7 @@ class Arrival:
     caller_sid: str = ""
     language: str | None = None
     down: frozenset[str] = frozenset()
+    test_call: bool = False
 
 
 def start(arrival: Arrival, *, plan: NumberPlan | None, policy: VoicePolicy,
@@ -265,8 +277,9 @@ def start(arrival: Arrival, *, plan: NumberPlan | None, policy: VoicePolicy,
     lines, skipped = centre_lines(arrival.home, arrival.where, plan, arrival.down)
     call = CallPlan(service=arrival.service, t0=int(arrival.now), home=arrival.home or "",
                     where=arrival.where or "", lines=lines, incident=arrival.incident_id or "",
-                    language=arrival.language or "", caller=arrival.caller_sid)
-    why = f"{arrival.service} call; route country {arrival.where or 'unknown'} ({arrival.where_reason})"
+                    language=arrival.language or "", caller=arrival.caller_sid,
+                    test=arrival.test_call)
+    why = f"{'test ' if arrival.test_call else ''}{arrival.service} call; route country {arrival.where or 'unknown'} ({arrival.where_reason})"
     if skipped:
         why += f"; known down: {', '.join(skipped)}"
     return next_step(call, plan=plan, policy=policy, caller_ids=caller_ids,
@@ -310,6 +323,8 @@ def next_step(call: CallPlan, *, plan: NumberPlan | None, policy: VoicePolicy,
         ring = _next_centre(call, plan=plan, policy=policy, now=now, why=why)
         if ring is not None:
             return ring
+    if call.test:
+        return TestCallEnd(call, f"{why}; test call: never put through to emergency services")
     route = emergency_route(call.where or None, plan, caller_ids)
     if call.e < policy.emergency_attempts and route.dials:
         number, caller_id = route.dials[call.e % len(route.dials)]

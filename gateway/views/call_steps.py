@@ -29,6 +29,7 @@ from gateway.calls.call_plan import (
     HandBack,
     RingCentre,
     Step,
+    TestCallEnd,
 )
 from gateway.calls.inbound import EMERGENCY, OWNER, ROADSIDE, classify, e164, number_country
 from gateway.errors import StoreError
@@ -111,7 +112,23 @@ def arrival_of(service: str, *, to_country: str | None, caller: str | None,
     return Arrival(service=service, now=now, home=home, where=where, where_reason=reason,
                    incident_id=str(incident["id"]) if incident is not None else None,
                    caller_sid=request.form.get("CallSid", ""), language=language_of(home, where),
-                   down=unreachable_centres())
+                   down=unreachable_centres(), test_call=_recent_test_call(incident, now))
+
+
+#: an eCall test call's data message marks the car's call as a test only this long: a
+#: real emergency call soon after, without a new data message, is a real emergency
+TEST_CALL_WINDOW_S = 300
+
+
+def _recent_test_call(incident: Mapping[str, Any] | None, now: float) -> bool:
+    if incident is None or not incident.get("test_call"):
+        return False
+    received = incident.get("received_at")
+    if not isinstance(received, dt.datetime):
+        return False
+    if received.tzinfo is None:
+        received = received.replace(tzinfo=dt.UTC)
+    return 0 <= now - received.timestamp() <= TEST_CALL_WINDOW_S
 
 
 def arrival_from_call(service: str, to_country: str | None, now: float) -> Arrival:
@@ -155,6 +172,9 @@ def render(step: Step, *, name: str,
                        "command": "dial_emergency", "vin": None, "msisdn": caller,
                        "params": {"number": step.route.emergency_number,
                                   "country": step.route.country}}
+    elif isinstance(step, TestCallEnd):
+        response = twiml.say_and_hangup("test_call_end", language=call.language or None)
+        decision = {"target": "test_end", "number": None}
     elif isinstance(step, Callback):
         response = twiml.say_and_hangup("callback", language=call.language or None)
         decision = {"target": "callback", "number": None}
@@ -239,6 +259,8 @@ def caller_leg(view: F) -> F:
                 log.exception("fail-safe answer failed; answering with the last resort")
             g.webhook_outcome = "last_resort"
             _count_fallback("last_resort")
+            if request.args.get("x") == "1":  # a test call never reaches 112
+                return twiml_response(twiml.say_and_hangup("test_call_end", language=None))
             if service_of_request() == ROADSIDE:  # never an emergency number
                 submit_last_resort_callback()
                 return twiml_response(twiml.say_and_hangup("callback", language=None))
