@@ -1,14 +1,27 @@
 """Getting every incident to the assistance centre: a transactional outbox and its worker.
 
 The outbox row is written in the same transaction as the incident, before the car gets
-its 2xx; so an accepted incident is never lost.  A worker (a thread inside ``serve``, or
-``python -m gateway worker``) claims due rows with a lease (a conditional UPDATE, safe
-across processes sharing the database), delivers each with tenacity (exponential backoff
-with jitter, capped; a per-attempt timeout; a bounded budget per pass), and marks it
-delivered.  A worker killed at any moment leaves the row leased; the lease expires and
-another pass delivers it again: at least once on the wire, once at the centre thanks to
-the ``Idempotency-Key``.  Permanent refusals (4xx other than 429) are recorded, logged
-and counted, never dropped silently.
+its 2xx; so an accepted incident is never lost.  A worker (a thread inside each serving
+process, or ``python -m gateway worker``) claims due rows with a lease, delivers each with
+tenacity (exponential backoff with jitter, capped; a per-attempt timeout; a bounded budget
+per pass), and marks it delivered.  A worker killed at any moment leaves the row leased;
+the lease expires and another pass delivers it again: at least once on the wire, once at
+the centre thanks to the ``Idempotency-Key``.  Permanent refusals (4xx other than 429) are
+recorded, logged and counted, never dropped silently.
+
+The lease, across processes and instances sharing the database:
+
+- **claim**: on PostgreSQL one statement, ``WITH due AS (SELECT ... FOR UPDATE SKIP
+  LOCKED) UPDATE ... RETURNING``: concurrent claimers skip each other's rows instead of
+  queueing on them; on SQLite (one writer at a time anyway) a conditional UPDATE per row;
+- **token**: the lease's end, ``leased_until``, as the claim wrote it.  A row is claimed
+  again only once that time has passed, so each claim of a row writes a later value than
+  the one before: the value identifies the claim (no extra column).  Every later UPDATE
+  of the pass (an attempt counted; delivered, failed, rescheduled) requires it, so a
+  worker that lost its lease changes nothing, and stops sending at its next attempt;
+- **budget**: tenacity's ``stop_before_delay``: no attempt starts once the wait before it
+  would spend the budget, so a pass ends within ``budget_s`` plus one attempt's timeout,
+  inside its lease (``budget_s + timeout_s + 5``).
 """
 
 from __future__ import annotations
@@ -27,14 +40,14 @@ from tenacity import (
     RetryCallState,
     Retrying,
     retry_if_exception_type,
-    stop_after_delay,
+    stop_before_delay,
     wait_exponential_jitter,
 )
 
 from gateway.centre_health import API, CentreHealth
 from gateway.config import DeliveryPolicy, Settings
 from gateway.errors import PermanentUpstreamError, StoreError, TransientUpstreamError
-from gateway.store import TS, Store, metadata
+from gateway.store import TS, Store, as_utc, metadata
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +129,8 @@ class Counters:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.values: dict[str, int] = {"delivered": 0, "transient_failures": 0,
-                                       "permanent_failures": 0, "rescheduled": 0}
+                                       "permanent_failures": 0, "rescheduled": 0,
+                                       "lease_lost": 0}
 
     def add(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -138,7 +152,7 @@ class OutboxWorker:
         policy: DeliveryPolicy,
         health: CentreHealth | None = None,
         clock: Callable[[], float] = time.time,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
         metrics: Any = None,
     ) -> None:
         self.store = store
@@ -147,7 +161,8 @@ class OutboxWorker:
         self.policy = policy
         self.health = health
         self.clock = clock
-        self.sleep = sleep
+        #: the backoff between attempts (default: a wait that a stop cuts short)
+        self.sleep = sleep or self._interruptible_sleep
         self.counters = Counters()
         self.wake = threading.Event()
         self.stopping = threading.Event()
@@ -158,36 +173,39 @@ class OutboxWorker:
     # -- claiming ------------------------------------------------------------------------
 
     def claim(self, limit: int) -> list[dict[str, Any]]:
-        """Lease up to ``limit`` due rows; only one worker anywhere gets each."""
+        """Lease up to ``limit`` due rows; only one worker anywhere gets each.  Each row
+        comes back with its lease token (``leased_until`` as written by this claim)."""
         now = self._now()
         lease_until = now + dt.timedelta(seconds=self.policy.lease_s)
-        free = sa.or_(outbox.c.leased_until.is_(None), outbox.c.leased_until < now)
-        claimed: list[dict[str, Any]] = []
-        with self.store.begin() as conn:
-            due = conn.execute(
-                sa.select(outbox.c.id)
-                .where(outbox.c.status == "pending", outbox.c.next_attempt_at <= now, free)
-                .order_by(outbox.c.next_attempt_at, outbox.c.id)
-                .limit(limit)
-            ).scalars().all()
-        for row_id in due:
+        params = {"now": now, "lease_until": lease_until, "limit": limit}
+        if self.store.engine.dialect.name == "postgresql":
             with self.store.begin() as conn:
-                won = conn.execute(
-                    outbox.update()
-                    .where(outbox.c.id == row_id, outbox.c.status == "pending", free)
-                    .values(leased_until=lease_until)
-                ).rowcount
-                if won == 1:
-                    row = conn.execute(sa.select(outbox).where(outbox.c.id == row_id)).one()
-                    claimed.append(dict(row._mapping))
+                rows = conn.execute(_CLAIM_SKIP_LOCKED, params).all()
+            claimed = [dict(row._mapping) for row in rows]
+        else:
+            claimed = []
+            with self.store.begin() as conn:
+                due = conn.execute(_DUE, params).scalars().all()
+            for row_id in due:
+                with self.store.begin() as conn:
+                    won = conn.execute(_CLAIM_ONE, {**params, "row_id": row_id}).rowcount
+                    if won == 1:
+                        claimed.append(dict(conn.execute(
+                            sa.select(outbox).where(outbox.c.id == row_id)).one()._mapping))
+        for row in claimed:
+            row["leased_until"] = lease_until  # the token, exactly as this claim wrote it
+        claimed.sort(key=lambda r: (as_utc(r["next_attempt_at"]), r["id"]))
         return claimed
 
     # -- delivering ----------------------------------------------------------------------
 
-    def _attempt_started(self, row_id: int) -> None:
+    def _attempt_started(self, row: Mapping[str, Any]) -> None:
+        """Count the attempt, under the lease; _LeaseLost if another worker has the row."""
         with self.store.begin() as conn:
-            conn.execute(outbox.update().where(outbox.c.id == row_id)
-                         .values(attempts=outbox.c.attempts + 1))
+            counted = conn.execute(outbox.update().where(*_held(row))
+                                   .values(attempts=outbox.c.attempts + 1)).rowcount
+        if counted != 1:
+            raise _LeaseLost()
 
     def deliver(self, row: Mapping[str, Any]) -> str:
         """One pass over one row: ``delivered``, ``failed`` or ``rescheduled``."""
@@ -199,12 +217,14 @@ class OutboxWorker:
                         state.next_action.sleep if state.next_action else 0)
 
         retrying = Retrying(
-            stop=stop_after_delay(self.policy.budget_s),
+            # no attempt starts once its wait would spend the budget: the pass ends within
+            # budget_s + one attempt's timeout, inside the lease
+            stop=stop_before_delay(self.policy.budget_s),
             wait=wait_exponential_jitter(multiplier=self.policy.backoff_initial_s,
                                          max=self.policy.backoff_max_s,
                                          jitter=self.policy.backoff_initial_s),
             retry=retry_if_exception_type(TransientUpstreamError),
-            sleep=self._interruptible_sleep,
+            sleep=self.sleep,
             before_sleep=before_sleep,
             reraise=True,
         )
@@ -213,7 +233,7 @@ class OutboxWorker:
                 with attempt:
                     if self.stopping.is_set() and attempt.retry_state.attempt_number > 1:
                         raise _Stopping()
-                    self._attempt_started(int(row["id"]))
+                    self._attempt_started(row)
                     _count(self.metrics, "delivery_attempts")
                     try:
                         status = self.sink.send_incident(row["payload"], idempotency_key=key)
@@ -222,25 +242,37 @@ class OutboxWorker:
                         _count(self.metrics, "delivery_failures", "transient")
                         self._feed_health(ok=False, reason=f"delivery: {exc}")
                         raise
+        except _LeaseLost:
+            return self._lost(row, "before an attempt")
         except PermanentUpstreamError as exc:
             self.counters.add("permanent_failures")
             _count(self.metrics, "delivery_failures", "permanent")
             _count(self.metrics, "deliveries", "failed")
             log.error("incident %s refused by the centre (HTTP %s): %s; not retried",
                       key, exc.status, exc)
-            self._finish(row, status="failed", last_status=exc.status, error=str(exc))
+            if not self._finish(row, status="failed", last_status=exc.status, error=str(exc)):
+                return self._lost(row, "before its refusal was recorded")
             return "failed"
         except (TransientUpstreamError, _Stopping) as exc:
             self.counters.add("rescheduled")
             _count(self.metrics, "deliveries", "rescheduled")
-            self._reschedule(row, error=str(exc) or type(exc).__name__)
+            if not self._reschedule(row, error=str(exc) or type(exc).__name__):
+                return self._lost(row, "before it was rescheduled")
             return "rescheduled"
         self.counters.add("delivered")
         _count(self.metrics, "deliveries", "delivered")
         self._feed_health(ok=True, reason=f"delivered {key}")
-        self._finish(row, status="delivered", last_status=status, error=None)
+        if not self._finish(row, status="delivered", last_status=status, error=None):
+            return self._lost(row, "before it was marked delivered")
         log.info("incident %s delivered (HTTP %s)", key, status)
         return "delivered"
+
+    def _lost(self, row: Mapping[str, Any], when: str) -> str:
+        """Another worker holds the row now (this lease ran out): nothing was changed."""
+        self.counters.add("lease_lost")
+        log.warning("delivery of %s: lease lost %s; the row is another worker's",
+                    row["incident_id"], when)
+        return "lost"
 
     def _interruptible_sleep(self, seconds: float) -> None:
         self.stopping.wait(seconds)  # a stop cuts the backoff short
@@ -250,21 +282,24 @@ class OutboxWorker:
             self.health.record_safely(API, ok=ok, reason=reason)
 
     def _finish(self, row: Mapping[str, Any], *, status: str, last_status: int | None,
-                error: str | None) -> None:
+                error: str | None) -> bool:
+        """Record the outcome under this pass's lease; False (nothing changed) if lost."""
         now = self._now()
         with self.store.begin() as conn:
-            conn.execute(outbox.update().where(outbox.c.id == row["id"]).values(
+            return bool(conn.execute(outbox.update().where(*_held(row)).values(
                 status=status, leased_until=None, last_status=last_status,
                 last_error=(error or "")[:300] or None,
-                delivered_at=now if status == "delivered" else None))
+                delivered_at=now if status == "delivered" else None)).rowcount == 1)
 
-    def _reschedule(self, row: Mapping[str, Any], *, error: str) -> None:
-        """Still pending: try again after the capped backoff (never dropped)."""
+    def _reschedule(self, row: Mapping[str, Any], *, error: str) -> bool:
+        """Still pending: try again after the capped backoff (never dropped); False
+        (nothing changed) if the lease was lost."""
         now = self._now()
         with self.store.begin() as conn:
-            conn.execute(outbox.update().where(outbox.c.id == row["id"]).values(
+            return bool(conn.execute(outbox.update().where(*_held(row)).values(
                 leased_until=None, last_error=error[:300],
-                next_attempt_at=now + dt.timedelta(seconds=self.policy.backoff_max_s)))
+                next_attempt_at=now + dt.timedelta(seconds=self.policy.backoff_max_s)
+            )).rowcount == 1)
 
     # -- loop ------------------------------------------------------------------------------
 
@@ -313,6 +348,37 @@ class _Stopping(Exception):
     """The worker is shutting down between attempts: reschedule, do not retry now."""
 
 
+class _LeaseLost(Exception):
+    """Another worker claimed the row after this pass's lease ran out: stop, change nothing."""
+
+
+def _held(row: Mapping[str, Any]) -> tuple[sa.ColumnElement[bool], ...]:
+    """The row, still pending and still under the lease this pass claimed it with."""
+    return (outbox.c.id == row["id"], outbox.c.status == "pending",
+            outbox.c.leased_until == row["leased_until"])
+
+
+# -- the claim's statements, built once (bound parameters: now, lease_until, limit, row_id) ------
+
+_NOW = sa.bindparam("now", type_=TS)
+_FREE = sa.or_(outbox.c.leased_until.is_(None), outbox.c.leased_until < _NOW)
+_DUE_WHERE = (outbox.c.status == "pending", outbox.c.next_attempt_at <= _NOW, _FREE)
+
+#: SQLite: the due rows' ids, then one conditional UPDATE per row (the first wins it)
+_DUE = (sa.select(outbox.c.id).where(*_DUE_WHERE)
+        .order_by(outbox.c.next_attempt_at, outbox.c.id)
+        .limit(sa.bindparam("limit", type_=sa.Integer)))
+_CLAIM_ONE = (outbox.update().where(outbox.c.id == sa.bindparam("row_id", type_=sa.Integer),
+                                    outbox.c.status == "pending", _FREE)
+              .values(leased_until=sa.bindparam("lease_until", type_=TS)))
+
+#: PostgreSQL: one round trip; rows another claimer has locked are skipped, not waited for
+_DUE_LOCKED = _DUE.with_for_update(skip_locked=True).cte("due")
+_CLAIM_SKIP_LOCKED = (outbox.update().where(outbox.c.id == _DUE_LOCKED.c.id)
+                      .values(leased_until=sa.bindparam("lease_until", type_=TS))
+                      .returning(*outbox.c))
+
+
 def build_worker(settings: Settings, store: Store, health: CentreHealth | None,
                  clock: Callable[[], float] = time.time, *,
                  metrics: Any = None) -> OutboxWorker | None:
@@ -324,7 +390,6 @@ def build_worker(settings: Settings, store: Store, health: CentreHealth | None,
     client = AssistanceCentreClient(settings.assistance_url, timeout_s=settings.delivery.timeout_s)
     return OutboxWorker(store, client, policy=settings.delivery, health=health, clock=clock,
                         metrics=metrics)
-
 
 def run_worker_process(settings: Settings, *, metrics_port: int | None = None,
                        metrics_host: str = "127.0.0.1") -> int:
