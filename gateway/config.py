@@ -103,6 +103,30 @@ class DeliveryPolicy:
 
 
 @dataclass(frozen=True)
+class GeocoderPolicy:
+    """The optional reverse geocoder (addresses for agents; never on a call's path)."""
+
+    #: one lookup may take this long (connect and read each), seconds
+    timeout_s: float = 2.0
+    #: addresses kept in memory (per process), per coordinate rounded to 4 decimals
+    cache_size: int = 10_000
+    #: a cached address (or "no address here") is asked again after this, seconds
+    cache_ttl_s: float = 86_400.0
+    #: after a failure (error, timeout, nonsense) the geocoder is not asked for this long
+    backoff_s: float = 30.0
+
+    def validate(self) -> None:
+        if not 0.1 <= self.timeout_s <= 10:
+            raise ConfigError("GATEWAY_GEOCODER_TIMEOUT_S: must be between 0.1 and 10")
+        if not 1 <= self.cache_size <= 1_000_000:
+            raise ConfigError("GATEWAY_GEOCODER_CACHE_SIZE: must be between 1 and 1000000")
+        if not 1 <= self.cache_ttl_s <= 30 * 86_400:
+            raise ConfigError("GATEWAY_GEOCODER_CACHE_TTL_S: must be between 1 and 2592000")
+        if not 0 <= self.backoff_s <= 3600:
+            raise ConfigError("GATEWAY_GEOCODER_BACKOFF_S: must be between 0 and 3600")
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the gateway needs to know about its environment."""
 
@@ -142,6 +166,9 @@ class Settings:
     theft_escalation_s: int = 600
     voice: VoicePolicy = field(default_factory=VoicePolicy)
     delivery: DeliveryPolicy = field(default_factory=DeliveryPolicy)
+    #: a self-hosted Nominatim (``https://nominatim.internal``); unset: no addresses
+    geocoder_url: str | None = None
+    geocoder: GeocoderPolicy = field(default_factory=GeocoderPolicy)
 
     @classmethod
     def from_env(
@@ -185,6 +212,14 @@ class Settings:
             breaker_open_s=reader.number("GATEWAY_BREAKER_OPEN_S", DeliveryPolicy.breaker_open_s),
         )
         delivery.validate()
+        geocoder = GeocoderPolicy(
+            timeout_s=reader.number("GATEWAY_GEOCODER_TIMEOUT_S", GeocoderPolicy.timeout_s),
+            cache_size=reader.integer("GATEWAY_GEOCODER_CACHE_SIZE", GeocoderPolicy.cache_size),
+            cache_ttl_s=reader.number("GATEWAY_GEOCODER_CACHE_TTL_S",
+                                      GeocoderPolicy.cache_ttl_s),
+            backoff_s=reader.number("GATEWAY_GEOCODER_BACKOFF_S", GeocoderPolicy.backoff_s),
+        )
+        geocoder.validate()
         settings = cls(
             twilio_auth_token=token,
             public_url=reader.url("GATEWAY_PUBLIC_URL", default="http://127.0.0.1:8080"),
@@ -199,6 +234,8 @@ class Settings:
             incident_window_s=reader.integer("GATEWAY_INCIDENT_WINDOW_S", 3600),
             voice=voice,
             delivery=delivery,
+            geocoder_url=reader.url("GATEWAY_GEOCODER_URL", default=None),
+            geocoder=geocoder,
             vehicle_command_url=reader.url("GATEWAY_VEHICLE_COMMAND_URL", default=None),
             unlock_relock_s=reader.integer("GATEWAY_UNLOCK_RELOCK_S", 60),
             push_url=reader.url("GATEWAY_PUSH_URL", default=None),

@@ -22,6 +22,12 @@ The lease, across processes and instances sharing the database:
 - **budget**: tenacity's ``stop_before_delay``: no attempt starts once the wait before it
   would spend the budget, so a pass ends within ``budget_s`` plus one attempt's timeout,
   inside its lease (``budget_s + timeout_s + 5``).
+
+With ``GATEWAY_GEOCODER_URL`` the worker looks up the incident's address before it
+delivers (:mod:`gateway.adapters.geocoder`: bounded by a timeout, cached, never raises),
+writes it into the outbox row's payload (where the agent API reads it,
+:func:`address_of`) and delivers it as ``address``; without an answer the incident is
+delivered without one.  The incident is stored long before: a call never waits for this.
 """
 
 from __future__ import annotations
@@ -154,8 +160,11 @@ class OutboxWorker:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] | None = None,
         metrics: Any = None,
+        geocoder: Any = None,
     ) -> None:
         self.store = store
+        #: :class:`gateway.adapters.geocoder.ReverseGeocoder` (``lookup(lat, lon)``), or None
+        self.geocoder = geocoder
         self.metrics = metrics
         self.sink = sink
         self.policy = policy
@@ -207,9 +216,38 @@ class OutboxWorker:
         if counted != 1:
             raise _LeaseLost()
 
+    def with_address(self, row: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The row's payload, with the address of its location when the geocoder knows it
+        (stored in the row, so a retry and the agent API see it).  Never raises."""
+        payload: Mapping[str, Any] = row["payload"]
+        location = payload.get("location") if isinstance(payload, Mapping) else None
+        if (self.geocoder is None or not isinstance(location, Mapping)
+                or payload.get("address") is not None):
+            return payload
+        lat, lon = location.get("lat"), location.get("lon")
+        if not isinstance(lat, int | float) or not isinstance(lon, int | float):
+            return payload
+        try:
+            address = self.geocoder.lookup(lat, lon)
+        except Exception:  # the geocoder never raises; a bug there must not stop delivery
+            log.exception("address lookup failed")
+            return payload
+        if address is None:
+            return payload
+        payload = {**payload, "address": address}
+        try:
+            with self.store.begin() as conn:
+                conn.execute(outbox.update().where(outbox.c.id == row["id"])
+                             .values(payload=payload))
+        except StoreError as exc:
+            log.warning("address of %s not stored (%s); delivered with it", row["incident_id"],
+                        exc)
+        return payload
+
     def deliver(self, row: Mapping[str, Any]) -> str:
         """One pass over one row: ``delivered``, ``failed`` or ``rescheduled``."""
         key = str(row["incident_id"])
+        payload = self.with_address(row)
 
         def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
@@ -236,7 +274,7 @@ class OutboxWorker:
                     self._attempt_started(row)
                     _count(self.metrics, "delivery_attempts")
                     try:
-                        status = self.sink.send_incident(row["payload"], idempotency_key=key)
+                        status = self.sink.send_incident(payload, idempotency_key=key)
                     except TransientUpstreamError as exc:
                         self.counters.add("transient_failures")
                         _count(self.metrics, "delivery_failures", "transient")
@@ -388,8 +426,23 @@ def build_worker(settings: Settings, store: Store, health: CentreHealth | None,
     from gateway.adapters.assistance import AssistanceCentreClient
 
     client = AssistanceCentreClient(settings.assistance_url, timeout_s=settings.delivery.timeout_s)
+    geocoder = None
+    if settings.geocoder_url:
+        from gateway.adapters.geocoder import geocoder_for
+
+        geocoder = geocoder_for(settings.geocoder_url, settings.geocoder)
     return OutboxWorker(store, client, policy=settings.delivery, health=health, clock=clock,
-                        metrics=metrics)
+                        metrics=metrics, geocoder=geocoder)
+
+
+def address_of(store: Store, incident_id: str) -> dict[str, Any] | None:
+    """The address the worker found for an incident (None: not looked up, or unknown)."""
+    with store.begin() as conn:
+        payload = conn.execute(sa.select(outbox.c.payload)
+                               .where(outbox.c.incident_id == incident_id)).scalar()
+    address = payload.get("address") if isinstance(payload, Mapping) else None
+    return dict(address) if isinstance(address, Mapping) else None
+
 
 def run_worker_process(settings: Settings, *, metrics_port: int | None = None,
                        metrics_host: str = "127.0.0.1") -> int:

@@ -16,6 +16,7 @@ from flask import Blueprint, abort, g, jsonify, request
 from gateway import theft
 from gateway.app import services
 from gateway.calls.call_plan import emergency_route
+from gateway.delivery import address_of
 from gateway.errors import (
     PermanentUpstreamError,
     StoreError,
@@ -104,6 +105,8 @@ def read_incident(incident_id: str) -> Any:
                                           "accuracy_m", "trusted", "crash", "occupants",
                                           "status", "home_country")})
     body["occurred_at"] = incident["occurred_at"].isoformat()
+    # found by the delivery worker after the incident was stored (GATEWAY_GEOCODER_URL)
+    body["address"] = address_of(svc.store, incident_id)
     body["decisions"] = [
         {"call_sid": d["call_sid"], "step": d["step"], "target": d["target"],
          "number": d["number"], "reason": d["reason"], "at": d["created_at"].isoformat()}

@@ -682,3 +682,135 @@ class FakeTwilioMessages(FakeTwilioApi):
 
 
 __all__ += ["FakeTwilioMessages"]
+
+
+# -------------------------------------------------------------------------------------
+# a self-hosted Nominatim: GET /reverse (the reverse geocoder behind the agents' addresses)
+
+#: Nominatim's ``/reverse?format=json`` answer for a point in central Copenhagen, in the
+#: shape of the "Place Output" section of Nominatim's API documentation
+NOMINATIM_COPENHAGEN: dict[str, Any] = {
+    "place_id": 128_411_247,
+    "licence": "Data © OpenStreetMap contributors, ODbL 1.0. https://osm.org/copyright",
+    "osm_type": "way",
+    "osm_id": 24_885_291,
+    "lat": "55.6760968",
+    "lon": "12.5683371",
+    "class": "highway",
+    "type": "pedestrian",
+    "place_rank": 26,
+    "importance": 0.10001,
+    "addresstype": "road",
+    "name": "Rådhuspladsen",
+    "display_name": "Rådhuspladsen, Indre By, København, Københavns Kommune, "
+                    "Region Hovedstaden, 1550, Danmark",
+    "address": {
+        "road": "Rådhuspladsen",
+        "suburb": "Indre By",
+        "city": "København",
+        "municipality": "Københavns Kommune",
+        "state": "Region Hovedstaden",
+        "ISO3166-2-lvl4": "DK-84",
+        "postcode": "1550",
+        "country": "Danmark",
+        "country_code": "dk",
+    },
+    "boundingbox": ["55.6752306", "55.6769873", "12.5671189", "12.5700470"],
+}
+
+#: what Nominatim answers (HTTP 200) where it has no data, e.g. at sea
+NOMINATIM_UNABLE: dict[str, Any] = {"error": "Unable to geocode"}
+
+
+class _NominatimHandler(_Handler):
+    """Answers a ``nonsense`` reply with its raw bytes (not JSON); else as the base."""
+
+    def do_GET(self) -> None:
+        fake = self.server.fake
+        if isinstance(fake, FakeNominatim) and fake.mode == "nonsense":
+            parts = urlsplit(self.path)
+            fake._record(RecordedRequest(
+                method="GET", path=parts.path,
+                query={k: v[0] for k, v in parse_qs(parts.query).items()},
+                headers=CaseInsensitiveDict(dict(self.headers.items())), body=b"", json=None,
+                form=None, time=time.monotonic()))
+            body = b"<html><body><h1>502 Bad Gateway</h1>nginx</body></html>"
+            try:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            except OSError:
+                pass
+            return
+        self._handle()
+
+
+class FakeNominatim(FakeServer):
+    """``GET /reverse?lat=..&lon=..&format=json``: a self-hosted Nominatim.
+
+    Modes: ``up`` (200: the place registered for the rounded point in ``.places``,
+    else one made up in the same shape; :data:`NOMINATIM_UNABLE` for a point in
+    ``.sea``), ``500``, ``hang`` (the request is read, then no answer for ``slow_s``,
+    then the connection is dropped), ``nonsense`` (200 with an HTML body),
+    ``wrong-json`` (200 with JSON that is no place: ``["lat", "lon"]``), ``refuse``,
+    ``blackhole``.  ``.reverse_requests`` lists the reverse lookups that arrived.
+    """
+
+    MODES = frozenset({"up", "500", "hang", "nonsense", "wrong-json"})
+
+    def __init__(self, *, mode: str = "up", slow_s: float = 5.0) -> None:
+        super().__init__(mode=mode, slow_s=slow_s)
+        #: (lat, lon) rounded to 4 decimals -> the JSON place answered there
+        self.places: dict[tuple[float, float], dict[str, Any]] = {
+            (55.6761, 12.5683): NOMINATIM_COPENHAGEN}
+        #: points (rounded to 4 decimals) where Nominatim has no data
+        self.sea: set[tuple[float, float]] = set()
+
+    def _listen_http(self) -> None:
+        server = _Server((HOST, self._port), _NominatimHandler)
+        server.fake = self
+        self._port = server.server_address[1]
+        self._release = threading.Event()
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever,
+                                        kwargs={"poll_interval": 0.05},
+                                        name=f"{type(self).__name__}:{self._port}", daemon=True)
+        self._thread.start()
+
+    def reverse_requests(self) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.path == "/reverse"]
+
+    def respond(self, request: RecordedRequest) -> Reply | None:
+        if request.method != "GET" or request.path != "/reverse":
+            return Reply(404, {"error": "not found"})
+        mode = self.mode
+        if mode == "hang":
+            self.pause(self.slow_s)
+            return None
+        if mode == "500":
+            return Reply(500, {"error": "Internal Server Error"})
+        if mode == "wrong-json":
+            return Reply(200, ["lat", "lon"])
+        try:
+            point = (round(float(request.query["lat"]), 4), round(float(request.query["lon"]), 4))
+        except (KeyError, ValueError):
+            return Reply(400, {"error": {"code": 400, "message": "Parameter 'lat' missing."}})
+        if point in self.sea:
+            return Reply(200, NOMINATIM_UNABLE)
+        place = self.places.get(point)
+        if place is None:
+            lat, lon = point
+            place = {**NOMINATIM_COPENHAGEN, "lat": f"{lat:.7f}", "lon": f"{lon:.7f}",
+                     "place_id": 1_000_000 + len(self.places),
+                     "display_name": f"Testvej {abs(int(lat * 10_000)) % 97 + 1}, 9999 "
+                                     f"Testby, Danmark",
+                     "address": {"road": "Testvej",
+                                 "house_number": str(abs(int(lat * 10_000)) % 97 + 1),
+                                 "city": "Testby", "postcode": "9999", "country": "Danmark",
+                                 "country_code": "dk"}}
+        return Reply(200, place)
+
+
+__all__ += ["NOMINATIM_COPENHAGEN", "NOMINATIM_UNABLE", "FakeNominatim"]
