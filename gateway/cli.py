@@ -67,6 +67,25 @@ def _parser() -> argparse.ArgumentParser:
                         help="address of the metrics server (default 127.0.0.1)")
     sub.add_parser("init-db", help="create the database tables")
 
+    simulate = sub.add_parser(
+        "simulate", help="play the car and Twilio against a gateway (a demo one without --url) "
+                         "and print each step of the call: what was said, dialled, and why",
+        description=_SIMULATE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    simulate.add_argument("scenario", choices=("crash", "sos", "oncall", "owner"))
+    simulate.add_argument("--lat", type=_coordinate("latitude", 90), default=None,
+                          help="where the car is (default 51.5072, central London)")
+    simulate.add_argument("--lon", type=_coordinate("longitude", 180), default=None)
+    simulate.add_argument("--centre", choices=("answer", "noanswer", "busy", "down"),
+                          default="answer", help="how every centre line answers (default answer)")
+    simulate.add_argument("--emergency", choices=("answer", "noanswer", "busy", "down"),
+                          default="answer",
+                          help="how every emergency leg answers (default answer: completed)")
+    simulate.add_argument("--url", help="a running gateway (default: start a demo gateway)")
+    simulate.add_argument("--msisdn", help="the car's SIM number (owner: the owner's phone)")
+    simulate.add_argument("--vin", help="the car's VIN")
+    simulate.add_argument("--customer-number",
+                          help="owner: the 8-digit customer number to type if the IVR asks")
+
     vehicles = sub.add_parser("vehicles", help="the vehicle registry (enrolment)")
     vehicles_sub = vehicles.add_subparsers(dest="vehicles_command", required=True)
     vehicles_import = vehicles_sub.add_parser(
@@ -97,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       metrics_host=args.metrics_host)
         if args.command == "vehicles":
             return _vehicles_import(args, sys.stdout, sys.stderr)
+        if args.command == "simulate":
+            return _simulate(args)
         if args.command == "init-db":
             from gateway.store import Store
 
@@ -136,6 +157,43 @@ transaction, each reported as created, updated (with the fields) or unchanged.
 Idempotent on the VIN: importing the same file again changes nothing.
 Uses GATEWAY_DATABASE_URL and GATEWAY_PIN_SCRYPT_N.
 """
+
+
+_SIMULATE_HELP = """\
+Play the car and Twilio against a gateway and print the call, step by step.
+
+  crash, sos, oncall   the car posts its data message (POST /v1/events), then calls
+                       the number the answer gives (call_number)
+  owner                the owner calls the owners' line and chooses 1 (roadside)
+
+Every webhook is signed with GATEWAY_TWILIO_AUTH_TOKEN for the gateway's public URL
+(GATEWAY_PUBLIC_URL, else --url); every action URL and whisper URL is followed as
+Twilio would.  A centre line answers as --centre says (answer: the agent hears the
+whisper, presses 1, the call is bridged); an emergency leg as --emergency says.
+The gateway's reasons are read from the agent API when GATEWAY_AGENT_API_TOKENS has a
+read token.  Without --url a demo gateway is started on a free local port (temporary
+SQLite file, generated tokens, emergency caller IDs for GB and DE) and stopped after.
+Exit 0 when the call ended as expected, 1 otherwise, 2 if it could not run.
+"""
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from gateway.simulate import SimulationError, simulate
+
+    if (args.lat is None) != (args.lon is None):
+        print("simulate: give both --lat and --lon, or neither", file=sys.stderr)
+        return 2
+    if args.url and not args.url.startswith(("http://", "https://")):
+        print(f"simulate: --url: {args.url!r} is not an http(s) URL", file=sys.stderr)
+        return 2
+    try:
+        return simulate(args.scenario, lat=args.lat, lon=args.lon, centre=args.centre,
+                        emergency=args.emergency, url=args.url, msisdn=args.msisdn,
+                        vin=args.vin, customer_number=args.customer_number, out=sys.stdout)
+    except SimulationError as exc:
+        sys.stdout.flush()
+        print(f"simulate: {exc}", file=sys.stderr)
+        return 2
 
 
 def _vehicles_import(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
