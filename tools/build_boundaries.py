@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Build ``gateway/geo/data/boundaries.bin`` from OpenStreetMap maritime borders.
 
-Not run in CI: the output is committed. To regenerate::
+Not run in CI: the output is committed. Needs ``pip install '.[geo-build]'``
+(shapely, numpy; the served lookup needs neither). To regenerate::
 
     mkdir -p /tmp/osmb && cd /tmp/osmb
     npm pack @osm_borders/maritime_10m@1.1.0          # ODbL, (c) OpenStreetMap contributors
@@ -14,7 +15,11 @@ Not run in CI: the output is committed. To regenerate::
         --lands /tmp/osmb/lands/package/map.geo.json   # 4-6 min, ~3 GB peak
 
     (timezonefinder 9.0.0 with timezonefinder-data 3.2026.3.post1 reproduces the
-    committed file byte for byte.)
+    grid model byte for byte: --v1-out writes it as format 1 to compare.)
+
+    # or, without the sources: convert the format 1 file committed before format 2
+    git show 8a5c0eb:gateway/geo/data/boundaries.bin > /tmp/v1.bin
+    .venv/bin/python tools/build_boundaries.py --from-v1 /tmp/v1.bin   # ~4 min + ~2 min xz
 
     # optional: regenerate the committed reference sample of an independent
     # source (iD editor's hand-drawn borders) used by the integration test
@@ -40,9 +45,12 @@ What it does (see docs/country-lookup.md):
 4. cuts the world into 1 degree cells, each either one code (or sea), or split
    again into 32 x 32 sub-cells, each one code (or sea) or a short ordered list
    of candidate polygons (the feature clipped to the 1 degree cell);
-5. writes the grids and the clipped polygons (coordinates quantised to 1e-7 deg,
-   about 1 cm, delta-encoded) as an ``.npz`` compressed with xz, prefixed by a
-   magic line and the SHA-256 of the payload.
+5. quantises coordinates to 1e-7 deg (about 1 cm): that is the grid model
+   (format 1's content);
+6. format 2 (docs/country-lookup.md, "Format 2"): a quadtree under each mixed
+   sub-cell down to nodes with at most K_EDGES candidate edges, flat int32 arrays
+   in one memory-mappable map file (gateway/geo/mapfile.py), checked against GEOS
+   on the grid model (--check), written as an xz pack with the map's SHA-256.
 """
 
 from __future__ import annotations
@@ -57,11 +65,24 @@ import pathlib
 import subprocess
 import sys
 import time
+from fractions import Fraction
 
 import numpy as np
 import shapely
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gateway.geo.mapfile import (
+    CODE_BITS,
+    CODE_MASK,
+    NODE,
+    RUN_BITS,
+    RUN_MAX,
+    encode_map,
+    pack_header,
+)
+
 OUT = ROOT / "gateway" / "geo" / "data" / "boundaries.bin"
 REFERENCE_OUT = ROOT / "tests" / "data" / "geo_reference_points.csv"
 MAGIC = b"GWGEO1\n"
@@ -365,7 +386,9 @@ def sovereign_base_areas(
     return add
 
 
-def build(src: pathlib.Path, lands: pathlib.Path, out: pathlib.Path = OUT) -> None:
+def build(src: pathlib.Path, lands: pathlib.Path, out: pathlib.Path = OUT,
+          v1_out: pathlib.Path | None = None, *, check: int = 200_000,
+          map_out: pathlib.Path | None = None) -> None:
     t0 = time.time()
     feats = load_osm(src)
     log(f"read {len(feats)} features in {time.time() - t0:.1f}s")
@@ -471,7 +494,7 @@ def build(src: pathlib.Path, lands: pathlib.Path, out: pathlib.Path = OUT) -> No
     log(f"cells done in {time.time() - t1:.0f}s: {len(subgrids)} mixed cells, "
         f"{len(leaf_lists)} leaf lists, {len(pieces)} pieces")
 
-    # ---- encode ---------------------------------------------------------
+    # ---- the grid model (format 1's arrays), then format 2 -------------------
     mp = np.array([polygonal(p) for p in pieces], dtype=object)
     gtype, coords, offsets = shapely.to_ragged_array(mp)
     assert gtype == shapely.GeometryType.MULTIPOLYGON
@@ -504,11 +527,470 @@ def build(src: pathlib.Path, lands: pathlib.Path, out: pathlib.Path = OUT) -> No
         geom_off=offsets[2].astype(np.int64),
     )
     payload = buf.getvalue()
+    log(f"grid model: payload {len(payload) / 1e6:.1f} MB, SHA-256 "
+        f"{hashlib.sha256(payload).hexdigest()} in {time.time() - t0:.0f}s")
+    if v1_out is not None:
+        write_v1(payload, v1_out)
+    write_format2(GridModel(payload), out, check=(check, check), map_out=map_out)
+
+
+# ---- format 2: flat arrays for a memory-mapped, numpy-free locator ----------
+# (docs/country-lookup.md, "Format"; gateway/geo/mapfile.py has the file layout
+# and gateway/geo/boundaries.py the reader.) The grid model above (format 1's
+# arrays: pieces clipped to 1-degree cells, the 1-degree grid, 32 x 32 sub-grids
+# and ordered candidate lists) is turned into: under each mixed sub-cell a
+# quadtree, split while a node has more than K_EDGES candidate edges (down to
+# MAX_LEVEL); each final node either answers one code or holds a short program:
+# for each candidate polygon (priority order) its edges in the node, as runs of
+# the shared vertex array, and its status at one reference point, then the
+# default code. The locator decides inside/outside with a crossing count along an
+# L-shaped path from the point to that reference point, all inside the node.
+
+K_EDGES = 6  # a node with more candidate edges than this is split ...
+MAX_LEVEL = 10  # ... down to 1/32768 degree (~3.4 m) below a sub-cell
+TOL = 1.0  # units of 1e-7 degree: an edge this close to a node counts as in it
+S0 = QUANT // SUB  # a sub-cell, in units
+
+
+class GridModel:
+    """Format 1's arrays (the grid model), from its .npz payload."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self.sha256 = hashlib.sha256(payload).hexdigest()
+        with np.load(io.BytesIO(payload), allow_pickle=False) as z:
+            self.header = json.loads(bytes(z["header"]).decode())
+            self.base = z["base"]
+            self.subgrids = z["subgrids"]
+            self.leaf_off = z["leaf_off"]
+            self.leaf_flat = z["leaf_flat"]
+            self.piece_code = z["piece_code"].astype(np.int64)
+            q = np.cumsum(z["dcoords"], axis=0)
+            ro, po, go = z["ring_off"], z["poly_off"], z["geom_off"]
+        assert int(self.header["sub"]) == SUB and int(self.header["quant"]) == QUANT
+        self.suboff = int(self.header["suboff"])
+        self.X = q[:, 0].astype(np.int64)
+        self.Y = q[:, 1].astype(np.int64)
+        self.ring_off = ro
+        self.poly_off = po
+        self.geom_off = go
+        self.piece_vrange = np.stack([ro[po[go[:-1]]], ro[po[go[1:]]]], axis=1)
+        valid = np.ones(len(self.X), dtype=bool)  # edge i joins vertex i and i + 1
+        valid[ro[1:] - 1] = False  # ... of the same ring
+        self.valid = valid
+
+    def edges(self, p: int) -> np.ndarray:
+        a, b = self.piece_vrange[p]
+        return np.arange(a, b)[self.valid[a:b]]
+
+    def pieces(self) -> np.ndarray:
+        """The clipped polygons as shapely MultiPolygons (for checks only)."""
+        coords = np.stack([self.X, self.Y], axis=1).astype(np.float64) / QUANT
+        return shapely.from_ragged_array(shapely.GeometryType.MULTIPOLYGON, coords,
+                                         (self.ring_off, self.poly_off, self.geom_off))
+
+
+def read_v1(path: pathlib.Path) -> GridModel:
+    """A format 1 file (``GWGEO1``: xz-compressed .npz with its SHA-256), such as the
+    boundaries.bin committed before format 2 (``git show 8a5c0eb:gateway/geo/data/
+    boundaries.bin``)."""
+    raw = path.read_bytes()
+    if not raw.startswith(MAGIC):
+        raise SystemExit(f"{path}: not a format 1 file")
+    payload = lzma.decompress(raw[len(MAGIC) + 65:])
+    if hashlib.sha256(payload).hexdigest() != raw[len(MAGIC):len(MAGIC) + 64].decode():
+        raise SystemExit(f"{path}: checksum mismatch")
+    return GridModel(payload)
+
+
+def write_v1(payload: bytes, out: pathlib.Path) -> None:
     comp = lzma.compress(payload, preset=9 | lzma.PRESET_EXTREME)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + comp)
-    log(f"wrote {out} ({len(comp) / 1e6:.1f} MB, payload {len(payload) / 1e6:.1f} MB) "
+    log(f"wrote {out} (format 1, {len(comp) / 1e6:.1f} MB)")
+
+
+def _seg_box(ax: np.ndarray, ay: np.ndarray, bx: np.ndarray, by: np.ndarray,
+             xl: np.ndarray, yl: np.ndarray, xh: np.ndarray, yh: np.ndarray) -> np.ndarray:
+    """Does segment a-b meet the closed box? (Callers widen the box by TOL, so
+    float rounding can only add an edge, never miss one.)"""
+    ok = ((np.maximum(ax, bx) >= xl) & (np.minimum(ax, bx) <= xh)
+          & (np.maximum(ay, by) >= yl) & (np.minimum(ay, by) <= yh))
+    dx = bx - ax
+    dy = by - ay
+    d = [dx * (cy - ay) - dy * (cx - ax) for cx, cy in ((xl, yl), (xh, yl), (xl, yh), (xh, yh))]
+    pos = (d[0] > 0) & (d[1] > 0) & (d[2] > 0) & (d[3] > 0)
+    neg = (d[0] < 0) & (d[1] < 0) & (d[2] < 0) & (d[3] < 0)
+    return ok & ~pos & ~neg
+
+
+def _ranges(i0: np.ndarray, i1: np.ndarray, j0: np.ndarray, j1: np.ndarray,
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each item k every (i, j) with i0 <= i <= i1, j0 <= j <= j1: (k, i, j)."""
+    ni = i1 - i0 + 1
+    cnt = ni * (j1 - j0 + 1)
+    item = np.repeat(np.arange(len(cnt)), cnt)
+    r = np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+    return item, i0[item] + r % ni[item], j0[item] + r // ni[item]
+
+
+def _parity_right(px: np.ndarray, py: np.ndarray, ax: np.ndarray, ay: np.ndarray,
+                  bx: np.ndarray, by: np.ndarray, *, at_or_right: bool) -> np.ndarray:
+    """Crossing parity of the rays from (px, py) towards +x: edges with
+    (ay > py) != (by > py) whose crossing x is > px (>= px if at_or_right). With
+    at_or_right the comparison is made exact (rationals) where it is close: that is
+    the reference status the locator starts from."""
+    out = np.zeros(len(px), dtype=np.int64)
+    step = max(1, 4_000_000 // max(1, len(ax)))
+    for s in range(0, len(px), step):
+        X = px[s:s + step, None]
+        Y = py[s:s + step, None]
+        st = (ay > Y) != (by > Y)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            xi = ax + (Y - ay) * (bx - ax) / (by - ay)
+        hit = st & ((xi >= X) if at_or_right else (xi > X))
+        cnt = hit.sum(axis=1)
+        if at_or_right:
+            for qi, e in zip(*np.nonzero(st & (np.abs(xi - X) < 1e-3))):
+                xq, yq = Fraction(float(X[qi, 0])), Fraction(float(Y[qi, 0]))
+                xa, ya, xb, yb = int(ax[e]), int(ay[e]), int(bx[e]), int(by[e])
+                exact = xa + (yq - ya) * (xb - xa) / Fraction(yb - ya) >= xq
+                cnt[qi] += int(exact) - int(hit[qi, e])
+        out[s:s + step] = cnt & 1
+    return out
+
+
+Leaf = tuple[int, list[tuple[int, int, list[tuple[int, int]]]]]  # default, [(code, b0, runs)]
+
+
+def convert_cell(m: GridModel, cell: int, block: np.ndarray,
+                 ) -> tuple[np.ndarray, np.ndarray, list[Leaf]]:
+    """The quadtrees under the mixed sub-cells of one mixed 1-degree cell.
+
+    Returns the cell's 1024 sub-grid entries, its quadtree nodes (n, 4) and its
+    leaves, with local references: NODE + q for node q, -1 - l for leaf l."""
+    row, col = divmod(cell, 360)
+    X0 = (col - 180) * QUANT
+    Y0 = (row - 90) * QUANT
+    sub_out = block.astype(np.int64).copy()
+    leafsubs = np.nonzero(block >= m.suboff)[0]
+    lists = [tuple(int(p) for p in m.leaf_flat[m.leaf_off[v - m.suboff]:m.leaf_off[v - m.suboff + 1]])
+             for v in block[leafsubs]]
+    pieces = sorted({p for lst in lists for p in lst})
+    if not pieces:
+        return sub_out, np.zeros((0, 4), np.int64), []
+    pidx = {p: k for k, p in enumerate(pieces)}
+    nx0: list[float] = []
+    ny0: list[float] = []
+    nlev: list[int] = []
+    ncand: list[tuple[int, ...]] = []
+    member = np.zeros((SUB * SUB, len(pieces)), dtype=bool)
+    node_of_sub = np.full(SUB * SUB, -1, dtype=np.int64)
+    for s, lst in zip(leafsubs, lists):
+        sy, sx = divmod(int(s), SUB)
+        node_of_sub[s] = len(nx0)
+        nx0.append(float(X0 + sx * S0))
+        ny0.append(float(Y0 + sy * S0))
+        nlev.append(0)
+        ncand.append(lst)
+        member[s, [pidx[p] for p in lst]] = True
+    e_list = [m.edges(p) for p in pieces]
+    e_piece = np.concatenate([np.full(len(e), k) for k, e in enumerate(e_list)])
+    E = np.concatenate(e_list)
+    ax = m.X[E].astype(np.float64)
+    ay = m.Y[E].astype(np.float64)
+    bx = m.X[E + 1].astype(np.float64)
+    by = m.Y[E + 1].astype(np.float64)
+
+    def span(lo: np.ndarray, hi: np.ndarray, o: np.ndarray | float, size: float, n: int,
+             ) -> tuple[np.ndarray, np.ndarray]:
+        a = np.clip(np.floor((lo - TOL - o) / size), 0, n - 1).astype(np.int64)
+        b = np.clip(np.floor((hi + TOL - o) / size), 0, n - 1).astype(np.int64)
+        return a, b
+
+    # edges x mixed sub-cells they meet (and whose candidate list has their piece)
+    i0, i1 = span(np.minimum(ax, bx), np.maximum(ax, bx), X0, S0, SUB)
+    j0, j1 = span(np.minimum(ay, by), np.maximum(ay, by), Y0, S0, SUB)
+    it, ii, jj = _ranges(i0, i1, j0, j1)
+    keep = member[jj * SUB + ii, e_piece[it]]
+    it, ii, jj = it[keep], ii[keep], jj[keep]
+    xl = X0 + ii * S0 - TOL
+    yl = Y0 + jj * S0 - TOL
+    keep = _seg_box(ax[it], ay[it], bx[it], by[it], xl, yl, xl + S0 + 2 * TOL, yl + S0 + 2 * TOL)
+    t_node = node_of_sub[(jj * SUB + ii)[keep]]
+    t_edge = it[keep]
+    quad: dict[int, list[int]] = {}  # split node -> its 4 children (node ids)
+    finals: list[tuple[int, np.ndarray]] = []
+    level = 0
+    cur = np.arange(len(nx0))
+    while len(cur):
+        size = S0 / (1 << level)
+        order = np.lexsort((t_edge, t_node))
+        t_node, t_edge = t_node[order], t_edge[order]
+        counts = np.bincount(t_node, minlength=len(nx0))
+        split = np.zeros(len(nx0), dtype=bool)
+        if level < MAX_LEVEL:
+            split[cur] = counts[cur] > K_EDGES
+        starts = np.searchsorted(t_node, cur, side="left")
+        ends = np.searchsorted(t_node, cur, side="right")
+        finals.extend((int(n), t_edge[a:b]) for n, a, b in zip(cur, starts, ends) if not split[n])
+        sp = cur[split[cur]]
+        if not len(sp):
+            break
+        first = len(nx0)
+        half = size / 2
+        for k, n in enumerate(sp):
+            quad[int(n)] = [first + 4 * k + c for c in range(4)]
+            for c in range(4):
+                cy, cx = divmod(c, 2)
+                nx0.append(nx0[n] + cx * half)
+                ny0.append(ny0[n] + cy * half)
+                nlev.append(level + 1)
+                ncand.append(ncand[n])
+        rank = np.full(len(nx0), -1, dtype=np.int64)
+        rank[sp] = np.arange(len(sp))
+        sel = split[t_node]
+        pn, pe = t_node[sel], t_edge[sel]
+        px0 = np.asarray(nx0)[pn]
+        py0 = np.asarray(ny0)[pn]
+        ci0, ci1 = span(np.minimum(ax[pe], bx[pe]), np.maximum(ax[pe], bx[pe]), px0, half, 2)
+        cj0, cj1 = span(np.minimum(ay[pe], by[pe]), np.maximum(ay[pe], by[pe]), py0, half, 2)
+        k, ci, cj = _ranges(ci0, ci1, cj0, cj1)
+        e2 = pe[k]
+        cxl = px0[k] + ci * half - TOL
+        cyl = py0[k] + cj * half - TOL
+        ok = _seg_box(ax[e2], ay[e2], bx[e2], by[e2], cxl, cyl, cxl + half + 2 * TOL,
+                      cyl + half + 2 * TOL)
+        t_node = (first + 4 * rank[pn[k]] + cj * 2 + ci)[ok]
+        t_edge = e2[ok]
+        cur = np.arange(first, len(nx0))
+        level += 1
+    ax0 = np.asarray(nx0)
+    ay0 = np.asarray(ny0)
+    asize = S0 / (1 << np.asarray(nlev))
+    # per final node and candidate: its edges in the node, or (no edge) whether the
+    # node is wholly inside it (tested at the centre, which is far from every edge)
+    per_node: list[tuple[int, dict[int, np.ndarray]]] = []
+    ask_centre: dict[int, list[int]] = {}
+    ask_ref: dict[int, list[int]] = {}
+    for n, edges in finals:
+        by_piece: dict[int, np.ndarray] = {}
+        if len(edges):
+            ep = e_piece[edges]
+            for k in np.unique(ep):
+                by_piece[int(k)] = edges[ep == k]
+        per_node.append((n, by_piece))
+        for p in ncand[n]:
+            (ask_ref if pidx[p] in by_piece else ask_centre).setdefault(pidx[p], []).append(n)
+    status: dict[tuple[int, int], int] = {}
+    for k in range(len(pieces)):
+        sel = np.nonzero(e_piece == k)[0]
+        for asks, ref in ((ask_centre, False), (ask_ref, True)):
+            if k not in asks:
+                continue
+            nodes = np.asarray(asks[k])
+            if ref:  # bottom of the right border
+                px, py = ax0[nodes] + asize[nodes], ay0[nodes]
+            else:
+                px, py = ax0[nodes] + asize[nodes] / 2, ay0[nodes] + asize[nodes] / 2
+            st = _parity_right(px, py, ax[sel], ay[sel], bx[sel], by[sel], at_or_right=ref)
+            status.update(((int(n), k), int(v)) for n, v in zip(nodes, st))
+    entry: dict[int, int | None] = {}
+    leaves: list[Leaf] = []
+    for n, by_piece in per_node:
+        tests: list[tuple[int, int, list[tuple[int, int]]]] = []
+        default = 0
+        for p in ncand[n]:
+            k = pidx[p]
+            code = int(m.piece_code[p])
+            if k in by_piece:
+                eids = np.sort(E[by_piece[k]])
+                br = np.nonzero(np.diff(eids) != 1)[0]
+                run_s = np.concatenate([[eids[0]], eids[br + 1]])
+                run_e = np.concatenate([eids[br], [eids[-1]]]) + 2  # vertex range, end excl.
+                tests.append((code, status[(n, k)], list(zip(run_s.tolist(), run_e.tolist()))))
+            elif status[(n, k)]:
+                default = code
+                break
+        while tests and tests[-1][0] == default:  # the same answer either way
+            tests.pop()
+        if tests:
+            entry[n] = -1 - len(leaves)
+            leaves.append((default, tests))
+        else:
+            entry[n] = default
+    for n in sorted(quad, key=lambda n: -nlev[n]):  # bottom-up: merge 4 equal codes
+        ch = [entry[c] for c in quad[n]]
+        entry[n] = ch[0] if all(v is not None and 0 <= v < NODE for v in ch) and \
+            len(set(ch)) == 1 else None
+    qid: dict[int, int] = {}
+    for n in sorted(quad, key=lambda n: (nlev[n], n)):
+        if entry[n] is None:
+            qid[n] = len(qid)
+
+    def ref(n: int) -> int:
+        v = entry[n]
+        return NODE + qid[n] if v is None else v
+
+    quad_arr = np.array([[ref(c) for c in quad[n]] for n in sorted(qid, key=qid.__getitem__)],
+                        dtype=np.int64).reshape(-1, 4)
+    for s in leafsubs:
+        sub_out[s] = ref(int(node_of_sub[s]))
+    return sub_out, quad_arr, leaves
+
+
+_MODEL: GridModel | None = None
+
+
+def _convert_one(args: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, list[Leaf]]:
+    assert _MODEL is not None
+    cell, v = args
+    return convert_cell(_MODEL, cell, _MODEL.subgrids[v * SUB * SUB:(v + 1) * SUB * SUB])
+
+
+def convert(m: GridModel, processes: int = 0) -> bytes:
+    """The format 2 map file (bytes) of a grid model. Deterministic."""
+    import multiprocessing
+
+    global _MODEL
+    t0 = time.time()
+    base = m.base
+    mixed = [(int(c), int(base[c]) - m.suboff) for c in np.nonzero(base >= m.suboff)[0]]
+    assert [v for _, v in mixed] == list(range(len(mixed)))
+    ncodes = len(m.header["codes"])
+    assert ncodes <= CODE_MASK + 1 and ncodes <= NODE
+    base_out = base.astype(np.int64)
+    base_out[base >= m.suboff] += NODE - m.suboff
+    subs: list[np.ndarray] = []
+    quads: list[np.ndarray] = []
+    prog: list[int] = []
+    nq = 0
+    nleaves = ntests = nruns = 0
+    _MODEL = m
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(processes or None) as pool:
+        for n, (sub, quad, leaves) in enumerate(pool.imap(_convert_one, mixed, chunksize=4)):
+            if n % 1000 == 0:
+                log(f"  format 2: cell {n}/{len(mixed)} {time.time() - t0:.0f}s")
+            leaf_at = []
+            for default, tests in leaves:  # leaf -> its offset in prog
+                leaf_at.append(len(prog))
+                prog.append(default | len(tests) << CODE_BITS)
+                for code, b0, runs in tests:
+                    packed = []
+                    for vs, ve in runs:
+                        while ve - vs > RUN_MAX:  # split long runs (they share a vertex)
+                            packed.append(vs << RUN_BITS | RUN_MAX)
+                            vs += RUN_MAX - 1
+                        packed.append(vs << RUN_BITS | (ve - vs))
+                    prog.append(code | b0 << CODE_BITS | len(packed) << (CODE_BITS + 1))
+                    prog.extend(packed)
+                    ntests += 1
+                    nruns += len(packed)
+            nleaves += len(leaves)
+            lut = np.asarray(leaf_at, dtype=np.int64)
+
+            def remap(a: np.ndarray, qb: int = nq, lut: np.ndarray = lut) -> np.ndarray:
+                a = a.copy()
+                a[a >= NODE] += qb
+                neg = a < 0
+                a[neg] = -1 - lut[-1 - a[neg]]
+                return a
+
+            subs.append(remap(sub))
+            quads.append(remap(quad))
+            nq += len(quad)
+    _MODEL = None
+    verts = np.stack([m.X, m.Y], axis=1)
+    assert len(verts) < 1 << (31 - RUN_BITS) and len(prog) < 1 << 31
+    assert np.abs(verts).max() < 1 << 31
+    sections = {
+        "base": ("i", base_out.astype("<i4").tobytes()),
+        "sub": ("i", np.concatenate(subs).astype("<i4").tobytes()),
+        "quad": ("i", np.concatenate(quads).astype("<i4").tobytes()),
+        "prog": ("i", np.asarray(prog, dtype="<i4").tobytes()),
+        "verts": ("i", verts.astype("<i4").tobytes()),
+    }
+    header = {
+        "source": m.header["source"],
+        "codes": m.header["codes"],
+        "meta": {k: m.header[k] for k in ("overrides", "rank") if k in m.header},
+        "grid": {"sub": SUB, "quant": QUANT, "node": NODE, "code_bits": CODE_BITS,
+                 "run_bits": RUN_BITS, "k_edges": K_EDGES, "max_level": MAX_LEVEL},
+        "grid_model_sha256": m.sha256,
+    }
+    data = encode_map(header, sections)
+    log(f"format 2: {len(mixed)} mixed cells, {nq} quadtree nodes, {nleaves} leaves, "
+        f"{ntests} polygon tests, {nruns} runs; map {len(data) / 1e6:.1f} MB "
         f"in {time.time() - t0:.0f}s")
+    return data
+
+
+def pack(data: bytes) -> bytes:
+    """The committed pack of a map: magic, the map's digest, xz of the map."""
+    comp = lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64,
+                         preset=9 | lzma.PRESET_EXTREME)
+    return pack_header(data[16:80].decode(), len(comp)) + comp
+
+
+def verify_format2(m: GridModel, data: bytes, n_random: int, n_edge: int, seed: int = 1) -> None:
+    """Answers of the new map against exact GEOS point-in-polygon on the grid model
+    (the format 1 locator's method): random points, and points 1e-9 degree either
+    side of random edges. Stops the build on any difference."""
+    from gateway.geo.boundaries import BoundaryLocator
+
+    loc = BoundaryLocator.from_buffer(data, "(new map)")
+    geoms = m.pieces()
+    shapely.prepare(geoms)
+    codes = [c or None for c in m.header["codes"]]
+    rng = np.random.default_rng(seed)
+    lon = rng.uniform(-180, 180, n_random)
+    lat = np.degrees(np.arcsin(rng.uniform(-1, 1, n_random)))
+    e = rng.integers(0, len(m.X) - 1, n_edge * 2)
+    e = e[m.valid[e]][:n_edge]
+    a = np.stack([m.X[e], m.Y[e]], axis=1) / QUANT
+    b = np.stack([m.X[e + 1], m.Y[e + 1]], axis=1) / QUANT
+    d = b - a
+    nrm = np.stack([-d[:, 1], d[:, 0]], axis=1) / np.hypot(d[:, 0], d[:, 1])[:, None]
+    p = a + d * rng.uniform(0.01, 0.99, (len(e), 1)) + nrm * 1e-9 * rng.choice([-1, 1], (len(e), 1))
+    lon = np.clip(np.concatenate([lon, p[:, 0]]), -180, 180)
+    lat = np.clip(np.concatenate([lat, p[:, 1]]), -90, 90)
+
+    def reference(la: float, lo: float) -> str | None:
+        x, y = lo + 180.0, la + 90.0
+        col, row = min(int(x), 359), min(int(y), 179)
+        v = int(m.base[row * 360 + col])
+        if v < m.suboff:
+            return codes[v]
+        sx, sy = min(int((x - col) * SUB), SUB - 1), min(int((y - row) * SUB), SUB - 1)
+        w = int(m.subgrids[(v - m.suboff) * SUB * SUB + sy * SUB + sx])
+        if w < m.suboff:
+            return codes[w]
+        for i in m.leaf_flat[m.leaf_off[w - m.suboff]:m.leaf_off[w - m.suboff + 1]]:
+            if shapely.intersects_xy(geoms[i], lo, la):
+                return codes[int(m.piece_code[i])]
+        return None
+
+    bad = [(float(la), float(lo)) for la, lo in zip(lat, lon)
+           if loc.country_at(float(la), float(lo)) != reference(float(la), float(lo))]
+    log(f"format 2 check: {len(lat) - len(bad)}/{len(lat)} agree with GEOS on the grid model "
+        f"({n_random} random, {len(e)} at 1e-9 deg from an edge)")
+    if bad:
+        raise SystemExit(f"format 2 disagrees at {bad[:20]}")
+
+
+def write_format2(m: GridModel, out: pathlib.Path, *, check: tuple[int, int] = (200_000, 200_000),
+                  map_out: pathlib.Path | None = None) -> None:
+    data = convert(m)
+    if check[0] or check[1]:
+        verify_format2(m, data, *check)
+    packed = pack(data)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(packed)
+    log(f"wrote {out} ({len(packed) / 1e6:.1f} MB; map {len(data) / 1e6:.1f} MB, "
+        f"SHA-256 {data[16:80].decode()})")
+    if map_out is not None:
+        map_out.write_bytes(data)
+        log(f"wrote {map_out}")
 
 
 def zone_countries() -> dict[str, str]:
@@ -566,15 +1048,24 @@ def main() -> None:
                     help="dist/country-coder.cjs of @rapideditor/country-coder")
     ap.add_argument("--lands", type=pathlib.Path,
                     help="map.geo.json of @geo-maps/earth-lands-10m (Antarctica, Cyprus SBAs)")
-    ap.add_argument("--out", type=pathlib.Path, default=OUT)
+    ap.add_argument("--from-v1", type=pathlib.Path, metavar="BIN",
+                    help="convert a format 1 file (GWGEO1) instead of building from sources")
+    ap.add_argument("--out", type=pathlib.Path, default=OUT, help="the pack (default: %(default)s)")
+    ap.add_argument("--v1-out", type=pathlib.Path, help="also write the grid model as format 1")
+    ap.add_argument("--map-out", type=pathlib.Path, help="also write the uncompressed map")
+    ap.add_argument("--check", type=int, default=200_000, metavar="N",
+                    help="compare N random points and N points next to edges with GEOS on "
+                         "the grid model (0: skip; default %(default)s)")
     ap.add_argument("--reference-only", action="store_true")
     ap.add_argument("--points", type=int, default=20000)
     ap.add_argument("--seed", type=int, default=20240601)
     a = ap.parse_args()
-    if not a.reference_only:
+    if a.from_v1:
+        write_format2(read_v1(a.from_v1), a.out, check=(a.check, a.check), map_out=a.map_out)
+    elif not a.reference_only:
         if a.geojson is None or a.lands is None:
-            ap.error("geojson and --lands paths required")
-        build(a.geojson, a.lands, a.out)
+            ap.error("geojson and --lands paths required (or --from-v1)")
+        build(a.geojson, a.lands, a.out, a.v1_out, check=a.check, map_out=a.map_out)
     if a.country_coder:
         build_reference(a.country_coder, a.points, a.seed)
 

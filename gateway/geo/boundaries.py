@@ -1,72 +1,87 @@
 """Offline latitude/longitude -> ISO 3166-1 alpha-2 lookup.
 
-The data (``data/boundaries.bin``) is built by ``tools/build_boundaries.py`` from
-OpenStreetMap admin_level=2 boundaries *including 12 nm territorial waters*
-(``@osm_borders/maritime_10m``; (c) OpenStreetMap contributors, ODbL), with
-Antarctica (land, ice shelves, 12 nm) and the UK Sovereign Base Areas on Cyprus
-(answering CY) drawn from OSM land polygons. See
-``docs/country-lookup.md`` for the choice, the territory and disputed-area policy
-and the measured figures.
+The data is built by ``tools/build_boundaries.py`` from OpenStreetMap admin_level=2
+boundaries *including 12 nm territorial waters* (``@osm_borders/maritime_10m``;
+(c) OpenStreetMap contributors, ODbL), with Antarctica (land, ice shelves, 12 nm)
+and the UK Sovereign Base Areas on Cyprus (answering CY) drawn from OSM land
+polygons. See ``docs/country-lookup.md`` for the choice, the territory and
+disputed-area policy and the measured figures.
 
-Index: the world is cut into 1 degree cells. A cell is either wholly one code
-(or sea), or split into 32 x 32 sub-cells, each wholly one code (or sea) or an
-ordered list of candidate polygons (the country clipped to the 1 degree cell,
-GEOS-prepared) tested with an exact point-in-polygon. Most lookups are two list
-indexings; points near a border or coastline cost one or two prepared
-point-in-polygon tests.
+Format 2 (``gateway/geo/mapfile.py``): flat int32 arrays in one file that is
+memory-mapped and read in place, with the standard library only (no numpy, no
+GEOS objects), so that the data sits in the page cache, shared by every worker
+process, instead of in each worker's heap (``gateway/geo/cache.py`` says where the
+file is).
+
+Index: the world is cut into 1 degree cells; a cell is either wholly one code (or
+sea), or split into 32 x 32 sub-cells, each wholly one code (or sea) or the root
+of a quadtree whose final nodes either answer one code or hold a short program:
+for each candidate polygon in priority order (the country clipped to the 1 degree
+cell), its few edges inside the node and its inside/outside status at the
+bottom of the node's right border; then the code when no candidate holds the
+point. Inside/outside is a crossing count along an L-shaped path from the point
+to that reference point (right to the border, then down along it), which only
+meets edges inside the node. Most lookups are two array reads; near a border or
+coastline a few more, plus a crossing count over a handful of edges.
 
 Nothing is loaded at import time; call :func:`load_locator`.
 """
 
 from __future__ import annotations
 
-import array
-import hashlib
-import io
-import json
-import lzma
 import pathlib
-import threading
 from typing import Any
 
-import numpy as np
-import shapely
-
 from gateway.errors import GeoDataError
+from gateway.geo import mapfile
 
 DEFAULT_DATA = pathlib.Path(__file__).resolve().parent / "data" / "boundaries.bin"
-MAGIC = b"GWGEO1\n"
+
+NODE = mapfile.NODE
+_CODE_MASK = mapfile.CODE_MASK
+_CODE_BITS = mapfile.CODE_BITS
+_RUN_BITS = mapfile.RUN_BITS
+_RUN_MASK = mapfile.RUN_MAX
 
 __all__ = ["DEFAULT_DATA", "BoundaryLocator", "load_locator"]
 
 
 class BoundaryLocator:
     """Immutable after construction; safe for concurrent reads from many threads
-    (the GEOS point-in-polygon step near borders is serialised by a lock)."""
+    (lookups only read the mapped arrays)."""
 
     source: str
+    #: where the map was read from (the .map file, or the pack "(in memory)")
+    where: str
 
-    def __init__(
-        self,
-        *,
-        source: str,
-        codes: list[str | None],
-        base: list[int],
-        subgrids: array.array[int] | list[int],
-        leaves: list[tuple[tuple[Any, str], ...]],
-        sub: int,
-        suboff: int,
-        meta: dict[str, Any],
-    ) -> None:
-        self.source = source
-        self._codes = codes
-        self._base = base
-        self._subgrids = subgrids
-        self._leaves = leaves
-        self._sub = sub
-        self._suboff = suboff
-        self.meta = meta
-        self._lock = threading.Lock()
+    def __init__(self, buf: Any, where: str) -> None:
+        header, views = mapfile.parse_map(buf, where)
+        try:
+            grid = header["grid"]
+            if (grid["sub"], grid["node"], grid["code_bits"], grid["run_bits"]) != (
+                    32, NODE, _CODE_BITS, _RUN_BITS) or int(grid["quant"]) != 10_000_000:
+                raise GeoDataError(f"boundary data {where}: unsupported grid {grid}")
+            self._base = views["base"]
+            self._sub = views["sub"]
+            self._quad = views["quad"]
+            self._prog = views["prog"]
+            self._verts = views["verts"]
+            self._codes: list[str | None] = [c or None for c in header["codes"]]
+            self.source = str(header["source"])
+            self.meta: dict[str, Any] = dict(header.get("meta", {}))
+        except (KeyError, TypeError) as exc:
+            raise GeoDataError(f"boundary data {where}: malformed header ({exc})") from exc
+        if len(self._base) != 360 * 180 or len(self._sub) % 1024 or len(self._quad) % 4:
+            raise GeoDataError(f"boundary data {where}: grid arrays have the wrong shape")
+        if not 0 < len(self._codes) <= NODE:
+            raise GeoDataError(f"boundary data {where}: bad code table")
+        self.where = where
+        self._buf = buf  # keeps the mapping alive
+
+    @classmethod
+    def from_buffer(cls, buf: Any, where: str = "(buffer)") -> BoundaryLocator:
+        """A locator over a map held in memory (bytes); for tools and tests."""
+        return cls(buf, where)
 
     def country_at(self, lat: float, lon: float) -> str | None:
         """ISO 3166-1 alpha-2 code (upper case; "XK" for Kosovo) at the point, or
@@ -86,119 +101,112 @@ class BoundaryLocator:
         if row == 180:
             row = 179
         v = self._base[row * 360 + col]
-        if v < self._suboff:
+        if v < NODE:
             return self._codes[v]
-        sub = self._sub
-        sx = int((x - col) * sub)
-        sy = int((y - row) * sub)
-        if sx >= sub:
-            sx = sub - 1
-        if sy >= sub:
-            sy = sub - 1
-        w = self._subgrids[(v - self._suboff) * sub * sub + sy * sub + sx]
-        if w < self._suboff:
-            return self._codes[w]
-        # GEOS prepared geometries are not safe for concurrent queries (shapely
-        # releases the GIL; an abort was seen in the concurrency test), so the
-        # exact test is serialised. It only runs near borders and coasts.
-        with self._lock:
-            for geom, code in self._leaves[w - self._suboff]:
-                if _intersects_xy(geom, lon, lat):
-                    return code
-        return None
+        fx = (x - col) * 32.0
+        fy = (y - row) * 32.0
+        sx = int(fx)
+        sy = int(fy)
+        if sx >= 32:
+            sx = 31
+        if sy >= 32:
+            sy = 31
+        v = self._sub[(v - NODE) * 1024 + sy * 32 + sx]
+        if 0 <= v < NODE:
+            return self._codes[v]
+        return self._near_edges(v, lat, lon, col, row, sx, sy, fx - sx, fy - sy)
+
+    def _near_edges(self, v: int, lat: float, lon: float, col: int, row: int, sx: int,
+                    sy: int, fx: float, fy: float) -> str | None:
+        # down the quadtree; (kx, ky) is the node's position at its level
+        quad = self._quad
+        kx = ky = 0
+        size = 312500.0  # a sub-cell, in units of 1e-7 degree
+        while v >= NODE:
+            fx += fx
+            fy += fy
+            kx += kx
+            ky += ky
+            size *= 0.5
+            c = 0
+            if fx >= 1.0:
+                fx -= 1.0
+                kx += 1
+                c = 1
+            if fy >= 1.0:
+                fy -= 1.0
+                ky += 1
+                c += 2
+            v = quad[(v - NODE) * 4 + c]
+        if v >= 0:
+            return self._codes[v]
+        # a leaf program. Units of 1e-7 degree (the vertices are integers there);
+        # x1: the node's right border, y0: its bottom (exact: dyadic fractions).
+        x1 = (col - 180) * 10_000_000.0 + sx * 312500.0 + (kx + 1) * size
+        y0 = (row - 90) * 10_000_000.0 + sy * 312500.0 + ky * size
+        qx = lon * 10_000_000.0
+        qy = lat * 10_000_000.0
+        prog = self._prog
+        verts = self._verts
+        o = -1 - v
+        head = prog[o]
+        o += 1
+        for _ in range(head >> _CODE_BITS):
+            test = prog[o]
+            o += 1
+            # status at (x1 - d, y0 + e), then flipped by every edge crossed on the
+            # way from there up to (x1 - d, qy + e) and left to the point
+            inside = (test >> _CODE_BITS) & 1
+            end = o + (test >> (_CODE_BITS + 1))
+            while o < end:
+                run = prog[o]
+                o += 1
+                first = (run >> _RUN_BITS) * 2
+                xy: list[int] = verts[first:first + (run & _RUN_MASK) * 2].tolist()
+                ax = xy[0]
+                ay = xy[1]
+                for i in range(2, len(xy), 2):
+                    bx = xy[i]
+                    by = xy[i + 1]
+                    # crosses the horizontal leg (qx, x1) at height qy
+                    if (ay > qy) != (by > qy) and \
+                            qx < ax + (qy - ay) * (bx - ax) / (by - ay) < x1:
+                        inside ^= 1
+                    if (ax < x1) != (bx < x1):
+                        # crosses the vertical leg just left of x1, between y0 and qy
+                        # (ties broken as for the reference status: see the build)
+                        if ax < x1:
+                            lx, ly, rx, ry = ax, ay, bx, by
+                        else:
+                            lx, ly, rx, ry = bx, by, ax, ay
+                        yc = ry if rx == x1 else ly + (x1 - lx) * (ry - ly) / (rx - lx)
+                        if (yc > y0 or (yc == y0 and ry < ly)) and \
+                                (yc < qy or (yc == qy and ry >= ly)):
+                            inside ^= 1
+                    ax = bx
+                    ay = by
+            if inside:
+                return self._codes[test & _CODE_MASK]
+        return self._codes[head & _CODE_MASK]
 
     def __repr__(self) -> str:
         return f"<BoundaryLocator {self.source}>"
 
 
-_intersects_xy = shapely.intersects_xy
+def load_locator(path: pathlib.Path | None = None, *,
+                 cache_dir: pathlib.Path | None = None) -> BoundaryLocator:
+    """Load the boundary data (the shipped pack by default; or a prepared .map file).
 
+    The map is memory-mapped (see :mod:`gateway.geo.cache` for where it is kept and
+    how the pack is expanded once). GeoDataError on failure."""
+    from gateway.geo.cache import open_map
 
-def _fail(path: pathlib.Path, why: str) -> GeoDataError:
-    return GeoDataError(f"boundary data {path}: {why}")
-
-
-def load_locator(path: pathlib.Path | None = None) -> BoundaryLocator:
-    """Load the boundary data (the shipped file by default). GeoDataError on failure."""
     path = pathlib.Path(path) if path is not None else DEFAULT_DATA
+    buf, where = open_map(path, cache_dir)
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise _fail(path, f"cannot read ({exc})") from exc
-    if not raw.startswith(MAGIC):
-        raise _fail(path, "not a boundary data file (bad magic)")
-    rest = raw[len(MAGIC):]
-    nl = rest.find(b"\n")
-    if nl != 64:
-        raise _fail(path, "missing checksum line")
-    digest = rest[:nl].decode("ascii", "replace")
-    try:
-        payload = lzma.decompress(rest[nl + 1:])
-    except (lzma.LZMAError, EOFError) as exc:
-        raise _fail(path, f"corrupt compressed payload ({exc})") from exc
-    if hashlib.sha256(payload).hexdigest() != digest:
-        raise _fail(path, "checksum mismatch")
-    try:
-        return _build(payload)
+        return BoundaryLocator(buf, where)
     except GeoDataError:
         raise
-    except Exception as exc:  # malformed arrays: report as data error
-        raise _fail(path, f"malformed content ({type(exc).__name__}: {exc})") from exc
-
-
-def _build(payload: bytes) -> BoundaryLocator:
-    with np.load(io.BytesIO(payload), allow_pickle=False) as z:
-        header = json.loads(bytes(z["header"]).decode())
-        if header.get("format") != 1:
-            raise GeoDataError(f"unsupported boundary data format {header.get('format')!r}")
-        codes: list[str | None] = [c or None for c in header["codes"]]
-        sub = int(header["sub"])
-        suboff = int(header["suboff"])
-        quant = float(header["quant"])
-        base = z["base"]
-        subgrids = z["subgrids"]
-        leaf_off = z["leaf_off"]
-        leaf_flat = z["leaf_flat"]
-        piece_code = z["piece_code"]
-        coords = np.cumsum(z["dcoords"], axis=0).astype(np.float64) / quant
-        offsets = (z["ring_off"], z["poly_off"], z["geom_off"])
-    if base.shape != (360 * 180,) or subgrids.size % (sub * sub):
-        raise GeoDataError("grid arrays have the wrong shape")
-    ncodes = len(codes)
-    nsub = subgrids.size // (sub * sub)
-    nleaf = leaf_off.size - 1
-    for arr, name in ((base, "base"), (subgrids, "subgrids")):
-        ok = (arr >= 0) & ((arr < ncodes) | ((arr >= suboff) & (arr < suboff + max(nsub, nleaf))))
-        if not bool(ok.all()):
-            raise GeoDataError(f"{name} grid has out-of-range entries")
-    if int(base[base >= suboff].max(initial=suboff - 1)) >= suboff + nsub:
-        raise GeoDataError("base grid points past the sub-grids")
-    if int(subgrids[subgrids >= suboff].max(initial=suboff - 1)) >= suboff + nleaf:
-        raise GeoDataError("sub-grid points past the leaf lists")
-    pieces = shapely.from_ragged_array(shapely.GeometryType.MULTIPOLYGON, coords, offsets)
-    if len(pieces) != len(piece_code) or (leaf_flat.size and leaf_flat.max() >= len(pieces)):
-        raise GeoDataError("piece table inconsistent")
-    if piece_code.min(initial=1) < 1 or piece_code.max(initial=1) >= ncodes:
-        raise GeoDataError("piece code out of range")
-    shapely.prepare(pieces)
-    # Build every prepared point locator now (GEOS builds it lazily on first
-    # query) so that the first crash call does not pay for it.
-    reps = shapely.point_on_surface(pieces)
-    shapely.intersects_xy(pieces, shapely.get_x(reps), shapely.get_y(reps))
-    piece_list = list(pieces)
-    pc = [codes[int(c)] for c in piece_code]
-    lo = leaf_off.tolist()
-    lf = leaf_flat.tolist()
-    leaves = [
-        tuple((piece_list[i], pc[i]) for i in lf[lo[k]:lo[k + 1]]) for k in range(nleaf)
-    ]
-    return BoundaryLocator(
-        source=str(header["source"]),
-        codes=codes,
-        base=base.tolist(),
-        subgrids=array.array("i", subgrids.astype(np.int32).tobytes()),
-        leaves=leaves,
-        sub=sub,
-        suboff=suboff,
-        meta={k: header[k] for k in ("overrides", "rank") if k in header},
-    )
+    except Exception as exc:  # malformed content: report as data error
+        raise GeoDataError(f"boundary data {where}: malformed content "
+                           f"({type(exc).__name__}: {exc})") from exc
