@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: our boundary lookup vs reverse_geocoder, same run, same points.
 
-    .venv/bin/python bench/bench_lookup.py [--points 20000]
+    .venv/bin/python bench/bench_lookup.py [--points 20000] [--before PATH]
 
 Prints, for each: load time, median and p99 microseconds per single-point call
 (warm; points uniform on the sphere, and separately the hard set, which is all
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import math
 import pathlib
 import random
@@ -49,6 +50,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--points", type=int, default=20000)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--before", type=pathlib.Path, help="another checkout to time as well")
     a = ap.parse_args()
 
     rnd = random.Random(a.seed)
@@ -63,6 +65,19 @@ def main() -> None:
     t = time.perf_counter()
     loc = load_locator()
     load_ours = time.perf_counter() - t
+    print(f"ours: {loc.where}")
+    contenders: list[tuple[str, Callable[[float, float], object]]] = [("ours", loc.country_at)]
+    load_before = None
+    if a.before is not None:
+        spec = importlib.util.spec_from_file_location(
+            "_before_boundaries", a.before / "gateway" / "geo" / "boundaries.py")
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        t = time.perf_counter()
+        before = mod.load_locator()
+        load_before = time.perf_counter() - t
+        contenders.append(("before", before.country_at))
 
     import reverse_geocoder as rg
 
@@ -75,7 +90,7 @@ def main() -> None:
         return str(rgeo.query([(lat, lon)])[0]["cc"])
 
     results = {}
-    for name, f in (("ours", loc.country_at), ("reverse_geocoder", rg_one)):
+    for name, f in [*contenders, ("reverse_geocoder", rg_one)]:
         rand_t = timings(f, pts)
         hard_t = timings(f, hard_pts)
         ok = ok_land = n_land = 0
@@ -93,7 +108,8 @@ def main() -> None:
 
     print(f"points: {len(pts)} uniform on the sphere (seed {a.seed}); hard set: {len(hard)} "
           f"points x 50 for timing")
-    print(f"load: ours {load_ours:.2f} s, reverse_geocoder {load_rg:.2f} s")
+    print(f"load: ours {load_ours:.2f} s, reverse_geocoder {load_rg:.2f} s"
+          + (f", before {load_before:.2f} s ({a.before})" if load_before is not None else ""))
     print(f"{'':18} {'rand med':>9} {'rand p99':>9} {'hard med':>9} {'hard p99':>9} "
           f"{'hard acc':>9} {'land acc':>9}")
     for name, (rt, ht, ok, okl, nl, _) in results.items():
@@ -104,6 +120,12 @@ def main() -> None:
     print(f"ratio reverse_geocoder/ours: median {statistics.median(r[0]) / statistics.median(o[0]):.1f}x"
           f" (random), {statistics.median(r[1]) / statistics.median(o[1]):.1f}x (hard); "
           f"p99 {pct(r[0], .99) / pct(o[0], .99):.1f}x (random)")
+    if "before" in results:
+        b = results["before"]
+        print(f"ratio before/ours: median {statistics.median(b[0]) / statistics.median(o[0]):.2f}x "
+              f"(random), {statistics.median(b[1]) / statistics.median(o[1]):.2f}x (hard); p99 "
+              f"{pct(b[0], .99) / pct(o[0], .99):.2f}x (random), "
+              f"{pct(b[1], .99) / pct(o[1], .99):.2f}x (hard)")
     for name, res in results.items():
         if res[5]:
             print(f"\n{name} wrong on {len(res[5])} hard points:")
