@@ -22,12 +22,12 @@ Lockout rule
     Kept in the database (``pin_failures``: one row per vehicle with the count
     and ``locked_until``; ``pin_failure_times``: one row per failure that still
     counts), so it holds across calls and gateway processes.  An attempt is
-    *charged* before the slow hash is checked, in one transaction that first
-    takes the vehicle's ``pin_failures`` row with a conditional ``UPDATE``
-    (only while it is not locked; on PostgreSQL the row lock queues concurrent
-    attempts, on SQLite the write lock does), then forgets failures older than
-    the window, records this one, counts, and sets ``locked_until`` when the
-    count reaches the limit.  So however many calls guess at the same time, at
+    *charged* before the slow hash is checked, in one transaction that creates
+    the vehicle's ``pin_failures`` row if it is missing (``INSERT … ON CONFLICT
+    DO NOTHING``), takes it with a conditional ``UPDATE`` (only while it is not
+    locked; on PostgreSQL the row lock queues concurrent attempts, on SQLite the
+    write lock does), then forgets failures older than the window, records this
+    one, counts, and sets ``locked_until`` when the count reaches the limit.  So however many calls guess at the same time, at
     most ``max_failures`` guesses are checked per window, and a process that
     dies mid-check leaves a charge that ages out rather than a stuck state.
 """
@@ -45,10 +45,8 @@ from typing import Literal
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import IntegrityError
 
-from gateway.errors import StoreError
-from gateway.store import TS, Store, as_utc, metadata
+from gateway.store import TS, Store, as_utc, insert_ignore, metadata
 
 pin_failures = sa.Table(
     "pin_failures",
@@ -126,7 +124,7 @@ class PinHasher:
     def _derive(pin: str, salt: bytes, n: int, r: int, p: int, dklen: int) -> bytes:
         maxmem = 128 * r * (n + p + 2) + (1 << 20)
         return hashlib.scrypt(
-            pin.encode("ascii"), salt=salt, n=n, r=r, p=p, maxmem=maxmem, dklen=dklen
+            pin.encode(), salt=salt, n=n, r=r, p=p, maxmem=maxmem, dklen=dklen
         )
 
     def hash(self, pin: str) -> str:
@@ -134,13 +132,8 @@ class PinHasher:
         check_pin_format(pin)
         salt = secrets.token_bytes(self.salt_bytes)
         digest = self._derive(pin, salt, self.n, self.r, self.p, self.dklen)
-        return "scrypt$n={},r={},p={}${}${}".format(
-            self.n,
-            self.r,
-            self.p,
-            base64.b64encode(salt).decode("ascii"),
-            base64.b64encode(digest).decode("ascii"),
-        )
+        salt_b64, digest_b64 = (base64.b64encode(b).decode() for b in (salt, digest))
+        return f"scrypt$n={self.n},r={self.r},p={self.p}${salt_b64}${digest_b64}"
 
     @staticmethod
     def _parse(stored: str) -> tuple[int, int, int, bytes, bytes]:
@@ -150,8 +143,9 @@ class PinHasher:
         n, r, p = int(match["n"]), int(match["r"]), int(match["p"])
         if n < 2 or n & (n - 1) or n > _MAX_N or not 1 <= r <= _MAX_R or not 1 <= p <= _MAX_P:
             raise ValueError("stored PIN hash has out-of-range parameters")
-        salt = base64.b64decode(match["salt"], validate=True)
-        digest = base64.b64decode(match["hash"], validate=True)
+        # the pattern admits only the base64 alphabet: nothing for b64decode to skip
+        salt = base64.b64decode(match["salt"])
+        digest = base64.b64decode(match["hash"])
         if not 16 <= len(salt) <= 64 or not 16 <= len(digest) <= 64:
             raise ValueError("stored PIN hash has a bad salt or key length")
         return n, r, p, salt, digest
@@ -257,34 +251,25 @@ class PinLockout:
             .values(updated_at=now)
             .returning(c.locked_until)
         )
-        for _ in range(2):
-            with self.store.begin() as conn:
-                row = conn.execute(take).first()
-                if row is not None:
-                    forget = t.vin == vin
-                    if row.locked_until is None:  # no lock ran out: forget only old failures
-                        forget = sa.and_(forget, t.at <= now - self.policy.window)
-                    conn.execute(pin_failure_times.delete().where(forget))
-                    conn.execute(pin_failure_times.insert().values(vin=vin, at=now))
-                    failures = int(conn.execute(
-                        sa.select(sa.func.count()).where(t.vin == vin)).scalar_one())
-                    locked_until = (now + self.policy.lockout
-                                    if failures >= self.policy.max_failures else None)
-                    conn.execute(pin_failures.update().where(c.vin == vin).values(
-                        failures=failures, locked_until=locked_until))
-                    return Charge(True, failures, locked_until)
+        with self.store.begin() as conn:
+            # the vehicle's row, created if missing (a vehicle added behind our back)
+            insert_ignore(conn, pin_failures, {"vin": vin, "updated_at": now})
+            row = conn.execute(take).first()
+            if row is None:  # locked: not charged, not checked
                 state = conn.execute(
-                    sa.select(c.failures, c.locked_until).where(c.vin == vin)).first()
-                if state is not None:
-                    return Charge(False, int(state.failures), as_utc(state.locked_until))
-            # no lockout row yet (vehicle added behind our back): create it, try again
-            try:
-                with self.store.begin() as conn:
-                    conn.execute(pin_failures.insert().values(vin=vin, failures=0, updated_at=now))
-            except StoreError as exc:
-                if not isinstance(exc.__cause__, IntegrityError):
-                    raise  # an IntegrityError means another process created it first
-        raise StoreError("PIN lockout state could not be created")
+                    sa.select(c.failures, c.locked_until).where(c.vin == vin)).one()
+                return Charge(False, int(state.failures), as_utc(state.locked_until))
+            # a lock that ran out forgets every failure; otherwise those a window old
+            horizon = now if row.locked_until is not None else now - self.policy.window
+            conn.execute(pin_failure_times.delete().where(t.vin == vin, t.at <= horizon))
+            conn.execute(pin_failure_times.insert().values(vin=vin, at=now))
+            failures = int(conn.execute(
+                sa.select(sa.func.count()).where(t.vin == vin)).scalar_one())
+            locked_until = (now + self.policy.lockout
+                            if failures >= self.policy.max_failures else None)
+            conn.execute(pin_failures.update().where(c.vin == vin).values(
+                failures=failures, locked_until=locked_until))
+            return Charge(True, failures, locked_until)
 
     @staticmethod
     def clear(conn: Connection, vin: str, now: dt.datetime) -> tuple[int, dt.datetime | None]:
@@ -295,7 +280,7 @@ class PinLockout:
         before = conn.execute(sa.select(c.failures, c.locked_until).where(c.vin == vin)).first()
         conn.execute(pin_failure_times.delete().where(pin_failure_times.c.vin == vin))
         if before is None:
-            conn.execute(pin_failures.insert().values(vin=vin, failures=0, updated_at=now))
+            conn.execute(pin_failures.insert().values(vin=vin, updated_at=now))
             return 0, None
         conn.execute(pin_failures.update().where(c.vin == vin).values(
             failures=0, locked_until=None, updated_at=now))

@@ -255,6 +255,17 @@ def test_a_longer_lock_than_window_still_starts_afresh(store: Store) -> None:
     assert lockout.charge(VIN, after(3659)) == Charge(True, 1, None)
 
 
+def test_a_shorter_lock_than_window_also_forgets_the_failures_that_set_it(
+    store: Store,
+) -> None:
+    lockout = PinLockout(store, LockoutPolicy(max_failures=2, window=dt.timedelta(hours=1),
+                                              lockout=dt.timedelta(minutes=1)))
+    assert charges(lockout, 0, 1)[-1] == Charge(True, 2, after(61))
+    # both failures are still inside the hour, but the lock they set has run out
+    assert state(lockout, 61).failures == 0
+    assert lockout.charge(VIN, after(61)) == Charge(True, 1, None)
+
+
 def test_clear_forgets_failures_and_lifts_the_lock(lockout: PinLockout, store: Store) -> None:
     charges(lockout, 0, 1, 2)
     with store.begin() as conn:
@@ -305,3 +316,153 @@ def test_policy_refuses_nonsense(bad: dict[str, Any]) -> None:
 def test_policy_accepts_the_smallest_values() -> None:
     tiny = dt.timedelta(microseconds=1)
     assert LockoutPolicy(max_failures=1, window=tiny, lockout=tiny).max_failures == 1
+
+
+# -- the limits of the cost parameters, exactly ---------------------------------------------
+
+N_MESSAGE = "^scrypt n must be a power of two between 2 and 2\\*\\*17$"
+RP_MESSAGE = "^scrypt r or p out of range$"
+LENGTH_MESSAGE = "^salt and key length must be between 16 and 64 bytes$"
+
+
+@pytest.mark.parametrize("params", [
+    {"n": 2}, {"n": 2**17}, {"r": 1}, {"r": 16}, {"p": 1}, {"p": 8},
+    {"salt_bytes": 16}, {"salt_bytes": 64}, {"dklen": 16}, {"dklen": 64},
+])
+def test_cost_parameters_at_their_limits_are_accepted(params: dict[str, int]) -> None:
+    hasher = PinHasher(**{"n": 4, "r": 1, "p": 1, **params})
+    for name, value in params.items():
+        assert getattr(hasher, name) == value
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"n": 1}, N_MESSAGE), ({"n": 3}, N_MESSAGE), ({"n": 2**17 + 2**16}, N_MESSAGE),
+    ({"n": 2**18}, N_MESSAGE), ({"r": 0}, RP_MESSAGE), ({"r": 17}, RP_MESSAGE),
+    ({"p": 0}, RP_MESSAGE), ({"p": 9}, RP_MESSAGE), ({"salt_bytes": 15}, LENGTH_MESSAGE),
+    ({"salt_bytes": 65}, LENGTH_MESSAGE), ({"dklen": 15}, LENGTH_MESSAGE),
+    ({"dklen": 65}, LENGTH_MESSAGE),
+])
+def test_cost_parameters_past_their_limits_are_refused(params: dict[str, int],
+                                                       message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PinHasher(**{"n": 4, "r": 1, "p": 1, **params})
+
+
+def test_tiny_parameters_still_hash_and_verify() -> None:
+    hasher = PinHasher(n=2, r=1, p=1, salt_bytes=64, dklen=64)
+    stored = hasher.hash("4711")
+    assert hasher.verify("4711", stored) and not hasher.verify("4712", stored)
+    salt, digest = (base64.b64decode(part) for part in stored.split("$")[2:])
+    assert len(salt) == 64 and len(digest) == 64
+
+
+def test_scrypt_may_use_only_the_memory_the_stored_parameters_need(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tampered row is bounded by the parameter limits: 128*r*(n+p+2) bytes + 1 MiB."""
+    seen: list[int] = []
+    original = hashlib.scrypt
+
+    def spy(*args: Any, **kwargs: Any) -> bytes:
+        seen.append(kwargs["maxmem"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(hashlib, "scrypt", spy)
+    hasher = PinHasher(n=2**8, r=8, p=1)
+    stored = hasher.hash(PIN)
+    old = PinHasher(n=2**6, r=4, p=3).hash(PIN)
+    assert hasher.verify(PIN, stored) and hasher.verify(PIN, old)
+    need_new, need_old = 128 * 8 * (2**8 + 1 + 2), 128 * 4 * (2**6 + 3 + 2)
+    assert seen == [need_new + 2**20, need_old + 2**20, need_new + 2**20, need_old + 2**20]
+
+
+def test_a_stored_hash_needing_more_than_openssls_default_memory_verifies() -> None:
+    # 128 * 16 * 2**15 = 64 MiB: above OpenSSL's 32 MiB default, within our limits
+    big = PinHasher(n=2**15, r=16, p=1)
+    assert PinHasher(**FAST).verify(PIN, big.hash(PIN))
+
+
+def stored_hash(n: int = 4, r: int = 1, p: int = 1, salt: int = 16, digest: int = 32) -> str:
+    b64 = base64.b64encode
+    return f"scrypt$n={n},r={r},p={p}${b64(bytes(salt)).decode()}${b64(bytes(digest)).decode()}"
+
+
+@pytest.mark.parametrize("stored", [
+    stored_hash(n=2), stored_hash(n=2**17), stored_hash(r=16), stored_hash(p=8),
+    stored_hash(r=1, p=1), stored_hash(salt=16, digest=16), stored_hash(salt=64, digest=64),
+])
+def test_stored_hashes_at_the_limits_are_readable(hasher: PinHasher, stored: str) -> None:
+    assert hasher.needs_rehash(stored) is True  # parsed, not refused
+
+
+@pytest.mark.parametrize(("stored", "message"), [
+    (stored_hash(n=1), "out-of-range parameters"), (stored_hash(n=3), "out-of-range parameters"),
+    (stored_hash(n=2**18), "out-of-range parameters"),
+    (stored_hash(r=0), "out-of-range parameters"), (stored_hash(r=17), "out-of-range parameters"),
+    (stored_hash(p=0), "out-of-range parameters"), (stored_hash(p=9), "out-of-range parameters"),
+    (stored_hash(salt=15), "a bad salt or key length"),
+    (stored_hash(salt=65), "a bad salt or key length"),
+    (stored_hash(digest=15), "a bad salt or key length"),
+    (stored_hash(digest=65), "a bad salt or key length"),
+    ("scrypt$n=4,r=1,p=1$AAAA", "malformed"), ("", "malformed"),
+    (None, "malformed"), (b"scrypt$n=4", "malformed"),
+])
+def test_damaged_stored_hashes_are_named(hasher: PinHasher, stored: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=f"^stored PIN hash (has |is ){message}$"):
+        hasher.verify(PIN, stored)
+    with pytest.raises(ValueError, match=f"^stored PIN hash (has |is ){message}$"):
+        hasher.needs_rehash(stored)
+
+
+def test_needs_rehash_compares_every_parameter() -> None:
+    current = PinHasher(n=4, r=1, p=1, salt_bytes=16, dklen=32)
+    assert current.needs_rehash(stored_hash()) is False
+    for other in (stored_hash(n=8), stored_hash(r=2), stored_hash(p=2), stored_hash(salt=17),
+                  stored_hash(digest=33)):
+        assert current.needs_rehash(other) is True, other
+
+
+# -- lockout: messages, and one vehicle never touches another --------------------------------
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    ({"max_failures": 0}, "^max_failures must be at least 1$"),
+    ({"window": dt.timedelta(0)}, "^window must be positive$"),
+    ({"lockout": dt.timedelta(0)}, "^lockout must be positive$"),
+])
+def test_policy_messages(bad: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        LockoutPolicy(**bad)
+
+
+OTHER = "WDD2050421F123456"
+
+
+def test_each_vehicle_has_its_own_row_count_and_lock(lockout: PinLockout, store: Store) -> None:
+    assert lockout.charge(OTHER, after(0)) == Charge(True, 1, None)
+    assert [c.failures for c in charges(lockout, 1, 2, 3)] == [1, 2, 3]
+    assert lockout.charge(VIN, after(4)).charged is False
+    assert lockout.charge(OTHER, after(4)) == Charge(True, 2, None)  # not locked by VIN
+    with store.begin() as conn:
+        other = lockout.state(conn, OTHER, after(5))
+        rows = {r.vin: r for r in conn.execute(sa.select(pin_failures))}
+    assert (other.failures, other.locked) == (2, False)
+    assert rows[VIN].locked_until is not None and rows[OTHER].locked_until is None
+    assert rows[OTHER].updated_at is not None
+
+
+def test_a_lock_running_out_forgets_only_that_vehicles_failures(lockout: PinLockout) -> None:
+    charges(lockout, 0, 1, 2)  # VIN locked until 902
+    lockout.charge(OTHER, after(900))
+    lockout.charge(OTHER, after(901))
+    assert lockout.charge(VIN, after(902)) == Charge(True, 1, None)
+    assert lockout.charge(OTHER, after(903)) == Charge(True, 3, after(903 + 900))
+
+
+def test_clear_resets_the_row_it_keeps(lockout: PinLockout, store: Store) -> None:
+    charges(lockout, 0, 1, 2)
+    with store.begin() as conn:
+        lockout.clear(conn, VIN, after(10))
+        row = conn.execute(sa.select(pin_failures).where(pin_failures.c.vin == VIN)).one()
+    assert (row.failures, row.locked_until) == (0, None)
+    assert row.updated_at.replace(tzinfo=dt.UTC) == after(10)
