@@ -97,7 +97,10 @@ class Target:
     demo: bool = False
 
     def send_url(self, url: str) -> str:
-        """An action URL (under the public URL) as this simulator reaches it."""
+        """An action URL (under the public URL) as this simulator reaches it: a proxy's
+        path prefix in the public URL is not the gateway's own."""
+        if url.startswith(self.public_url + "/"):
+            return self.base_url + url[len(self.public_url):]
         parts = urlsplit(url)
         return self.base_url + parts.path + (f"?{parts.query}" if parts.query else "")
 

@@ -201,3 +201,18 @@ def test_url_without_the_auth_token_names_the_variable(gateway: GatewayProcess,
     result = simulate("crash", "--url", gateway.base_url, cwd=tmp_path, env={})
     assert result.returncode == 2
     assert "GATEWAY_TWILIO_AUTH_TOKEN" in result.stderr
+
+
+def test_urls_are_signed_for_the_public_url_and_sent_to_the_gateway() -> None:
+    """Behind a proxy with a path prefix: Twilio signs the public URL, the gateway is
+    reached without the prefix."""
+    from gateway.simulate import Target
+
+    target = Target(base_url="http://127.0.0.1:8080", public_url="https://x.example/gw",
+                    auth_token=AUTH_TOKEN, vehicle_token=None, agent_token=None)
+    first = target.signed_url("/twilio/voice")
+    assert first == "https://x.example/gw/twilio/voice"
+    assert target.send_url(first) == "http://127.0.0.1:8080/twilio/voice"
+    action = "https://x.example/gw/twilio/voice/dial-result?t0=1&k=1"
+    assert target.signed_url(action) == action
+    assert target.send_url(action) == "http://127.0.0.1:8080/twilio/voice/dial-result?t0=1&k=1"
