@@ -12,8 +12,16 @@ COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 USER gateway
 WORKDIR /var/lib/assist-gateway
+# `serve` runs gunicorn: a master that loads the number plan and boundary data once and
+# GATEWAY_WORKERS worker processes of GATEWAY_THREADS threads.  SQLite (the default) is one
+# process's database: for more workers set GATEWAY_DATABASE_URL=postgresql://... too.
+# SIGTERM stops it gracefully (webhooks in flight are answered, queued steps written):
+# give it 25 s (docker stop -t 25, Compose stop_grace_period, Kubernetes' default 30 s).
 ENV GATEWAY_DATABASE_URL=sqlite:////var/lib/assist-gateway/gateway.sqlite3 \
+    GATEWAY_WORKERS=1 \
+    GATEWAY_THREADS=8 \
     PYTHONUNBUFFERED=1
+STOPSIGNAL SIGTERM
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --retries=3 \
   CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2).status == 200 else 1)"

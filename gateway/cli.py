@@ -49,10 +49,22 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true",
                        help="print a JSON array, one object per country")
 
-    serve = sub.add_parser("serve", help="serve the gateway with a WSGI server (waitress)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--threads", type=int, default=8)
+    serve = sub.add_parser(
+        "serve", help="serve the gateway (gunicorn on POSIX; waitress elsewhere)",
+        description="Serve the gateway: gunicorn (POSIX) with --workers processes of "
+                    "--threads threads, the read-only data loaded once and shared; or "
+                    "waitress (one process).  Several workers need PostgreSQL.  Each option "
+                    "also reads its variable: GATEWAY_HOST, GATEWAY_PORT, GATEWAY_WORKERS, "
+                    "GATEWAY_THREADS, GATEWAY_SERVER (the option wins).")
+    serve.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (default 8080)")
+    serve.add_argument("--workers", type=int, default=None,
+                       help="processes (default 1; more than one needs PostgreSQL)")
+    serve.add_argument("--threads", type=int, default=None,
+                       help="requests served at once per process (default 8)")
+    serve.add_argument("--server", choices=("gunicorn", "waitress"), default=None,
+                       help="gunicorn (default on POSIX) or waitress (one process; the "
+                            "default elsewhere)")
     serve.add_argument("--demo", action="store_true",
                        help="generate and print a demo auth token and vehicle API token if unset")
     serve.add_argument("--no-worker", action="store_true",
@@ -363,13 +375,12 @@ def _check_table(rows: list[dict[str, object]], out: TextIO) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import waitress
-
-    from gateway.app import create_app
+    from gateway import serving
 
     env = dict(os.environ)
+    options = serving.resolve_options(vars(args), env)
     if args.demo:
-        env.setdefault("GATEWAY_PUBLIC_URL", f"http://{args.host}:{args.port}")
+        env.setdefault("GATEWAY_PUBLIC_URL", f"http://{options.host}:{options.port}")
         if not env.get("GATEWAY_TWILIO_AUTH_TOKEN"):
             env["GATEWAY_TWILIO_AUTH_TOKEN"] = secrets.token_hex(16)
             print(f"demo Twilio auth token: {env['GATEWAY_TWILIO_AUTH_TOKEN']}", flush=True)
@@ -377,8 +388,30 @@ def _serve(args: argparse.Namespace) -> int:
             env["GATEWAY_VEHICLE_API_TOKENS"] = secrets.token_hex(16)
             print(f"demo vehicle API token: {env['GATEWAY_VEHICLE_API_TOKENS']}", flush=True)
     settings = Settings.from_env(env)
-    app = create_app(settings, start_worker=not args.no_worker)
-    print(f"assist-gateway serving on http://{args.host}:{args.port} "
-          f"(database {settings.database_url.split('@')[-1]})", flush=True)
-    waitress.serve(app, host=args.host, port=args.port, threads=args.threads, ident="assist-gateway")
+    refused = serving.refusal(settings, options)
+    if refused:
+        print(f"serve: {refused}", file=sys.stderr)
+        return 2
+    where = (f"http://{options.bind} (database {settings.database_url.split('@')[-1]}; "
+             f"{options.server}, {options.workers} worker(s) x {options.threads} threads)")
+    if options.server == "waitress":
+        import waitress
+
+        from gateway.app import create_app
+
+        app = create_app(settings, start_worker=options.start_worker)
+        print(f"assist-gateway serving on {where}", flush=True)
+        waitress.serve(app, host=options.host, port=options.port, threads=options.threads,
+                       ident="assist-gateway")
+        return 0
+    metrics_dir = serving.private_metrics_dir(options, os.environ)
+    try:
+        server = serving.GatewayServer(settings, options)
+        print(f"assist-gateway serving on {where}", flush=True)
+        server.run()
+    finally:
+        if metrics_dir:
+            import shutil
+
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0

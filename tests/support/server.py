@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlencode
 
 import requests
 
@@ -43,6 +44,48 @@ class GatewayProcess:
 
     def logs(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    @property
+    def port(self) -> int:
+        return int(self.base_url.rsplit(":", 1)[1])
+
+    def worker_pids(self) -> list[int]:
+        """The serving processes under this one (gunicorn's workers; none under waitress)."""
+        return children_of(self.process.pid)
+
+    def raw_webhook(self, path: str, params: Mapping[str, str]) -> bytes:
+        """A signed webhook as the bytes of one HTTP/1.1 request (for tests that send it
+        in pieces, on a socket of their own)."""
+        body = urlencode(params).encode()
+        head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
+                "Content-Type: application/x-www-form-urlencoded\r\n"
+                f"X-Twilio-Signature: {signature(self.base_url + path, params)}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+        return head.encode() + body
+
+
+def children_of(pid: int) -> list[int]:
+    """Live processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def gateway_env(tmp: Path, port: int, **extra: str) -> dict[str, str]:
@@ -91,7 +134,8 @@ def wait_ready(gateway: GatewayProcess, timeout: float = 30.0) -> None:
         try:
             if requests.get(gateway.base_url + "/readyz", timeout=1).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):
+            # gunicorn listens before its worker is ready: connections wait in the backlog
             pass
         time.sleep(0.1)
     raise RuntimeError(f"gateway not ready after {timeout}s:\n{gateway.logs()}")
