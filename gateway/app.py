@@ -200,9 +200,9 @@ def create_app(
         notifier.start_thread()
         command_queue.start_thread()
 
-    from gateway.views import admin, agent, ivr, ops, vehicle, voice
+    from gateway.views import admin, agent, ivr, openapi, ops, vehicle, voice
 
-    for module in (ops, vehicle, voice, ivr, agent, admin):
+    for module in (ops, vehicle, voice, ivr, agent, admin, openapi):
         app.register_blueprint(module.bp)
     _request_hooks(app, metrics)
 

@@ -17,7 +17,6 @@ from flask import Blueprint, g, jsonify, request, url_for
 from gateway.app import services
 from gateway.errors import StoreError, ValidationError
 from gateway.owners import (
-    PIN_FORMAT_MESSAGE,
     LockoutState,
     UnknownVehicleError,
     Vehicle,
@@ -25,6 +24,8 @@ from gateway.owners import (
     parse_changes,
     parse_record,
 )
+from gateway.schemas import admin as schemas
+from gateway.schemas.base import M, read_json, validate
 from gateway.security import admin_token
 
 log = logging.getLogger(__name__)
@@ -45,12 +46,17 @@ class _BodyError(Exception):
 
 
 def _body() -> dict[str, Any]:
+    """The JSON body, read strictly (no NaN/Infinity, bounded numbers and nesting)."""
     if not request.is_json:
         raise _BodyError(415, "unsupported_media_type", "send the body as application/json")
-    body = request.get_json(silent=True)
+    body = read_json(request.get_data())
     if not isinstance(body, dict):
         raise ValidationError({"body": "must be a JSON object"})
     return body
+
+
+def _validated(model: type[M]) -> M:
+    return validate(model, _body())
 
 
 def _actor() -> str:
@@ -155,15 +161,7 @@ def update_vehicle(vin: str) -> Any:
 @admin_token
 def set_pin(vin: str) -> Any:
     """Set or reset the owner's PIN (``{"pin": "4 to 8 digits"}``); clears any lockout."""
-    body = _body()
-    pin = body.pop("pin", None)
-    errors = {str(k)[:64]: "unknown field" for k in body}
-    if pin is None:
-        errors["pin"] = "required"
-    elif not isinstance(pin, str):
-        errors["pin"] = PIN_FORMAT_MESSAGE + ", given as a JSON string"
-    if errors:
-        raise ValidationError(errors)
+    pin = _validated(schemas.PinIn).pin
     vehicle = _vehicle_or_404(vin)
     services().vehicles.set_pin(vehicle.vin, pin, actor=_actor())  # hashed there, at once
     del pin
@@ -175,12 +173,9 @@ def set_pin(vin: str) -> Any:
 @admin_token
 def unlock_pin(vin: str) -> Any:
     """Clear the PIN failures and any lock; ``reason`` (1-200 characters) is audited."""
-    body = _body()
-    errors = {str(k)[:64]: "unknown field" for k in body if k != "reason"}
-    if errors:
-        raise ValidationError(errors)
+    reason = _validated(schemas.UnlockIn).reason
     vehicle = _vehicle_or_404(vin)
-    services().vehicles.unlock_pin(vehicle.vin, actor=_actor(), reason=body.get("reason"))
+    services().vehicles.unlock_pin(vehicle.vin, actor=_actor(), reason=reason)
     log.info("%s cleared the PIN lockout of vehicle %s", _actor(), vehicle.vin)
     return jsonify(_vehicle_json(_vehicle_or_404(vehicle.vin)))
 

@@ -25,6 +25,8 @@ from gateway.errors import (
 )
 from gateway.incidents import incident_answer, mark_incident
 from gateway.owners import UnknownVehicleError
+from gateway.schemas import agent as schemas
+from gateway.schemas.base import M, parse
 from gateway.security import agent_role
 
 log = logging.getLogger(__name__)
@@ -38,15 +40,10 @@ def _error(status: int, error: str, detail: str, **extra: Any) -> Any:
     return response
 
 
-def _body(*required: str) -> dict[str, Any]:
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise ValidationError({"body": "must be a JSON object"})
-    missing = {k: "required: a non-empty string" for k in required
-               if not isinstance(body.get(k), str) or not body[k].strip()}
-    if missing:
-        raise ValidationError(missing)
-    return body
+def _body(model: type[M], *, optional: bool = False) -> M:
+    """The body read strictly (no NaN, bounded nesting) and validated by ``model``;
+    ``optional``: an empty body counts as ``{}``."""
+    return parse(model, request.get_data(), empty={} if optional else None)
 
 
 def _actor() -> str:
@@ -120,12 +117,12 @@ def dispatch(incident_id: str) -> Any:
     """Record that emergency services were dispatched; answer the route for the place."""
     svc = services()
     incident = _incident_or_404(incident_id)
-    body = request.get_json(silent=True) or {}
+    body = _body(schemas.DispatchIn, optional=True)
     route = emergency_route(incident["route_country"], svc.plan,
                             svc.settings.emergency_caller_ids)
     mark_incident(svc.store, incident, status="dispatched", actor=_actor(),
                   action="emergency_dispatched", now=_now(),
-                  detail={"note": str(body.get("note", ""))[:200], "route_country": route.country})
+                  detail={"note": (body.note or "")[:200], "route_country": route.country})
     return jsonify(incident_id=incident_id, status="dispatched", country=route.country,
                    emergency_number=route.emergency_number, fallback_dial=route.fallback_dial,
                    why=route.why)
@@ -139,9 +136,9 @@ def misuse(incident_id: str) -> Any:
     incident = _incident_or_404(incident_id)
     if incident["type"] != "sos":
         return _error(409, "not_sos", "only an SOS incident can be marked as misuse")
-    body = _body("reason")
+    body = _body(schemas.MisuseIn)
     mark_incident(svc.store, incident, status="misuse", actor=_actor(), action="sos_misuse",
-                  now=_now(), detail={"reason": body["reason"][:200], "chargeable": True})
+                  now=_now(), detail={"reason": body.reason[:200], "chargeable": True})
     return jsonify(incident_id=incident_id, status="misuse", chargeable=True)
 
 
@@ -168,14 +165,14 @@ def _command(vin: str, command: str, **params: Any) -> Any:
 @bp.post("/vehicles/<vin>/immobilise")
 @agent_role("immobilise")
 def immobilise(vin: str) -> Any:
-    body = _body("authority_reference")
+    body = _body(schemas.ImmobiliseIn)
     svc = services()
     _vehicle_or_404(vin)
-    failed = _command(vin, "immobilise", authority_reference=body["authority_reference"])
+    failed = _command(vin, "immobilise", authority_reference=body.authority_reference)
     if failed is not None:
         return failed
     vehicle = svc.vehicles.immobilise(vin, actor=_actor(),
-                                      authority_reference=body["authority_reference"])
+                                      authority_reference=body.authority_reference)
     return jsonify(_vehicle_json(vehicle))
 
 
@@ -183,10 +180,7 @@ def immobilise(vin: str) -> Any:
 @agent_role("immobilise")
 def reactivate(vin: str) -> Any:
     """Only with the owner's PIN (read to the agent by the owner)."""
-    body = request.get_json(silent=True)
-    pin = body.get("pin") if isinstance(body, dict) else None
-    if not isinstance(pin, str):
-        raise ValidationError({"pin": "required: the owner's PIN as a string of digits"})
+    pin = _body(schemas.ReactivateIn).pin
     svc = services()
     _vehicle_or_404(vin)
     result = svc.vehicles.reactivate(vin, actor=_actor(), pin=pin)
@@ -211,7 +205,7 @@ def start_tracking(vin: str) -> Any:
     Everything is validated before the car gets a command.  A replay while tracking
     sends no command and no second police notification (one per tracking session).
     """
-    reference = theft.check_police_reference(_body("police_reference")["police_reference"])
+    reference = theft.check_police_reference(_body(schemas.TrackingIn).police_reference)
     svc = services()
     vehicle = _vehicle_or_404(vin)
     if not vehicle.tracking:
@@ -236,10 +230,7 @@ def start_tracking(vin: str) -> Any:
 @agent_role("dispatch")
 def stop_tracking(vin: str) -> Any:
     """Stop tracking (optional ``reason``); 409 if the vehicle is not being tracked."""
-    body = request.get_json(silent=True) if request.get_data() else None
-    if request.get_data() and body is None:
-        raise ValidationError({"body": "must be a JSON object"})
-    reason = theft.stop_reason(body)
+    reason = theft.stop_reason(_body(schemas.StopTrackingIn, optional=True).model_dump())
     svc = services()
     vehicle = _vehicle_or_404(vin)
     if not vehicle.tracking:
