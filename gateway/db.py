@@ -27,7 +27,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -78,6 +77,21 @@ class Job:
                 self._sock = None
 
 
+class _Call:
+    """One job handed to a worker: ``done`` is released when its outcome is set (a bare
+    lock is the cheapest hand-off back to the waiting thread)."""
+
+    __slots__ = ("done", "error", "fn", "job", "result")
+
+    def __init__(self, fn: Callable[[Job], Any]) -> None:
+        self.fn = fn
+        self.job = Job()
+        self.done = threading.Lock()
+        self.done.acquire()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
 class DeadlineRunner:
     def __init__(self, *, workers: int = 8, suspect_s: float = 2.0, idle_s: float = 30.0,
                  name: str = "db-deadline", clock: Callable[[], float] = time.monotonic) -> None:
@@ -87,8 +101,7 @@ class DeadlineRunner:
         self.name = name
         self.clock = clock
         self._lock = threading.Lock()
-        self._queue: queue.SimpleQueue[tuple[Callable[[Job], Any], Job, Future[Any]]] = (
-            queue.SimpleQueue())
+        self._queue: queue.SimpleQueue[_Call] = queue.SimpleQueue()
         self._busy = 0  # jobs admitted and not finished (running, or about to)
         self._alive = 0  # worker threads; invariant: _alive >= _busy
         self._suspect_until: float | None = None
@@ -104,18 +117,21 @@ class DeadlineRunner:
         """``fn(job)`` on a worker thread; its result, its exception, or StoreError."""
         deadline = time.monotonic() + timeout_s
         probe = self._admit()
-        job, future = Job(), Future[Any]()
-        self._queue.put((fn, job, future))
+        call = _Call(fn)
+        self._queue.put(call)
         try:
-            result: T = future.result(timeout=max(0.0, deadline - time.monotonic()))
-        except TimeoutError:
-            job.abandon()
-            self._timed_out(probe)
-            raise StoreError(f"database did not answer within {timeout_s:.2f} s") from None
-        except BaseException:
+            finished = call.done.acquire(timeout=max(0.0, deadline - time.monotonic()))
+        except BaseException:  # interrupted while waiting: the database did not fail
             self._answered(probe)
             raise
+        if not finished:
+            call.job.abandon()
+            self._timed_out(probe)
+            raise StoreError(f"database did not answer within {timeout_s:.2f} s") from None
         self._answered(probe)
+        if call.error is not None:
+            raise call.error
+        result: T = call.result
         return result
 
     # -- admission and the suspect window ----------------------------------------------
@@ -169,7 +185,7 @@ class DeadlineRunner:
     def _worker(self) -> None:
         while True:
             try:
-                fn, job, future = self._queue.get(timeout=self.idle_s)
+                call = self._queue.get(timeout=self.idle_s)
             except queue.Empty:
                 with self._lock:
                     if self._alive > self._busy:  # a spare thread: leave
@@ -177,13 +193,14 @@ class DeadlineRunner:
                         return
                 continue
             try:
-                if future.set_running_or_notify_cancel():
-                    try:
-                        future.set_result(fn(job))
-                    except BaseException as exc:  # noqa: BLE001 -- handed to the caller
-                        future.set_exception(exc)
+                try:
+                    call.result = call.fn(call.job)
+                except BaseException as exc:  # noqa: BLE001 -- handed to the caller
+                    call.error = exc
+                finally:
+                    call.done.release()
             finally:
-                job.finish()
+                call.job.finish()
                 with self._lock:
                     self._busy -= 1
 
