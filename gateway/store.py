@@ -472,19 +472,29 @@ def _voice_query(n_steps: int, n_types: int) -> sa.Select[Any]:
 def insert_ignore(conn: Connection, table: sa.Table, values: Mapping[str, Any]) -> bool:
     """INSERT ... ON CONFLICT DO NOTHING; True if the row is new.  No error, no
     savepoint: the surrounding transaction stays usable on a conflict."""
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
+    key = (conn.dialect.name, table)
+    statement = _INSERT_IGNORE.get(key)
+    if statement is None:
+        if conn.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-        statement: Any = pg_insert(table).values(**values).on_conflict_do_nothing()
-    elif conn.dialect.name == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+            statement = pg_insert(table).on_conflict_do_nothing()
+        elif conn.dialect.name == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-        statement = sqlite_insert(table).values(**values).on_conflict_do_nothing()
-    else:
-        raise StoreError(f"insert_ignore: unsupported database {conn.dialect.name}")
-    # RETURNING, not rowcount: rowcount is unreliable once SQLAlchemy adds RETURNING itself
-    returning = statement.returning(*table.primary_key.columns)
-    return conn.execute(returning).first() is not None
+            statement = sqlite_insert(table).on_conflict_do_nothing()
+        else:
+            raise StoreError(f"insert_ignore: unsupported database {conn.dialect.name}")
+        # RETURNING, not rowcount: rowcount is unreliable once SQLAlchemy adds RETURNING
+        statement = statement.returning(*table.primary_key.columns)
+        _INSERT_IGNORE[key] = statement
+    # the values as parameters: the statement (and its compiled form, by the columns
+    # given) is reused, never rebuilt around each row's values
+    return conn.execute(statement, dict(values)).first() is not None
+
+
+#: insert_ignore's statements by (dialect name, table)
+_INSERT_IGNORE: dict[tuple[str, sa.Table], Any] = {}
 
 
 def write_step(conn: Connection, *, call_sid: str, step: str, incident_id: str | None,
