@@ -231,6 +231,10 @@ class StepWriter:
         new = self.store.within(lambda conn: self._write(conn, record, now, enqueue),
                                 timeout_s=self.write_timeout_s)
         self._count("steps_written" if new else "steps_replayed")
+        if new and record.twiml:  # committed: a replay of it needs no database read
+            self.store.remember_step(call_sid=record.call_sid, step=record.step,
+                                     incident_id=record.incident_id, twiml=record.twiml,
+                                     detail=record.detail, created_at=now)
         return new
 
     def _write(self, conn: Connection, record: StepRecord, now: dt.datetime,

@@ -16,7 +16,10 @@ hung server blocks as long as the query would).
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -155,9 +158,11 @@ class Store:
     """All database access goes through here; methods raise StoreError, nothing else."""
 
     def __init__(self, engine: Engine, *, deadline_workers: int = 8,
-                 suspect_s: float = 2.0) -> None:
+                 suspect_s: float = 2.0, known_steps: int = 4096) -> None:
         self.engine = engine
         self.deadline = DeadlineRunner(workers=deadline_workers, suspect_s=suspect_s)
+        #: steps this process wrote or read with their TwiML (a stored step never changes)
+        self.known_steps = KnownSteps(known_steps)
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> Store:
@@ -283,13 +288,22 @@ class Store:
 
     def voice_lookup(self, *, call_sid: str, steps: Sequence[str], msisdn: str | None,
                      since: dt.datetime, types: Sequence[str],
-                     timeout_s: float = 0.3) -> VoiceLookup:
+                     timeout_s: float = 0.3, replay_first: bool = False) -> VoiceLookup:
         """The stored ``steps`` of this call and the caller's incident: one statement.
 
         The incident is the newest of ``msisdn`` with a type in ``types`` received at or
-        after ``since``, whatever its status; crash and SOS win over other types."""
+        after ``since``, whatever its status; crash and SOS win over other types.
+
+        With ``replay_first`` the first of ``steps`` is the step being answered: when
+        this process already wrote or read it with its TwiML (a replay: the caller
+        answers with that TwiML and needs nothing else), the answer is that step alone,
+        from memory (:class:`KnownSteps`), with no incident and no database read."""
         step_names = [name for name in steps if name]
         want_steps = bool(call_sid and step_names)
+        if want_steps and replay_first:
+            known = self.known_steps.get(call_sid, step_names[0])
+            if known is not None:
+                return VoiceLookup(steps={step_names[0]: known}, incident=None)
         want_incident = bool(msisdn and types)
         if not want_steps and not want_incident:
             return VoiceLookup(steps={}, incident=None)
@@ -312,6 +326,7 @@ class Store:
                 data = _row(row) or {}
                 if data.get("s_step") is not None:
                     found[data["s_step"]] = {name: data[f"s_{name}"] for name in STEP_FIELDS}
+                    self.known_steps.put(call_sid, found[data["s_step"]])
                 if incident is None and data.get("i_id") is not None:
                     incident = {key[2:]: value for key, value in data.items()
                                 if key.startswith("i_")}
@@ -341,9 +356,24 @@ class Store:
 
         Returns False when the step was already stored (a Twilio retry)."""
         now = utcnow()
-        return self.within(lambda conn: write_step(
+        created = self.within(lambda conn: write_step(
             conn, call_sid=call_sid, step=step, incident_id=incident_id, twiml=twiml,
             detail=detail, decision=decision, now=now), timeout_s=timeout_s)
+        if created:
+            self.remember_step(call_sid=call_sid, step=step, incident_id=incident_id,
+                               twiml=twiml, detail=detail, created_at=now)
+        return created
+
+    def remember_step(self, *, call_sid: str, step: str, incident_id: str | None, twiml: str,
+                      detail: Mapping[str, Any], created_at: dt.datetime) -> None:
+        """A step this process has just stored (its write committed and was new): a
+        replay of it is answered from memory.  Call only after the commit."""
+        try:
+            stored_detail = json.loads(json.dumps(dict(detail)))  # as the JSON column returns it
+        except Exception:  # noqa: BLE001 -- never fail a committed write
+            return  # not stored as given: let the database say what it holds
+        self.known_steps.put(call_sid, {"step": step, "twiml": twiml, "detail": stored_detail,
+                                        "incident_id": incident_id, "created_at": created_at})
 
     def claim_step(self, call_sid: str, step: str, *, timeout_s: float = 2.0
                    ) -> tuple[bool, str | None]:
@@ -424,6 +454,34 @@ class Store:
 
 #: what voice_lookup returns of each stored step (and the step name itself)
 STEP_FIELDS = ("step", "twiml", "detail", "incident_id", "created_at")
+
+
+class KnownSteps:
+    """Stored call steps with their TwiML, by (CallSid, step), the newest ``size``.
+
+    A stored step never changes: ``call_steps`` is only inserted into (insert-or-ignore
+    on the unique CallSid + step) and a claimed step's TwiML is set once, while still
+    NULL.  So once a step is known stored with its TwiML, a replay can be answered from
+    memory; a step without TwiML (claimed, still at work) is never kept."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = max(0, size)
+        self._lock = threading.Lock()
+        self._steps: OrderedDict[tuple[str, str], Mapping[str, Any]] = OrderedDict()
+
+    def get(self, call_sid: str, step: str) -> Mapping[str, Any] | None:
+        return self._steps.get((call_sid, step))
+
+    def put(self, call_sid: str, fields: Mapping[str, Any]) -> None:
+        if not call_sid or not fields.get("twiml") or not self.size:
+            return
+        key = (call_sid, str(fields["step"]))
+        with self._lock:
+            if key in self._steps:
+                return  # the first stored answer stays
+            while len(self._steps) >= self.size:
+                self._steps.popitem(last=False)  # the oldest
+            self._steps[key] = dict(fields)
 
 
 #: voice_lookup's statements by (number of step names, number of incident types): built
