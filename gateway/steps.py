@@ -2,7 +2,8 @@
 
 A voice view decides, answers Twilio, and hands a :class:`StepRecord` to the app's
 :class:`StepWriter` (``submit`` never blocks and never raises).  One writer thread
-writes the records in order, each in one transaction:
+writes the records in order, those queued together (up to ``batch_max``) in one
+transaction, and for each record:
 
 - the ``call_steps`` row (unique ``call_sid`` + ``step``); if it already exists (a
   Twilio retry, or our own retry of a write whose commit we did not see) nothing else
@@ -16,17 +17,22 @@ thread.  A database error is retried (exponential back-off with jitter, capped a
 ``retry_max_s``) for as long as the writer runs, without reordering; meanwhile
 submissions keep queueing up to ``max_queue`` records, then new ones are dropped,
 counted and logged.  A record that can never be written (a constraint or data error,
-a bug) is logged and dropped so it cannot wedge the queue.
+a bug) is logged and dropped so it cannot wedge the queue: a batch that fails so is
+written again one record per transaction, which finds it.
+
+Batching is what lets the writer keep up under load: one transaction (one commit, one
+deadline hand-off) per batch instead of per record.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,11 +73,16 @@ def transient(exc: BaseException) -> bool:
 class StepWriter:
     def __init__(self, store: Store, *, health: Any = None, metrics: Any = None,
                  max_queue: int = 10000, retry_max_s: float = 5.0,
-                 write_timeout_s: float = 3.0, autostart: bool = True) -> None:
+                 write_timeout_s: float = 3.0, autostart: bool = True,
+                 batch_max: int = 100) -> None:
         self.store = store
         self.health = health
         self.metrics = metrics
         self.max_queue = max_queue
+        self.batch_max = max(1, batch_max)
+        #: after a batch failed for good, write one record per transaction until this
+        #: many records are finished (the bad record is found and dropped on its own)
+        self._single_until = 0
         self.retry_max_s = retry_max_s
         self.write_timeout_s = write_timeout_s
         self._wait = wait_exponential_jitter(multiplier=0.05, max=retry_max_s,
@@ -182,13 +193,15 @@ class StepWriter:
         return self._finished >= target
 
     def _write_head(self, *, deadline: float | None) -> bool:
-        """Write the oldest record, retrying database errors until ``deadline`` (None:
-        until the writer stops).  False if nothing was done: the record stays first."""
+        """Write the oldest records (up to ``batch_max``, in one transaction), retrying
+        database errors until ``deadline`` (None: until the writer stops).  False if
+        nothing was done: the records stay first."""
         with self._consumer:
             with self._cond:
                 if not self._queue:
                     return False
-                record = self._queue[0]
+                size = 1 if self._finished < self._single_until else self.batch_max
+                batch = list(itertools.islice(self._queue, size))
 
             def give_up(state: RetryCallState) -> bool:
                 return self._stopping.is_set() or (
@@ -204,16 +217,22 @@ class StepWriter:
                 wait=self._wait,
                 stop=give_up, sleep=sleep, before_sleep=self._retrying, reraise=True)
             try:
-                retrying(self.write_now, record)
+                retrying(self.write_batch, batch)
             except Exception as exc:
                 if transient(exc):
-                    return False  # stopped or out of time: keep it for later
+                    return False  # stopped or out of time: keep them for later
+                if len(batch) > 1:  # one of them can never be written: find it alone
+                    with self._cond:
+                        self._single_until = self._finished + len(batch)
+                    return True
+                record = batch[0]
                 log.exception("step %s of %s can never be written: dropped",
                               record.step, record.call_sid)
                 self._count("steps_dropped", "unwritable")
             with self._cond:
-                self._queue.popleft()
-                self._finished += 1
+                for _ in batch:
+                    self._queue.popleft()
+                self._finished += len(batch)
                 depth = len(self._queue)
                 self._cond.notify_all()
             self._gauge(depth)
@@ -222,20 +241,28 @@ class StepWriter:
     def write_now(self, record: StepRecord) -> bool:
         """Write one record now (one transaction, with a deadline); True if the step
         is new.  Raises StoreError (and whatever a command or health feed raises)."""
+        return self.write_batch([record])[0]
+
+    def write_batch(self, records: Sequence[StepRecord]) -> list[bool]:
+        """Write records now, in order, in one transaction with a deadline; for each,
+        True if its step is new.  All or nothing: raises StoreError (and whatever a
+        command or health feed raises)."""
         now = utcnow()
         enqueue: Callable[..., bool] | None = None
-        if record.command is not None:
+        if any(record.command is not None for record in records):
             from gateway.commands import enqueue_command
 
             enqueue = enqueue_command
-        new = self.store.within(lambda conn: self._write(conn, record, now, enqueue),
-                                timeout_s=self.write_timeout_s)
-        self._count("steps_written" if new else "steps_replayed")
-        if new and record.twiml:  # committed: a replay of it needs no database read
-            self.store.remember_step(call_sid=record.call_sid, step=record.step,
-                                     incident_id=record.incident_id, twiml=record.twiml,
-                                     detail=record.detail, created_at=now)
-        return new
+        news: list[bool] = self.store.within(
+            lambda conn: [self._write(conn, record, now, enqueue) for record in records],
+            timeout_s=self.write_timeout_s)
+        for record, new in zip(records, news, strict=True):
+            self._count("steps_written" if new else "steps_replayed")
+            if new and record.twiml:  # committed: a replay of it needs no database read
+                self.store.remember_step(call_sid=record.call_sid, step=record.step,
+                                         incident_id=record.incident_id, twiml=record.twiml,
+                                         detail=record.detail, created_at=now)
+        return news
 
     def _write(self, conn: Connection, record: StepRecord, now: dt.datetime,
                enqueue: Callable[..., bool] | None) -> bool:

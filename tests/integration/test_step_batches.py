@@ -1,6 +1,8 @@
-"""The steps a replay may read from memory.
+"""The step writer's batches and the steps a replay may read from memory.
 
-A step this process stored (or read) with its TwiML is known: a
+Queued records are written together, one transaction per batch; a batch holding a
+record that can never be written is written again one record at a time, so only that
+record is dropped.  A step this process stored (or read) with its TwiML is known: a
 ``voice_lookup(..., replay_first=True)`` of it reads no database.
 """
 
@@ -15,10 +17,10 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from gateway.centre_health import CentreHealth
+from gateway.centre_health import CentreHealth, centre_health
 from gateway.metrics import Metrics
 from gateway.steps import StepRecord, StepWriter
-from gateway.store import KnownSteps, Store
+from gateway.store import KnownSteps, Store, call_steps, routing_decisions
 
 SINCE = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 
@@ -50,6 +52,56 @@ def writer_for(store: Store, **kwargs: Any) -> tuple[StepWriter, Metrics]:
                           clock=time.time)
     metrics = Metrics()
     return StepWriter(store, health=health, metrics=metrics, autostart=False, **kwargs), metrics
+
+
+def count(store: Store, table: sa.Table) -> int:
+    with store.begin() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(table)).scalar() or 0)
+
+
+def failures(store: Store) -> int:
+    with store.begin() as conn:
+        return int(conn.execute(sa.select(centre_health.c.failures).where(
+            centre_health.c.key == "eu-primary")).scalar() or 0)
+
+
+def commits(store: Store) -> list[object]:
+    seen: list[object] = []
+    sa.event.listen(store.engine, "commit", seen.append)
+    return seen
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_queued_records_are_written_in_one_transaction_per_batch(store: Store) -> None:
+    writer, metrics = writer_for(store, batch_max=10)
+    for n in range(25):
+        writer.submit(record(n))
+    writer.submit(record(3))  # a Twilio retry queued with the first: not new
+    seen = commits(store)
+    assert writer.flush(timeout=10)
+    assert len(seen) == 3  # 10 + 10 + 6 records
+    assert count(store, call_steps) == 25 and count(store, routing_decisions) == 25
+    assert failures(store) == 25  # each new step fed the line once, the retry did not
+    assert sample(metrics, "gateway_steps_written_total") == 25
+    assert sample(metrics, "gateway_steps_replayed_total") == 1
+    assert writer.depth == 0
+
+
+def test_a_batch_with_an_unwritable_record_drops_only_that_record(store: Store) -> None:
+    writer, metrics = writer_for(store, batch_max=10)
+    writer.submit(record(1))
+    writer.submit(record(2, decision={"target": "centre", "reason": None}))  # NOT NULL
+    for n in range(3, 13):
+        writer.submit(record(n))
+    assert writer.flush(timeout=10)
+    assert store.call_step("CA1", "dial-result:2") is None
+    assert count(store, call_steps) == 11
+    assert failures(store) == 11  # the failed batch fed nothing: it was rolled back
+    assert sample(metrics, "gateway_steps_dropped_total", reason="unwritable") == 1
+    assert sample(metrics, "gateway_steps_written_total") == 11
 
 
 def test_a_stored_step_is_replayed_from_memory_only_when_asked(store: Store) -> None:
