@@ -160,6 +160,11 @@ class Store:
     def __init__(self, engine: Engine, *, deadline_workers: int = 8,
                  suspect_s: float = 2.0, known_steps: int = 4096) -> None:
         self.engine = engine
+        #: PostgreSQL: the same pool, each connection in autocommit mode while checked
+        #: out (SQLite has no round trips to save, and an in-memory database shares one
+        #: connection between threads)
+        self._autocommit = (engine.execution_options(isolation_level="AUTOCOMMIT")
+                            if engine.dialect.name == "postgresql" else None)
         self.deadline = DeadlineRunner(workers=deadline_workers, suspect_s=suspect_s)
         #: steps this process wrote or read with their TwiML (a stored step never changes)
         self.known_steps = KnownSteps(known_steps)
@@ -181,8 +186,13 @@ class Store:
         except SQLAlchemyError as exc:
             raise StoreError(f"database error: {type(exc).__name__}") from exc
 
-    def within(self, fn: Callable[[Connection], T], *, timeout_s: float) -> T:
+    def within(self, fn: Callable[[Connection], T], *, timeout_s: float,
+               single_read: bool = False) -> T:
         """``fn(conn)`` in one transaction, waiting at most ``timeout_s``.
+
+        ``single_read``: ``fn`` runs one SELECT, so on PostgreSQL it runs in autocommit
+        mode, without a transaction around it: one round trip instead of BEGIN, SELECT,
+        COMMIT (the statement still reads one snapshot).
 
         Raises StoreError on any database error, on the deadline (the work is
         abandoned and its connection shut down), and at once when every deadline slot
@@ -190,6 +200,10 @@ class Store:
 
         def job(handle: Job) -> T:
             try:
+                if single_read and self._autocommit is not None:
+                    with self._autocommit.connect() as conn:
+                        handle.attach(socket_of(conn))
+                        return fn(conn)
                 with self.engine.begin() as conn:
                     handle.attach(socket_of(conn))
                     return fn(conn)
@@ -318,7 +332,8 @@ class Store:
             params["vl_msisdn"] = msisdn
             params["vl_since"] = since
             params.update((f"vl_type_{i}", kind) for i, kind in enumerate(types))
-        rows = self.within(lambda conn: conn.execute(query, params).all(), timeout_s=timeout_s)
+        rows = self.within(lambda conn: conn.execute(query, params).all(), timeout_s=timeout_s,
+                           single_read=True)
         found: dict[str, Mapping[str, Any]] = {}
         incident: dict[str, Any] | None = None
         try:
