@@ -129,10 +129,10 @@ def create_app(
     problems: dict[str, str] = {}
     if store is None:
         store = Store.from_url(settings.database_url)
-        try:
+        try:  # the migrations, under a database lock: instances may start together
             store.create_schema()
-        except GatewayError as exc:
-            log.error("database unavailable at start-up: %s", exc)
+        except GatewayError as exc:  # the emergency path still serves; /readyz says why
+            log.error("database schema not brought up to date at start-up: %s", exc)
             problems["database"] = str(exc)
     if plan is _UNSET:
         plan = load_plan_or_none(settings, problems)

@@ -77,7 +77,14 @@ def _parser() -> argparse.ArgumentParser:
                              "GATEWAY_WORKER_METRICS_PORT; unset: no metrics server)")
     worker.add_argument("--metrics-host", default="127.0.0.1",
                         help="address of the metrics server (default 127.0.0.1)")
-    sub.add_parser("init-db", help="create the database tables")
+    sub.add_parser("init-db", help="same as db upgrade (kept for existing scripts)")
+
+    db = sub.add_parser("db", help="the database schema (migrations; serve and worker "
+                                   "upgrade it at start)")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    db_sub.add_parser("upgrade", help="bring GATEWAY_DATABASE_URL to the newest revision "
+                                      "(safe while other instances start or run)")
+    db_sub.add_parser("current", help="the revision of GATEWAY_DATABASE_URL and the newest one")
 
     simulate = sub.add_parser(
         "simulate", help="play the car and Twilio against a gateway (a demo one without --url) "
@@ -130,11 +137,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _vehicles_import(args, sys.stdout, sys.stderr)
         if args.command == "simulate":
             return _simulate(args)
-        if args.command == "init-db":
-            from gateway.store import Store
+        if args.command == "init-db" or (args.command == "db" and args.db_command == "upgrade"):
+            from gateway.migrations import upgrade
 
-            Store.from_url(Settings.from_env(require_auth_token=False).database_url).create_schema()
+            result = upgrade(Settings.from_env(require_auth_token=False).database_url)
+            print(result.describe())
             return 0
+        if args.command == "db" and args.db_command == "current":
+            from gateway.migrations import status
+
+            found = status(Settings.from_env(require_auth_token=False).database_url)
+            print(found.describe())
+            return 1 if found.problems else 0
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2

@@ -215,11 +215,12 @@ class Store:
         return self.deadline.run(job, timeout_s=timeout_s)
 
     def create_schema(self) -> None:
-        register_tables()
-        try:
-            metadata.create_all(self.engine)
-        except SQLAlchemyError as exc:
-            raise StoreError(f"could not create schema: {type(exc).__name__}") from exc
+        """Bring the database to the current schema: the migrations
+        (:func:`gateway.migrations.upgrade_engine`), under a database lock, so instances
+        starting together are safe.  Raises StoreError (MigrationError) on failure."""
+        from gateway.migrations import upgrade_engine
+
+        upgrade_engine(self.engine)
 
     def ping(self, *, timeout_s: float = 1.0) -> None:
         self.within(lambda conn: conn.execute(sa.text("SELECT 1")), timeout_s=timeout_s)

@@ -172,3 +172,50 @@ def test_check_refuses_a_plan_without_an_emergency_number(tmp_path: Path) -> Non
     result = gateway("check", env={"GATEWAY_NUMBER_PLAN": str(plan)}, cwd=tmp_path)
     assert result.returncode == 1
     assert "inbound.csv lists no emergency number" in result.stderr
+
+
+# -- db --------------------------------------------------------------------------------
+
+
+def test_db_upgrade_and_current_on_a_new_sqlite_database(tmp_path: Path) -> None:
+    from gateway.migrations import head
+
+    env = {"GATEWAY_DATABASE_URL": f"sqlite:///{tmp_path}/gateway.sqlite3"}
+    before = gateway("db", "current", env=env, cwd=tmp_path)
+    assert before.returncode == 0, before.stderr
+    assert before.stdout.startswith("none: an empty database")
+    upgraded = gateway("db", "upgrade", env=env, cwd=tmp_path)
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert upgraded.stdout.strip() == (f"database schema upgraded from an empty database to "
+                                       f"{head()} (applied 0001, 0002)")
+    assert gateway("db", "current", env=env, cwd=tmp_path).stdout.strip() == f"{head()} (head)"
+    again = gateway("init-db", env=env, cwd=tmp_path)  # the old name: the same upgrade
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == f"database schema at {head()} (head), nothing to apply"
+
+
+def test_db_upgrade_refuses_tables_of_no_revision(tmp_path: Path) -> None:
+    import sqlalchemy as sa
+
+    database = tmp_path / "gateway.sqlite3"
+    engine = sa.create_engine(f"sqlite:///{database}")
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE incidents (id VARCHAR(36) PRIMARY KEY)"))
+    engine.dispose()
+    env = {"GATEWAY_DATABASE_URL": f"sqlite:///{database}"}
+    current = gateway("db", "current", env=env, cwd=tmp_path)
+    assert current.returncode == 1 and "match no revision" in current.stdout
+    result = gateway("db", "upgrade", env=env, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: the database has the gateway's tables but no "
+                                    "migration history")
+    assert "Traceback" not in result.stderr
+
+
+def test_db_upgrade_names_a_database_it_cannot_reach(tmp_path: Path) -> None:
+    result = gateway("db", "upgrade", env={
+        "GATEWAY_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/nothing"}, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: database migration failed, nothing was changed")
+    assert "Traceback" not in result.stderr
+
