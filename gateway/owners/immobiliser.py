@@ -19,7 +19,7 @@ from gateway.owners.records import (
     normal_vin,
     vehicles,
 )
-from gateway.owners.records import reference as reference_text
+from gateway.owners.records import reference as reference_text  # the method has a `reference`
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,6 @@ class Reactivation:
     @property
     def ok(self) -> bool:
         return self.check.ok
-
 
 
 class ImmobiliserMixin(PinChecksMixin):
