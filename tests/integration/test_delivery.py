@@ -362,16 +362,15 @@ def test_postgres_claim_skips_rows_another_claimer_holds(pg_store: Store, plan: 
     for _ in range(3):
         record_event(parse_event(crash_event()), store=pg_store, locator=None, plan=plan,
                      extra_rows=outbox_rows)
-    with pg_store.engine.connect() as other:
-        with other.begin():
-            held = other.execute(sa.select(outbox.c.id).order_by(outbox.c.id).limit(1)
-                                 .with_for_update()).scalar_one()
-            started = time.monotonic()
-            claimed = OutboxWorker(pg_store, AcceptAll(), policy=FAST).claim(10)
-            took = time.monotonic() - started
-            assert held not in [r["id"] for r in claimed]
-            assert len(claimed) == 2
-            assert took < 1.0, took
+    with pg_store.engine.connect() as other, other.begin():
+        held = other.execute(sa.select(outbox.c.id).order_by(outbox.c.id).limit(1)
+                             .with_for_update()).scalar_one()
+        started = time.monotonic()
+        claimed = OutboxWorker(pg_store, AcceptAll(), policy=FAST).claim(10)
+        took = time.monotonic() - started
+        assert held not in [r["id"] for r in claimed]
+        assert len(claimed) == 2
+        assert took < 1.0, took
     later = OutboxWorker(pg_store, AcceptAll(), policy=FAST).claim(10)
     assert [r["id"] for r in later] == [held]
 
@@ -446,14 +445,13 @@ def test_exactly_one_instance_claims_the_probe(pg_store: Store, clock: Clock,
             with lock:
                 results.append(down)
 
-        with pg_store.engine.connect() as blocker:
-            with blocker.begin():
-                blocker.execute(sa.select(centre_health.c.key)
-                                .where(centre_health.c.key == line).with_for_update())
-                threads = [threading.Thread(target=ask, args=(h,)) for h in healths]
-                for t in threads:
-                    t.start()
-                wait_for(lambda: _lock_waiters(pg_store) >= 2, timeout=5)
+        with pg_store.engine.connect() as blocker, blocker.begin():
+            blocker.execute(sa.select(centre_health.c.key)
+                            .where(centre_health.c.key == line).with_for_update())
+            threads = [threading.Thread(target=ask, args=(h,)) for h in healths]
+            for t in threads:
+                t.start()
+            wait_for(lambda: _lock_waiters(pg_store) >= 2, timeout=5)
         for t in threads:
             t.join(timeout=10)
         assert sorted(len(r) for r in results) == [0, 1], results  # one probes, one skips
