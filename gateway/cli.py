@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
 import secrets
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from gateway import logs
+from gateway import __version__, logs
 from gateway.config import Settings
 from gateway.errors import ConfigError, GatewayError
 
@@ -32,6 +34,7 @@ def _coordinate(kind: str, limit: float):  # type: ignore[no-untyped-def]
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="assist-gateway", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     locate = sub.add_parser("locate", help="country and emergency route of a position (offline)")
@@ -119,14 +122,28 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logs.configure(os.environ.get("GATEWAY_LOG_LEVEL", "INFO"))
+    level = os.environ.get("GATEWAY_LOG_LEVEL", "").strip().upper() or "INFO"
+    if level not in LOG_LEVELS:
+        print(f"configuration error: GATEWAY_LOG_LEVEL: {level!r} is not one of "
+              f"{', '.join(LOG_LEVELS)}", file=sys.stderr)
+        return 2
+    logs.configure(level)
     try:
         if args.command == "locate":
             return _locate(args, sys.stdin, sys.stdout)
         if args.command == "check":
             return _check(args, sys.stdout, sys.stderr)
         if args.command == "serve":
-            return _serve(args)
+            host, port = _listen_address(args)
+            try:
+                _try_listen(host, port)  # before the app is built and the server's retries
+                return _serve(args)
+            except OSError as exc:
+                if not isinstance(exc, socket.gaierror) and exc.errno not in LISTEN_ERRORS:
+                    raise
+                print(f"error: cannot listen on {host}:{port}: {exc.strerror or exc}",
+                      file=sys.stderr)
+                return 2
         if args.command == "worker":
             from gateway.delivery import run_worker_process
 
@@ -156,6 +173,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 2
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: ``serve`` cannot bind its address: one line and exit 2, no traceback
+LISTEN_ERRORS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
+
+
+def _listen_address(args: argparse.Namespace) -> tuple[str, str]:
+    """``serve``'s host and port as given (flag, else variable, else default)."""
+    host = args.host or os.environ.get("GATEWAY_HOST", "").strip() or "127.0.0.1"
+    port = args.port if args.port is not None else (
+        os.environ.get("GATEWAY_PORT", "").strip() or 8080)
+    return str(host), str(port)
+
+
+def _try_listen(host: str, port: str) -> None:
+    """OSError if the address cannot be bound now (another process listens there, a
+    privileged port, an address not of this machine); a port that is not a number is
+    left to ``serve``'s own check."""
+    if not port.isdigit():
+        return
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind
+        probe.bind(address)
 
 
 def _worker_metrics_port(flag: int | None) -> int | None:

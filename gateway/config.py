@@ -223,13 +223,14 @@ class Settings:
         settings = cls(
             twilio_auth_token=token,
             public_url=reader.url("GATEWAY_PUBLIC_URL", default="http://127.0.0.1:8080"),
-            database_url=reader.text("GATEWAY_DATABASE_URL") or cls.database_url,
+            database_url=reader.database_url("GATEWAY_DATABASE_URL", cls.database_url),
             vehicle_api_tokens=frozenset(reader.csv("GATEWAY_VEHICLE_API_TOKENS")),
             agent_api_tokens=reader.agent_tokens("GATEWAY_AGENT_API_TOKENS"),
             admin_api_tokens=frozenset(reader.csv("GATEWAY_ADMIN_API_TOKENS")),
             assistance_url=reader.url("GATEWAY_ASSISTANCE_URL", default=None),
-            number_plan_dir=reader.path("GATEWAY_NUMBER_PLAN"),
-            boundaries_path=reader.path("GATEWAY_BOUNDARIES"),
+            number_plan_dir=reader.path("GATEWAY_NUMBER_PLAN", "number plan directory",
+                                        directory=True),
+            boundaries_path=reader.path("GATEWAY_BOUNDARIES", "boundary data file"),
             emergency_caller_ids=reader.caller_ids("GATEWAY_EMERGENCY_CALLER_IDS"),
             incident_window_s=reader.integer("GATEWAY_INCIDENT_WINDOW_S", 3600),
             voice=voice,
@@ -258,9 +259,12 @@ class Settings:
         n = settings.pin_scrypt_n
         if n < 2**8 or n & (n - 1):
             raise ConfigError("GATEWAY_PIN_SCRYPT_N: must be a power of two, at least 256")
-        for t in settings.vehicle_api_tokens | set(settings.agent_api_tokens):
-            if len(t) < 16:
-                raise ConfigError("API tokens must be at least 16 characters long")
+        for name, tokens in (("GATEWAY_VEHICLE_API_TOKENS", settings.vehicle_api_tokens),
+                             ("GATEWAY_AGENT_API_TOKENS", set(settings.agent_api_tokens))):
+            short = sum(1 for t in tokens if len(t) < 16)
+            if short:
+                raise ConfigError(f"{name}: tokens must be at least 16 characters long "
+                                  f"({short} of {len(tokens)} shorter)")
         if any(len(t) < 16 for t in settings.admin_api_tokens):
             raise ConfigError("GATEWAY_ADMIN_API_TOKENS: tokens must be at least 16 characters")
         if settings.admin_api_tokens & (settings.vehicle_api_tokens | set(settings.agent_api_tokens)):
@@ -314,9 +318,55 @@ class _Reader:
     def csv(self, name: str) -> list[str]:
         return [p.strip() for p in self.text(name).split(",") if p.strip()]
 
-    def path(self, name: str) -> Path | None:
+    def path(self, name: str, what: str, *, directory: bool = False) -> Path | None:
+        """A path that must exist (a directory with ``directory``); None when unset."""
         raw = self.text(name)
-        return Path(raw) if raw else None
+        if not raw:
+            return None
+        path = Path(raw)
+        if not (path.is_dir() if directory else path.exists()):
+            raise ConfigError(f"{name}: {what} not found: {raw}")
+        return path
+
+    def database_url(self, name: str, default: str) -> str:
+        """``sqlite:///PATH`` (its directory must exist), ``sqlite://`` (in memory), or
+        ``postgresql://`` / ``postgres://`` (psycopg 3, the ``[postgres]`` extra)."""
+        raw = self.text(name)
+        if not raw:
+            return default
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        scheme, sep, rest = raw.partition("://")
+        scheme = scheme.lower()
+        expected = ("expected sqlite:///PATH or "
+                    "postgresql://USER:PASSWORD@HOST:PORT/DATABASE")
+        shown = _hide_password(raw)
+        if not sep:
+            raise ConfigError(f"{name}: {shown!r} is not a database URL; {expected}")
+        postgres = scheme in ("postgres", "postgresql", "postgresql+psycopg")
+        if scheme != "sqlite" and not postgres:
+            raise ConfigError(f"{name}: {scheme}:// is not supported; {expected}")
+        try:
+            url = make_url(f"{'postgresql+psycopg' if postgres else 'sqlite'}://{rest}")
+            port = url.port
+        except (ArgumentError, ValueError):
+            raise ConfigError(f"{name}: {shown!r} is not a valid database URL; "
+                              f"{expected}") from None
+        if port is not None and not 0 < port < 65536:
+            raise ConfigError(f"{name}: port {port} is out of range")
+        if postgres:
+            import importlib.util
+
+            if importlib.util.find_spec("psycopg") is None:
+                raise ConfigError(f"{name}: PostgreSQL needs the psycopg driver: "
+                                  "pip install 'assist-gateway[postgres]'")
+        elif url.database and url.database != ":memory:":
+            folder = Path(url.database).expanduser().absolute().parent
+            if not folder.is_dir():
+                raise ConfigError(f"{name}: the SQLite file's directory does not exist: "
+                                  f"{folder}")
+        return raw
 
     def e164(self, name: str) -> str | None:
         raw = self.text(name)
@@ -355,6 +405,15 @@ class _Reader:
                 raise ConfigError(f"{name}: unknown role(s) {sorted(unknown)}")
             tokens[token] = role_set
         return tokens
+
+
+def _hide_password(url: str) -> str:
+    """``scheme://user:***@host/...``: a URL fit for an error message."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not (sep and at and ":" in userinfo):
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
 
 
 def _markets(raw: str) -> frozenset[str]:

@@ -219,3 +219,9 @@ def test_db_upgrade_names_a_database_it_cannot_reach(tmp_path: Path) -> None:
     assert result.stderr.startswith("error: database migration failed, nothing was changed")
     assert "Traceback" not in result.stderr
 
+
+def test_version(tmp_path: Path) -> None:
+    from gateway import __version__
+
+    result = gateway("--version", cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (0, f"assist-gateway {__version__}\n")
