@@ -179,21 +179,36 @@ def immobilise(vin: str) -> Any:
 @bp.post("/vehicles/<vin>/reactivate")
 @agent_role("immobilise")
 def reactivate(vin: str) -> Any:
-    """Only with the owner's PIN (read to the agent by the owner)."""
+    """Only with the owner's PIN (read to the agent by the owner), and only once the car
+    acknowledges: an unreachable car answers 504 and the vehicle stays immobilised."""
     pin = _body(schemas.ReactivateIn).pin
     svc = services()
-    _vehicle_or_404(vin)
-    result = svc.vehicles.reactivate(vin, actor=_actor(), pin=pin)
+    vehicle = _vehicle_or_404(vin)
+    commands = svc.commands
+    if commands is None:
+        return _error(503, "no_command_service", "GATEWAY_VEHICLE_COMMAND_URL is not configured")
+
+    def send(key: str) -> Any:
+        return commands.send(vehicle.vin, "reactivate", idempotency_key=key)
+
+    try:
+        result = svc.vehicles.reactivate(vehicle.vin, actor=_actor(), pin=pin, send=send)
+    except TransientUpstreamError as exc:
+        svc.metrics.pin_attempts.labels("ok").inc()
+        return _error(504, "vehicle_unreachable",
+                      "car unreachable: the vehicle stays immobilised; retry when the car "
+                      f"is reachable ({exc})", immobilised=True)
+    except PermanentUpstreamError as exc:
+        svc.metrics.pin_attempts.labels("ok").inc()
+        return _error(502, "vehicle_refused",
+                      f"the car did not reactivate: the vehicle stays immobilised ({exc})",
+                      immobilised=True)
     svc.metrics.pin_attempts.labels(result.check.outcome).inc()
     if not result.ok:
         status = 423 if result.check.locked_until or result.check.outcome == "locked" else 403
         return _error(status, f"pin_{result.check.outcome}", "the PIN was not accepted",
                       locked_until=result.check.locked_until.isoformat()
                       if result.check.locked_until else None)
-    if result.changed:
-        failed = _command(vin, "reactivate")
-        if failed is not None:
-            return failed
     return jsonify(_vehicle_json(result.vehicle))
 
 

@@ -261,7 +261,22 @@ def pin() -> Response:
     state = _state()
     digits = request.form.get("Digits", "")
     if state.want == "reactivate":
-        result = svc.vehicles.reactivate(state.v, actor=_actor(), pin=digits)
+        if svc.commands is None:
+            log.error("no vehicle command service configured (GATEWAY_VEHICLE_COMMAND_URL)")
+            return connect_agent(state, topic=state.want, notice="ivr_car_unreachable")
+        commands = svc.commands
+
+        def send(key: str) -> Any:
+            return commands.send(state.v, "reactivate", idempotency_key=key)
+
+        try:
+            result = svc.vehicles.reactivate(state.v, actor=_actor(), pin=digits, send=send)
+        except (TransientUpstreamError, PermanentUpstreamError) as exc:
+            # the PIN was right; the car did not acknowledge: it stays immobilised
+            del digits
+            log.warning("vehicle command reactivate failed: %s", exc)
+            svc.metrics.pin_attempts.labels("ok").inc()
+            return connect_agent(state, topic=state.want, notice="ivr_car_unreachable")
         check = result.check
     else:
         result = None
@@ -278,7 +293,7 @@ def pin() -> Response:
         assert result is not None
         if not result.changed:
             return twiml_response(twiml.say_and_hangup("ivr_not_immobilised", language=state.lang))
-        return _vehicle_command(state, "reactivate", {}, done_key="ivr_reactivated")
+        return _done(state, "ivr_reactivated")
     relock = svc.settings.unlock_relock_s
     return _vehicle_command(state, "unlock", {"relock_after_s": relock}, done_key="ivr_unlocked",
                             values={"seconds": str(relock)})
@@ -299,6 +314,11 @@ def _vehicle_command(state: IvrState, command: str, params: dict[str, Any], *, d
         svc.vehicles.record(state.v, actor=_actor(), action=f"{command}_failed",
                             detail={"error": str(exc)[:200]})
         return connect_agent(state, topic=state.want, notice="ivr_car_unreachable")
+    return _done(state, done_key, values)
+
+
+def _done(state: IvrState, done_key: str, values: dict[str, str] | None = None) -> Response:
+    """The command was acknowledged by the car: say so twice, then goodbye."""
     response = VoiceResponse()
     text, lang = prompts.say(done_key, state.lang, **(values or {}))
     response.say(text, language=lang)

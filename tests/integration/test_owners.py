@@ -38,6 +38,11 @@ AGENT = "agent:a-17"
 IVR = "ivr:CA0123456789abcdef0123456789abcdef"
 
 
+def car_accepts(key: str) -> dict[str, str]:
+    """The car acknowledges the reactivate command (what the vehicle service answers)."""
+    return {"status": "accepted", "command_id": "cmd-1"}
+
+
 def fast_hasher() -> PinHasher:
     return PinHasher(n=2**8, r=8, p=1)
 
@@ -394,9 +399,9 @@ def test_no_pin_digits_in_the_database_or_logs(
         for _ in range(3):
             registry.verify_pin(VIN, WRONG, actor=IVR)
         registry.verify_pin(VIN, PIN, actor=IVR)  # refused: locked
-        registry.reactivate(VIN, actor=AGENT, pin=PIN)  # refused: locked
+        registry.reactivate(VIN, actor=AGENT, pin=PIN, send=car_accepts)  # refused: locked
         clock.advance(15 * 60 + round_)
-    assert registry.reactivate(VIN, actor=AGENT, pin=PIN).changed
+    assert registry.reactivate(VIN, actor=AGENT, pin=PIN, send=car_accepts).changed
     registry.set_pin(VIN, PIN, actor=AGENT)
 
     dump = dump_database(store)
@@ -443,18 +448,19 @@ def test_reactivate_needs_the_owners_pin(
 ) -> None:
     registry.immobilise(VIN, actor=AGENT, authority_reference="SE-POL-2026-0042")
     clock.advance(3600)
-    refused = registry.reactivate(VIN, actor=IVR, pin=WRONG)
+    refused = registry.reactivate(VIN, actor=IVR, pin=WRONG, send=car_accepts)
     assert not refused.ok and not refused.changed
     assert refused.check.outcome == "wrong"
     assert refused.vehicle.immobilised and refused.vehicle.reactivated_by is None
 
-    done = registry.reactivate(VIN, actor=IVR, pin=PIN)
+    done = registry.reactivate(VIN, actor=IVR, pin=PIN, send=car_accepts)
     assert done.ok and done.changed
     assert not done.vehicle.immobilised
     assert (done.vehicle.reactivated_by, done.vehicle.reactivated_at) == (IVR, at(clock))
     # who immobilised it stays on record
     assert done.vehicle.immobilised_reference == "SE-POL-2026-0042"
-    assert actions(registry)[-4:] == ["immobilise", "pin_wrong", "pin_ok", "reactivate"]
+    assert actions(registry)[-5:] == ["immobilise", "pin_wrong", "pin_ok",
+                                      "reactivate_requested", "reactivate"]
 
 
 def test_reactivate_is_refused_while_locked_even_with_the_right_pin(
@@ -462,8 +468,8 @@ def test_reactivate_is_refused_while_locked_even_with_the_right_pin(
 ) -> None:
     registry.immobilise(VIN, actor=AGENT, authority_reference="SE-POL-2026-0042")
     for _ in range(3):
-        registry.reactivate(VIN, actor=IVR, pin=WRONG)
-    result = registry.reactivate(VIN, actor=AGENT, pin=PIN)
+        registry.reactivate(VIN, actor=IVR, pin=WRONG, send=car_accepts)
+    result = registry.reactivate(VIN, actor=AGENT, pin=PIN, send=car_accepts)
     assert result.check.outcome == "locked" and not result.changed
     assert registry.get(VIN).immobilised is True  # type: ignore[union-attr]
 

@@ -1,0 +1,173 @@
+"""Reactivation is confirmed by the car: the PIN is checked first, the command is sent,
+and the registry says "reactivated" only once the car acknowledged (its 2xx answer).
+Immobilise and tracking validate everything before the car gets a command."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from gateway import prompts
+from gateway.config import Settings
+from gateway.errors import PermanentUpstreamError, TransientUpstreamError
+from gateway.owners import PinHasher, Vehicles
+from tests.conftest import Twilio
+from tests.support.fakes_adapters import RecordingVehicleCommands
+from tests.support.twilio import call_params, dial_of, parse
+
+SUPERVISOR = "supervisor-token-0123456789abcd"
+VIN = "WBA3A5C51CF256001"
+PIN = "4711"
+OWNER_PHONE = "+4915112349999"
+OWNER_NUMBER = "+442079460902"  # numbers/inbound.csv: service owner
+
+
+@pytest.fixture
+def commands() -> RecordingVehicleCommands:
+    return RecordingVehicleCommands()
+
+
+@pytest.fixture
+def app(make_app: Callable[..., Flask], settings: Settings,
+        commands: RecordingVehicleCommands) -> Flask:
+    tokens = {SUPERVISOR: frozenset({"supervisor"})}
+    app = make_app(settings=settings.replace(agent_api_tokens=tokens), commands=commands)
+    registry = Vehicles(app.extensions["gateway"].store, PinHasher(n=2**8))
+    registry.register(vin=VIN, owner_name="Owner", market="DE",
+                      purchase_date=dt.date(2024, 1, 1), actor="test", pin=PIN,
+                      owner_phone=OWNER_PHONE)
+    registry.immobilise(VIN, actor="agent:a-1", authority_reference="POL-1")
+    return app
+
+
+def agent(client: FlaskClient, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    return client.open(path, method=method, json=body,
+                       headers={"Authorization": f"Bearer {SUPERVISOR}"})
+
+
+def state(client: FlaskClient) -> dict[str, Any]:
+    return dict(agent(client, "GET", f"/v1/agent/vehicles/{VIN}").json)
+
+
+def sent(commands: RecordingVehicleCommands, command: str) -> list[Any]:
+    return [c for c in commands.calls if c.args["command"] == command]
+
+
+def audit(app: Flask) -> list[str]:
+    registry = Vehicles(app.extensions["gateway"].store, PinHasher(n=2**8))
+    return [e.action for e in registry.audit_for(VIN)]
+
+
+# -- agent API ------------------------------------------------------------------------
+
+
+def test_unreachable_car_stays_immobilised_and_a_retry_reactivates(
+        app: Flask, commands: RecordingVehicleCommands) -> None:
+    client = app.test_client()
+    commands.fail_always(TransientUpstreamError("car unreachable"))
+    path = f"/v1/agent/vehicles/{VIN}/reactivate"
+    failed = agent(client, "POST", path, {"pin": PIN})
+    assert failed.status_code == 504
+    assert failed.json["error"] == "vehicle_unreachable"
+    assert "stays immobilised" in failed.json["detail"]
+    assert state(client)["immobilised"] is True
+    assert state(client)["reactivated_by"] is None
+    assert "reactivate_failed" in audit(app) and "reactivate" not in audit(app)
+
+    commands.succeed()
+    done = agent(client, "POST", path, {"pin": PIN})
+    assert done.status_code == 200 and done.json["immobilised"] is False
+    assert state(client)["immobilised"] is False
+    tries = sent(commands, "reactivate")
+    assert len(tries) == 2 and len([c for c in tries if c.ok]) == 1
+    # the retry carries the same idempotency key: the car executes it once
+    assert tries[0].args["params"]["idempotency_key"] == tries[1].args["params"]["idempotency_key"]
+    assert audit(app)[-1] == "reactivate"
+
+    # a further retry: nothing to do, no command
+    again = agent(client, "POST", path, {"pin": PIN})
+    assert again.status_code == 200 and again.json["immobilised"] is False
+    assert len(sent(commands, "reactivate")) == 2
+
+
+def test_a_wrong_pin_sends_no_command(app: Flask, commands: RecordingVehicleCommands) -> None:
+    client = app.test_client()
+    response = agent(client, "POST", f"/v1/agent/vehicles/{VIN}/reactivate", {"pin": "0000"})
+    assert response.status_code == 403
+    assert sent(commands, "reactivate") == []
+    assert state(client)["immobilised"] is True
+
+
+def test_a_car_that_rejects_stays_immobilised(app: Flask,
+                                              commands: RecordingVehicleCommands) -> None:
+    client = app.test_client()
+    commands.fail_next(PermanentUpstreamError("unknown vehicle", 404))
+    response = agent(client, "POST", f"/v1/agent/vehicles/{VIN}/reactivate", {"pin": PIN})
+    assert response.status_code == 502 and response.json["immobilised"] is True
+    assert state(client)["immobilised"] is True
+
+
+def test_a_rejected_answer_is_no_acknowledgement(
+        app: Flask, commands: RecordingVehicleCommands, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = app.test_client()
+    monkeypatch.setattr(commands, "send", lambda vin, command, **params: {
+        "status": "rejected", "reason": "vehicle is moving"})
+    response = agent(client, "POST", f"/v1/agent/vehicles/{VIN}/reactivate", {"pin": PIN})
+    assert response.status_code == 502 and "vehicle is moving" in response.json["detail"]
+    assert state(client)["immobilised"] is True
+
+
+@pytest.mark.parametrize("path,field", [("immobilise", "authority_reference"),
+                                        ("tracking", "police_reference")])
+def test_immobilise_and_tracking_validate_before_sending(
+        app: Flask, commands: RecordingVehicleCommands, path: str, field: str) -> None:
+    client = app.test_client()
+    before = len(commands.calls)
+    response = agent(client, "POST", f"/v1/agent/vehicles/{VIN}/{path}", {field: "x" * 101})
+    assert response.status_code == 422 and field in response.json["fields"]
+    assert len(commands.calls) == before
+
+
+# -- IVR ------------------------------------------------------------------------------
+
+
+def said(key: str) -> str:
+    return prompts.say(key, "de")[0]  # the car's market is DE
+
+
+def ivr_reactivate(twilio: Twilio, sid: str) -> Any:
+    def post(url: str, **form: str) -> Any:
+        response = twilio.post(url, call_params(sid, OWNER_PHONE, to=OWNER_NUMBER, **form))
+        assert response.status_code == 200
+        return response
+
+    menu = parse(post("/twilio/voice").data)
+    ask_pin = parse(post(menu.find("Gather").get("action"), Digits="4").data)  # type: ignore[union-attr,arg-type]
+    return post(ask_pin.find("Gather").get("action"), Digits=PIN)  # type: ignore[union-attr,arg-type]
+
+
+def test_ivr_unreachable_car_goes_to_an_agent_and_a_retry_reactivates(
+        app: Flask, commands: RecordingVehicleCommands) -> None:
+    twilio = Twilio(app.test_client())
+    client = app.test_client()
+    commands.fail_always(TransientUpstreamError("car unreachable"))
+    answer = ivr_reactivate(twilio, "CAreact1")
+    text = answer.get_data(as_text=True)
+    dial_of(parse(answer.data))  # put through to an agent
+    assert said("ivr_car_unreachable") in text and said("ivr_reactivated") not in text
+    assert state(client)["immobilised"] is True
+
+    commands.succeed()
+    answer = ivr_reactivate(twilio, "CAreact2")
+    assert said("ivr_reactivated") in answer.get_data(as_text=True)
+    assert state(client)["immobilised"] is False
+    assert len([c for c in sent(commands, "reactivate") if c.ok]) == 1
+
+    answer = ivr_reactivate(twilio, "CAreact3")  # the car is no longer immobilised
+    assert said("ivr_not_immobilised") in answer.get_data(as_text=True)
+    assert len(sent(commands, "reactivate")) == 2
