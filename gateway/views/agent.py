@@ -25,6 +25,7 @@ from gateway.errors import (
 )
 from gateway.incidents import incident_answer, mark_incident
 from gateway.owners import UnknownVehicleError
+from gateway.owners.immobiliser import REJECTED_ANSWERS
 from gateway.schemas import agent as schemas
 from gateway.schemas.base import M, parse
 from gateway.security import agent_role
@@ -154,11 +155,15 @@ def _command(vin: str, command: str, **params: Any) -> Any:
     if commands is None:
         return _error(503, "no_command_service", "GATEWAY_VEHICLE_COMMAND_URL is not configured")
     try:
-        commands.send(vin, command, **params)
+        answer = commands.send(vin, command, **params)
     except TransientUpstreamError as exc:
         return _error(504, "vehicle_unreachable", str(exc))
     except PermanentUpstreamError as exc:
         return _error(502, "vehicle_refused", str(exc))
+    status = str(answer.get("status", "")).lower() if isinstance(answer, dict) else ""
+    if status in REJECTED_ANSWERS:  # the car answered, but will not execute it
+        return _error(502, "vehicle_refused",
+                      f"the car rejected {command!r}: {str(answer.get('reason', status))[:100]}")
     return None
 
 
@@ -167,8 +172,11 @@ def _command(vin: str, command: str, **params: Any) -> Any:
 def immobilise(vin: str) -> Any:
     body = _body(schemas.ImmobiliseIn)
     svc = services()
-    _vehicle_or_404(vin)
-    failed = _command(vin, "immobilise", authority_reference=body.authority_reference)
+    vehicle = _vehicle_or_404(vin)
+    # one key per immobilisation episode: a retry after a lost answer is deduplicated
+    since = vehicle.reactivated_at.isoformat() if vehicle.reactivated_at else "first"
+    failed = _command(vehicle.vin, "immobilise", authority_reference=body.authority_reference,
+                      idempotency_key=f"immobilise:{vehicle.vin}:{since}")
     if failed is not None:
         return failed
     vehicle = svc.vehicles.immobilise(vin, actor=_actor(),

@@ -171,3 +171,31 @@ def test_ivr_unreachable_car_goes_to_an_agent_and_a_retry_reactivates(
     answer = ivr_reactivate(twilio, "CAreact3")  # the car is no longer immobilised
     assert said("ivr_not_immobilised") in answer.get_data(as_text=True)
     assert len(sent(commands, "reactivate")) == 2
+
+
+def test_a_rejected_immobilise_changes_nothing(
+        app: Flask, commands: RecordingVehicleCommands, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = app.test_client()
+    assert agent(client, "POST", f"/v1/agent/vehicles/{VIN}/reactivate",
+                 {"pin": PIN}).status_code == 200
+    monkeypatch.setattr(commands, "send", lambda vin, command, **params: {
+        "status": "rejected", "reason": "vehicle is moving"})
+    response = agent(client, "POST", f"/v1/agent/vehicles/{VIN}/immobilise",
+                     {"authority_reference": "POL-2"})
+    assert response.status_code == 502 and "vehicle is moving" in response.json["detail"]
+    assert state(client)["immobilised"] is False
+
+
+def test_an_immobilise_retry_carries_the_same_key(
+        app: Flask, commands: RecordingVehicleCommands) -> None:
+    client = app.test_client()
+    assert agent(client, "POST", f"/v1/agent/vehicles/{VIN}/reactivate",
+                 {"pin": PIN}).status_code == 200
+    commands.fail_next(TransientUpstreamError("car unreachable"))
+    path = f"/v1/agent/vehicles/{VIN}/immobilise"
+    assert agent(client, "POST", path, {"authority_reference": "POL-2"}).status_code == 504
+    assert state(client)["immobilised"] is False
+    assert agent(client, "POST", path, {"authority_reference": "POL-2"}).status_code == 200
+    assert state(client)["immobilised"] is True
+    keys = [c.args["params"]["idempotency_key"] for c in sent(commands, "immobilise")]
+    assert len(keys) == 2 and keys[0] == keys[1]
