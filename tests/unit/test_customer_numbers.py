@@ -65,10 +65,9 @@ def test_known_check_digits() -> None:
     # Damm's table (Wikipedia): 572 -> 4; our 8-digit codes
     assert lookup_code_valid("12345671") and not lookup_code_valid("12345674")
     assert lookup_check_digit("0000000") == "0"
-    with pytest.raises(ValueError):
-        lookup_check_digit("123456")
-    with pytest.raises(ValueError):
-        lookup_check_digit("12345６7")
+    for body in ("123456", "12345678", "12345６7", "123a567"):
+        with pytest.raises(ValueError, match="^a lookup code body is 7 ASCII digits$"):
+            lookup_check_digit(body)
 
 
 def test_numbers_issued_with_luhn_are_still_accepted() -> None:
