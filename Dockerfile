@@ -9,7 +9,8 @@ RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[postgres]'
 FROM python:3.12-slim
 RUN useradd --system --uid 10001 --home /var/lib/assist-gateway --create-home gateway
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
+ && python -m gateway.geo prepare
 USER gateway
 WORKDIR /var/lib/assist-gateway
 # `serve` runs gunicorn: a master that loads the number plan and boundary data once and
