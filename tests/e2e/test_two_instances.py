@@ -113,7 +113,7 @@ def test_one_call_alternating_between_two_instances_happens_exactly_once(
                 stored = n + 1
                 wait_for(lambda stored=stored: count(  # type: ignore[misc]
                     engine, "SELECT count(*) FROM call_steps WHERE call_sid = :sid",
-                    sid=sid) >= stored, 10, f"step {n} stored")
+                    sid=sid) >= stored, 30, f"step {n} stored")
                 assert webhook(other, url, step_params).content == response.content
                 dial = root.find("Dial")
                 if dial is None:
@@ -141,11 +141,11 @@ def test_one_call_alternating_between_two_instances_happens_exactly_once(
                 assert replay.json()["incident_id"] == created.json()["incident_id"]
                 incident_ids.add(created.json()["incident_id"])
 
-            wait_for(lambda: incident_ids <= set(centre.incidents), 30,
+            wait_for(lambda: incident_ids <= set(centre.incidents), 60,
                      "every incident at the centre")
             wait_for(lambda: count(engine, "SELECT count(*) FROM outbox WHERE status = "
                                            "'delivered'") == len(incident_ids),
-                     10, "every outbox row marked delivered")
+                     30, "every outbox row marked delivered")
             time.sleep(1.0)  # a second delivery would show up now
 
         assert set(centre.incidents) == incident_ids
