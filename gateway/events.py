@@ -277,7 +277,7 @@ def parse_event(body: Any, *, now: dt.datetime | None = None) -> VehicleEvent:
     now = now if now is not None else dt.datetime.now(dt.UTC)
 
     event_id = body.get("event_id")
-    if not isinstance(event_id, str) or not _EVENT_ID.match(event_id):
+    if not isinstance(event_id, str) or not _EVENT_ID.fullmatch(event_id):
         errors["event_id"] = "required: 1-128 characters of letters, digits, '.', '_', ':', '-'"
 
     # an MSD given (even one that does not decode) stands in for the fields it carries
@@ -302,7 +302,7 @@ def parse_event(body: Any, *, now: dt.datetime | None = None) -> VehicleEvent:
     vin = body.get("vin")
     if vin is None and msd_given:
         vin = msd.vin if msd is not None else None
-    elif not isinstance(vin, str) or not _VIN.match(vin.upper()):
+    elif not isinstance(vin, str) or not _VIN.fullmatch(vin.upper()):
         errors["vin"] = "required: 17 characters, letters (no I, O, Q) and digits"
     elif msd is not None and vin.upper() != msd.vin:
         errors["vin"] = f"disagrees with the MSD's VIN {msd.vin}"
