@@ -8,6 +8,7 @@ withheld (``anonymous``, ``+266696687``, ...): every form is read the same way h
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import phonenumbers
@@ -25,6 +26,7 @@ ROADSIDE = "roadside"
 OWNER = "owner"
 
 
+@functools.lru_cache(maxsize=4096)
 def e164(raw: str | None) -> str | None:
     """The E.164 form of a number as Twilio sends it (plain, ``tel:``, ``sip:``), or
     None when it is withheld, not international, or not a possible number."""
@@ -52,6 +54,7 @@ def e164(raw: str | None) -> str | None:
     return None if formatted in WITHHELD else formatted
 
 
+@functools.lru_cache(maxsize=4096)
 def number_country(number: str | None) -> str | None:
     """The region of an E.164 number (a SIM's country), or None."""
     if not number:

@@ -72,7 +72,7 @@ def read_once(steps: tuple[str, ...], *, caller: str | None = None,
     try:
         return svc.store.voice_lookup(call_sid=request.form.get("CallSid", ""), steps=steps,
                                       msisdn=caller, since=since, types=types,
-                                      timeout_s=VOICE_READ_S)
+                                      timeout_s=VOICE_READ_S, replay_first=True)
     except StoreError as exc:
         log.warning("database read skipped: %s", exc)
         return None
@@ -81,7 +81,7 @@ def read_once(steps: tuple[str, ...], *, caller: str | None = None,
 def replayed(lookup: Any, step: str) -> Response | None:
     found = lookup.steps.get(step) if lookup is not None else None
     if found and found.get("twiml"):
-        log.info("replaying step %s", step)
+        log.debug("replaying step %s", step)
         return twiml_response(str(found["twiml"]))
     return None
 
