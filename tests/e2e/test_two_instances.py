@@ -59,8 +59,15 @@ def webhook(gw: GatewayProcess, url: str, params: dict[str, str]) -> requests.Re
 
 
 def post_event(gw: GatewayProcess, event: dict[str, Any]) -> requests.Response:
-    return requests.post(f"{gw.base_url}/v1/events", json=event, timeout=10,
-                         headers={"Authorization": f"Bearer {VEHICLE_TOKEN}"})
+    """As a car does: a 503 (not stored) is retried with the same event_id after its
+    Retry-After (a few times at most); anything else is the answer."""
+    for _ in range(5):
+        response = requests.post(f"{gw.base_url}/v1/events", json=event, timeout=10,
+                                 headers={"Authorization": f"Bearer {VEHICLE_TOKEN}"})
+        if response.status_code != 503:
+            return response
+        time.sleep(float(response.headers.get("Retry-After", "1")))
+    return response
 
 
 def wait_for(predicate: Any, timeout: float, what: str) -> None:
