@@ -11,9 +11,8 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Protocol
 
-import phonenumbers
-
 from gateway.calls.call_plan import MIN_RING_S, TWILIO_RING_SLACK_S
+from gateway.calls.inbound import number_country
 from gateway.config import VoicePolicy
 from gateway.plan import Centre, NumberPlan
 
@@ -36,14 +35,7 @@ class CountryChoice:
 
 def sim_country(msisdn: str | None) -> str | None:
     """The region of a SIM's number (E.164), or None if it has none."""
-    if not msisdn:
-        return None
-    try:
-        number = phonenumbers.parse(msisdn, None)
-    except phonenumbers.NumberParseException:
-        return None
-    region = phonenumbers.region_code_for_number(number)
-    return region if region and region != "001" else None
+    return number_country(msisdn)
 
 
 def choose_country(
