@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from gateway.calls.call_plan import emergency_route, hand_back_after_s
 from gateway.config import VoicePolicy
 from gateway.events import VehicleEvent
+from gateway.ingest import insert_incident
 from gateway.plan import NumberPlan
 from gateway.routing import Locator, choose_country, sim_country
 from gateway.store import Store, utcnow
@@ -47,13 +48,13 @@ def record_event(
     """Store the event as an incident; ``(incident, created)``.
 
     A replay of the same ``event_id`` with the same body returns the stored
-    incident; with a different body it raises EventConflictError.  The country
-    is decided here, once, and stored with its reason.
-    """
-    existing = store.incident_by_event(event.event_id)
-    if existing is not None:
-        return _same_or_conflict(existing, event), False
+    incident; with a different body it raises EventConflictError; neither writes
+    anything.  The country is decided here, once, and stored with its reason.
 
+    A new event costs one transaction (:func:`gateway.ingest.insert_incident`): the
+    incident and its ``extra_rows`` are inserted unless the event_id is stored already,
+    and only then is the stored incident read.
+    """
     location = event.location  # None: an MSD whose position is unknown
     choice = choose_country(
         location.lat if location is not None else None,
@@ -98,8 +99,8 @@ def record_event(
         "test_call": event.test_call,
     }
     extra = extra_rows(row) if extra_rows else []
-    incident, created = store.insert_incident(row, extra=extra)
-    if not created:  # lost a race with a concurrent replay
+    incident, created = insert_incident(store, row, extra=extra)
+    if not created:  # a replay, or a concurrent request with the same event_id
         return _same_or_conflict(incident, event), False
     return incident, True
 

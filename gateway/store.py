@@ -86,6 +86,11 @@ incidents = sa.Table(
     sa.Column("test_call", sa.Boolean),
 )
 
+#: an incident by its event_id (built once)
+_BY_EVENT = sa.select(incidents).where(
+    incidents.c.event_id == sa.bindparam("event_id", type_=incidents.c.event_id.type))
+
+
 call_steps = sa.Table(
     "call_steps",
     metadata,
@@ -230,34 +235,30 @@ class Store:
 
     # -- incidents --------------------------------------------------------------------
 
-    def insert_incident(
-        self, row: Mapping[str, Any], *, extra: Sequence[tuple[sa.Table, Mapping[str, Any]]] = ()
-    ) -> tuple[dict[str, Any], bool]:
-        """Insert an incident (and rows that must commit with it).
-
-        Returns ``(incident, created)``; on a replay of the same ``event_id`` the
-        stored incident comes back with ``created=False`` and nothing is written.
-        """
+    def one_statement(self, fn: Callable[[Connection], T]) -> T:
+        """``fn(conn)``, which runs exactly one statement, committed; no deadline (the
+        caller answers only after the commit).  On PostgreSQL in autocommit mode: the
+        statement is its own transaction, one round trip instead of BEGIN, the statement
+        and COMMIT.  Any database error becomes StoreError."""
         try:
+            if self._autocommit is not None:
+                with self._autocommit.connect() as conn:
+                    return fn(conn)
             with self.engine.begin() as conn:
-                conn.execute(incidents.insert().values(**row))
-                for table, values in extra:
-                    conn.execute(table.insert().values(**values))
-            return dict(row), True
-        except IntegrityError:
-            existing = self.incident_by_event(str(row["event_id"]))
-            if existing is None:  # the conflict was on another key: a real error
-                raise StoreError("incident insert conflicted") from None
-            return existing, False
+                return fn(conn)
+        except StoreError:
+            raise
         except SQLAlchemyError as exc:
             raise StoreError(f"database error: {type(exc).__name__}") from exc
 
     def incident_by_event(self, event_id: str) -> dict[str, Any] | None:
-        with self.begin() as conn:
-            found = conn.execute(
-                sa.select(incidents).where(incidents.c.event_id == event_id)
-            ).first()
-        return _row(found)
+        """The incident of this event_id (one statement; the writes are in
+        :mod:`gateway.ingest`)."""
+        return self.one_statement(lambda conn: self.incident_from(conn, event_id))
+
+    @staticmethod
+    def incident_from(conn: Connection, event_id: str) -> dict[str, Any] | None:
+        return _row(conn.execute(_BY_EVENT, {"event_id": event_id}).first())
 
     def incident(self, incident_id: str, *, timeout_s: float | None = None
                  ) -> dict[str, Any] | None:
