@@ -31,6 +31,7 @@ queue on its single write lock (busy timeouts, steps answered but not stored), s
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -152,15 +153,40 @@ def private_metrics_dir(options: ServeOptions, env: MutableMapping[str, str]) ->
 # -- the app, built in each worker ---------------------------------------------------------
 
 
+#: the modules :func:`gateway.app.create_app` imports as it builds the app (the views and
+#: their schemas, the background workers, the adapters, metrics and logs): imported in the
+#: master by :func:`preload`, so every worker shares one copy of their code instead of
+#: importing its own after the fork (tests/e2e/test_serving.py checks that a worker
+#: imports no gateway module the master did not)
+WORKER_MODULES = (
+    "gateway.app", "gateway.logs", "gateway.metrics", "gateway.delivery",
+    "gateway.centre_health", "gateway.entitlement", "gateway.notify", "gateway.owners",
+    "gateway.commands", "gateway.line_health", "gateway.steps",
+    "gateway.adapters.assistance", "gateway.adapters.messaging",
+    "gateway.adapters.vehicle_commands",
+    "gateway.views.ops", "gateway.views.vehicle", "gateway.views.voice", "gateway.views.ivr",
+    "gateway.views.agent", "gateway.views.admin", "gateway.views.openapi",
+)
+
+
+def import_worker_modules() -> None:
+    """Import :data:`WORKER_MODULES` (the code, before the fork)."""
+    import importlib
+
+    for name in WORKER_MODULES:
+        importlib.import_module(name)
+
+
 def preload(settings: Settings) -> dict[str, Any]:
     """The read-only data every worker shares, loaded in the master: ``plan`` and
-    ``locator`` for :func:`gateway.app.create_app`.  One that fails to load is left out:
-    each worker then tries again and reports it (``/readyz``).  The database schema is
-    brought up to date here too, once."""
-    from gateway.app import create_app  # noqa: F401 -- the code too, before the fork
+    ``locator`` for :func:`gateway.app.create_app`, and the code a worker runs
+    (:data:`WORKER_MODULES`).  One that fails to load is left out: each worker then
+    tries again and reports it (``/readyz``).  The database schema is brought up to
+    date here too, once."""
     from gateway.geo import load_locator
     from gateway.plan import load_plan
 
+    import_worker_modules()
     loaded: dict[str, Any] = {}
     started = time.perf_counter()
     for name, load in (("plan", lambda: load_plan(settings.number_plan_dir)),
@@ -288,11 +314,20 @@ def gunicorn_settings(options: ServeOptions) -> dict[str, Any]:
         # no control socket under $HOME; heartbeat files in memory where there is /dev/shm
         "control_socket_disable": True,
         "worker_tmp_dir": "/dev/shm" if os.path.isdir("/dev/shm") else None,
+        "pre_fork": _pre_fork,
         "post_fork": _post_fork,
         "post_worker_init": _post_worker_init,
         "worker_exit": _worker_exit,
         "child_exit": _child_exit,
     }
+
+
+def _pre_fork(server: Any, worker: Any) -> None:
+    # What the master holds (code, plan, boundary index) moves to the collector's
+    # permanent generation: a worker's collections then never write to those objects'
+    # headers, which would copy their pages into the worker (Python's gc.freeze advice
+    # for fork without exec).
+    gc.freeze()
 
 
 def _post_fork(server: Any, worker: Any) -> None:

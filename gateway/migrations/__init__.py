@@ -42,28 +42,29 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # Before alembic is imported (it logs its plugins then): the gateway logs one line per
 # upgrade (UpgradeResult.describe); alembic's INFO lines would only repeat it.
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
 import sqlalchemy as sa
-from alembic.autogenerate import compare_metadata
-from alembic.config import Config
-from alembic.migration import MigrationContext, MigrationInfo
-from alembic.runtime.environment import EnvironmentContext
-from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from gateway.errors import StoreError
+
+if TYPE_CHECKING:  # alembic is imported only when a revision is applied or compared
+    from alembic.config import Config
+    from alembic.migration import MigrationContext, MigrationInfo
+    from alembic.script import ScriptDirectory
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,8 @@ class Status:
 
 
 def config() -> Config:
+    from alembic.config import Config
+
     cfg = Config(str(HERE / "alembic.ini"))
     cfg.set_main_option("script_location", str(HERE))
     return cfg
@@ -147,6 +150,8 @@ def config() -> Config:
 @cache
 def script_directory() -> ScriptDirectory:
     """The revisions (read once per process)."""
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(config())
 
 
@@ -155,6 +160,30 @@ def head() -> str:
     if found is None:  # pragma: no cover - the package ships its revisions
         raise MigrationError("no migration scripts found")
     return found
+
+
+_REVISION = re.compile(r"^revision\s*(?::[^=]*)?=\s*[\"']([^\"']+)[\"']", re.MULTILINE)
+_DOWN = re.compile(r"^down_revision\s*(?::[^=]*)?=\s*(None|[\"']([^\"']+)[\"'])",
+                   re.MULTILINE)
+
+
+@cache
+def head_from_files() -> str | None:
+    """The head revision read from ``versions/*.py`` without importing alembic (a start
+    at head never needs it); None when the files are not a plain chain this simple
+    reading understands, and then :func:`head` (alembic) decides."""
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for path in sorted((HERE / "versions").glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        revision, down = _REVISION.search(text), _DOWN.search(text)
+        if revision is None or down is None:
+            return None
+        revisions.add(revision.group(1))
+        if down.group(2):
+            parents.add(down.group(2))
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 and parents <= revisions else None
 
 
 def target_metadata() -> sa.MetaData:
@@ -181,6 +210,9 @@ def differences(conn: Connection, metadata: sa.MetaData) -> list[Any]:
     """Alembic's comparison of the database with ``metadata`` (types, nullability,
     server defaults, indexes, unique constraints), over the gateway's tables only:
     other tables in the same database are not ours to judge."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
     known = known_tables() | frozenset(metadata.tables)
 
     def include_name(name: str | None, type_: str, _parents: Any) -> bool:
@@ -282,7 +314,17 @@ def upgrade_engine(engine: Engine, *, wait_s: float = DEFAULT_WAIT_S,
                    to: str = "head") -> UpgradeResult:
     """:func:`upgrade` with an engine; raises :class:`MigrationError` (a StoreError).
 
-    ``to``: a revision before the head (tests make databases of older revisions)."""
+    ``to``: a revision before the head (tests make databases of older revisions).
+
+    A database already at the head with every table of the code (every start but the
+    first after a release) is recognised by one read, without the lock and without
+    importing alembic; anything else takes the locked path."""
+    if to == "head":
+        current = _at_head(engine)
+        if current is not None:
+            result = UpgradeResult(before=current, after=current)
+            log.info("%s", result.describe())
+            return result
     try:
         with locked_transaction(engine, wait_s=wait_s) as (conn, waited):
             result = _upgrade(conn, waited, to)
@@ -295,7 +337,29 @@ def upgrade_engine(engine: Engine, *, wait_s: float = DEFAULT_WAIT_S,
     return result
 
 
+def _at_head(engine: Engine) -> str | None:
+    """The head revision if the database records it (one row) and has every table of
+    the code, read without a lock (a revision is committed with its tables, so a
+    database seen at the head stays there); None otherwise, or on any error (the
+    locked path then decides and reports)."""
+    expected = head_from_files()
+    if expected is None:
+        return None
+    try:
+        with engine.connect() as conn:
+            tables = set(sa.inspect(conn).get_table_names())
+            if "alembic_version" not in tables or set(target_metadata().tables) - tables:
+                return None
+            found = [row[0] for row in
+                     conn.execute(sa.text("SELECT version_num FROM alembic_version"))]
+    except SQLAlchemyError:
+        return None
+    return expected if found == [expected] else None
+
+
 def _upgrade(conn: Connection, waited: float, to: str) -> UpgradeResult:
+    from alembic.migration import MigrationContext
+
     script = script_directory()
     target = head() if to == "head" else to
     context = MigrationContext.configure(conn)
@@ -346,6 +410,8 @@ def _recognise(conn: Connection) -> str:
 
 
 def _run(conn: Connection, script: ScriptDirectory, target: str, applied: list[str]) -> None:
+    from alembic.runtime.environment import EnvironmentContext
+
     def upgrade_fn(revision: Any, _context: Any) -> Any:
         return script._upgrade_revs(target, revision)
 
@@ -375,6 +441,8 @@ def status(url: str) -> Status:
 
 
 def status_of(conn: Connection) -> Status:
+    from alembic.migration import MigrationContext
+
     current = MigrationContext.configure(conn).get_current_revision()
     present = set(sa.inspect(conn).get_table_names()) & known_tables()
     if current is not None or not present:
