@@ -13,7 +13,11 @@ Load: wrk (Debian's package) with a Lua script that gives every request a new
 ``event_id`` (a bearer token, no signature, so wrk can generate the load itself); one wrk
 per instance, run at the same time, ``--connections`` each.  After each run the rows are
 counted: every 201 must have its row (none lost), no event twice (none duplicated), and
-for ours one outbox row per incident.
+for ours one outbox row per incident.  CPU-independent figures from the server's own
+counters (``pg_stat_database`` of the private database, read once the servers have
+exited so their backends have reported): transactions committed or rolled back, and rows
+inserted, per stored row; start-up, readiness checks, the warm-up and the bench's own
+few reads included.
 
     .venv/bin/python bench/bench_ingest.py [--seconds 10] [--connections 8]
         [--workers 1] [--threads 8] [--postgres postgresql://postgres@127.0.0.1:5432/test]
@@ -164,6 +168,28 @@ def processes(commands: list[list[str]], env: dict[str, str], work: Path,
                 p.wait()
 
 
+def db_counters(url: str) -> tuple[int, int]:
+    """(transactions committed or rolled back, rows inserted) in this database so far."""
+    engine = engine_for(url)
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(sa.text(
+                "SELECT xact_commit + xact_rollback, tup_inserted FROM pg_stat_database "
+                "WHERE datname = current_database()")).one()
+    finally:
+        engine.dispose()
+    return int(row[0]), int(row[1])
+
+
+def total_rows(url: str, count_sql: str) -> int:
+    engine = engine_for(url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(sa.text(count_sql)).scalar_one())
+    finally:
+        engine.dispose()
+
+
 @dataclass
 class Run:
     name: str
@@ -177,6 +203,15 @@ class Run:
     rows: int
     duplicates: int
     extra: str = ""
+    #: server-side, per stored row (start-up and warm-up included): transactions, rows
+    #: inserted
+    xacts_per_row: float | None = None
+    inserts_per_row: float | None = None
+
+    def count_server(self, before: tuple[int, int], after: tuple[int, int],
+                     stored: int) -> None:
+        self.xacts_per_row = (after[0] - before[0]) / stored if stored else None
+        self.inserts_per_row = (after[1] - before[1]) / stored if stored else None
 
     @property
     def rate(self) -> float:
@@ -258,6 +293,7 @@ def main() -> int:
         ports = [free_port(), free_port()]
         ours = [[sys.executable, "-m", "gateway", "serve", "--port", str(p), "--no-worker",
                  *settings] for p in ports]
+        before = db_counters(url)
         with processes(ours[:1], env, work, ports[:1], "/readyz"), \
                 processes(ours[1:], env, work, ports[1:], "/readyz"):
             runs.append(measure(
@@ -269,12 +305,16 @@ def main() -> int:
             server = "ours: " + next(
                 (line for line in (work / "server-0.log").read_text().splitlines()
                  if "serving on" in line), "?")
+        time.sleep(1.0)  # the servers' backends report their counters as they exit
+        runs[-1].count_server(before, db_counters(url),
+                              total_rows(url, "SELECT count(*) FROM incidents"))
 
         for name, database in (("+insert", url), ("no db", None)):
             ports = [free_port(), free_port()]
             base = [[sys.executable, str(REPO / "bench" / "_serving_baselines.py"), "events",
                      "--port", str(p), *settings,
                      *(["--database-url", database] if database else [])] for p in ports]
+            before = db_counters(url)
             with processes(base, env, work, ports, "/"):
                 count_sql = ("SELECT count(*) FROM baseline_events" if database
                              else "SELECT 0")
@@ -282,6 +322,9 @@ def main() -> int:
                            if database else "SELECT 0")
                 runs.append(measure(name, ports, count_sql, dup_sql, url,
                                     seconds=a.seconds, connections=a.connections, work=work))
+            if database:
+                time.sleep(1.0)
+                runs[-1].count_server(before, db_counters(url), total_rows(url, count_sql))
 
     print(f"load average after: {load_average()}")
     print(f"load: wrk, 1 thread and {a.connections} connections per instance, 2 instances, "
@@ -300,6 +343,11 @@ def main() -> int:
     for r in runs[1:]:
         print(f"ratio ours / {r.name}: {ours_run.rate / r.rate:.2f}x events/s "
               f"(goal >= 0.5x)")
+    for r in runs:
+        if r.xacts_per_row is not None and r.inserts_per_row is not None:
+            print(f"server counters, {r.name}: {r.xacts_per_row:.3f} transactions and "
+                  f"{r.inserts_per_row:.2f} rows inserted per stored event "
+                  f"(start-up and warm-up included)")
     print(f"ours: incidents without their outbox row: {ours_run.extra}")
     ok = (ours_run.lost == 0 and ours_run.duplicates == 0 and ours_run.extra == "0"
           and ours_run.other == 0)

@@ -4,6 +4,7 @@ counted at the engine, on SQLite and on PostgreSQL; and what one write commits."
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, Self
 
@@ -206,3 +207,45 @@ def test_concurrent_requests_with_one_event_id_store_it_once(
     stored_type = event_store.incident_by_event(events[0].event_id)
     assert stored_type is not None
     assert (conflicts == [events[0].event_id]) == (stored_type["type"] == "crash")
+
+
+
+@pytest.mark.postgres
+def test_eight_events_at_once_reuse_pooled_connections(pg_store: Store,
+                                                       plan: NumberPlan) -> None:
+    """Eight events stored at once (the default serving threads), twice: the second time
+    no connection is opened.  A pool that closes what it holds past its size on return
+    opens a new server backend for some of them every time."""
+    opened: list[int] = []
+    sa.event.listen(pg_store.engine, "connect", lambda *_: opened.append(1))
+
+    def eight_at_once() -> None:
+        with pg_store.engine.connect() as lock:  # every insert waits: 8 connections held
+            lock.execute(sa.text("LOCK TABLE incidents IN EXCLUSIVE MODE"))
+            threads = [threading.Thread(target=record_event, args=(
+                parse_event(crash_event()),), kwargs={
+                "store": pg_store, "locator": None, "plan": plan,
+                "extra_rows": outbox_rows}) for _ in range(8)]
+            for thread in threads:
+                thread.start()
+            deadline = time.monotonic() + 10
+            while lock_waiters(pg_store) < 8 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert lock_waiters(pg_store) == 8
+            lock.commit()
+        for thread in threads:
+            thread.join()
+
+    eight_at_once()
+    first = len(opened)
+    eight_at_once()
+    assert counts(pg_store) == (16, 16)
+    assert len(opened) == first, (first, len(opened))
+
+
+def lock_waiters(store: Store) -> int:
+    with store.engine.connect() as conn:
+        return int(conn.execute(sa.text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO incidents%'"
+        )).scalar_one())
