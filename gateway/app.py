@@ -46,6 +46,8 @@ class Services:
     notifier: Any = None
     #: durable vehicle commands, done when the car confirms (gateway.commands.CommandQueue)
     command_queue: Any = None
+    #: immobilise/reactivate/unlock/tracking, confirmed by the car (owners.car_commands)
+    car_commands: Any = None
     market_rule: Any = None
     #: voice steps written after the answer (gateway.steps.StepWriter)
     steps: Any = None
@@ -164,8 +166,11 @@ def create_app(
                                   backoff_max_s=max(60.0, settings.notify_retry_s),
                                   on_escalation=(lambda _key: worker.wake.set()) if worker else None)
     from gateway.commands import CommandQueue
+    from gateway.owners.car_commands import CarCommands, apply_settled
 
-    command_queue = CommandQueue(store, commands, clock=clock, poll_s=settings.delivery.poll_s)
+    command_queue = CommandQueue(store, commands, clock=clock, poll_s=settings.delivery.poll_s,
+                                 on_settled=apply_settled)
+    registry = Vehicles(store, PinHasher(n=settings.pin_scrypt_n), clock=clock)
 
     from gateway.line_health import LineHealthCache
     from gateway.steps import StepWriter
@@ -186,10 +191,11 @@ def create_app(
         on_incident=(lambda _incident: worker.wake.set()) if worker else None,
         worker=worker,
         metrics=metrics,
-        vehicles=Vehicles(store, PinHasher(n=settings.pin_scrypt_n), clock=clock),
+        vehicles=registry,
         commands=commands,
         notifier=notifier,
         command_queue=command_queue,
+        car_commands=CarCommands(command_queue, registry),
         market_rule=MarketRule(settings.roadside_free_markets),
         steps=steps,
         line_health=LineHealthCache(health),

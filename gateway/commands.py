@@ -24,6 +24,14 @@ Outcomes of one send:
 
 A row leaves ``pending`` once, so a command is sent again only after a transient
 failure, and then with the same key.  ``sent`` rows are never re-sent.
+
+A request that cannot wait for the worker sends its row itself with
+:meth:`CommandQueue.send_now` (it leases the row, so the worker never sends it at the
+same time).  ``on_settled(conn, row)`` is called inside the transaction that moves a
+row to ``confirmed`` or ``failed`` (by a send, the car's result, or the budget), once
+per move: what waits for the car's acknowledgement (the registry's state) commits with
+it or not at all.  Params named with a leading ``_`` are the gateway's own notes on the
+row (who asked, what to record): they are never sent.
 """
 
 from __future__ import annotations
@@ -58,6 +66,10 @@ CONFIRMED_ANSWERS = frozenset({"confirmed", "executed", "done", "completed", "su
 REJECTED_ANSWERS = frozenset({"rejected", "failed", "refused", "error"})
 #: names the adapter call uses itself; a command's params cannot use them
 RESERVED_PARAMS = frozenset({"vin", "command", "idempotency_key"})
+#: the statuses of a row the car has not settled yet
+UNFINISHED = ("pending", "sent")
+#: called in the transaction that settles a row (``confirmed``/``failed``); the row as now
+Settled = Callable[[Connection, Mapping[str, Any]], None]
 
 vehicle_commands = sa.Table(
     "vehicle_commands",
@@ -151,6 +163,7 @@ class CommandQueue:
         backoff_max_s: float = 15.0,
         lease_s: float = 30.0,
         concurrency: int = 4,
+        on_settled: Settled | None = None,
     ) -> None:
         if poll_s <= 0 or budget_s <= 0 or lease_s <= 0 or concurrency < 1:
             raise ValueError("poll_s, budget_s, lease_s must be positive, concurrency >= 1")
@@ -170,6 +183,7 @@ class CommandQueue:
         self.backoff_max_s = backoff_max_s
         self.lease = dt.timedelta(seconds=lease_s)
         self.concurrency = concurrency
+        self.on_settled = on_settled
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
@@ -194,11 +208,14 @@ class CommandQueue:
             row = conn.execute(sa.select(vehicle_commands).where(_KEY == key)).first()
         return None if row is None else _as_dict(row)
 
-    def pending(self) -> list[dict[str, Any]]:
-        """Rows not finished yet: ``pending``, or ``sent`` and awaiting the car's confirmation."""
+    def pending(self, vin: str | None = None) -> list[dict[str, Any]]:
+        """Rows not finished yet (``pending``, or ``sent`` and awaiting the car's
+        confirmation), oldest first; only the car ``vin``'s if given."""
         query = (sa.select(vehicle_commands)
-                 .where(vehicle_commands.c.status.in_(("pending", "sent")))
+                 .where(vehicle_commands.c.status.in_(UNFINISHED))
                  .order_by(vehicle_commands.c.id))
+        if vin is not None:
+            query = query.where(vehicle_commands.c.vin == vin)
         with self.store.begin() as conn:
             return [_as_dict(r) for r in conn.execute(query)]
 
@@ -230,12 +247,20 @@ class CommandQueue:
                           "last_error": f"car reported failure: {_reason(body)}"[:300]}
             else:
                 return row
-            conn.execute(vehicle_commands.update().where(
+            changed = conn.execute(vehicle_commands.update().where(
                 vehicle_commands.c.id == row["id"],
                 vehicle_commands.c.status == row["status"],
-            ).values(result=body, lease_token=None, lease_until=None, updated_at=now, **values))
-            return _as_dict(conn.execute(sa.select(vehicle_commands)
-                                         .where(vehicle_commands.c.id == row["id"])).one())
+            ).values(result=body, lease_token=None, lease_until=None, updated_at=now,
+                     **values)).rowcount
+            settled = _as_dict(conn.execute(sa.select(vehicle_commands)
+                                            .where(vehicle_commands.c.id == row["id"])).one())
+            if changed == 1:
+                self._settled(conn, settled)
+            return settled
+
+    def _settled(self, conn: Connection, row: Mapping[str, Any]) -> None:
+        if self.on_settled is not None and row["status"] in ("confirmed", "failed"):
+            self.on_settled(conn, row)
 
     def cancel(self, key: str) -> bool:
         """Cancel a row that is still pending (one being sent right now may already be out)."""
@@ -267,6 +292,37 @@ class CommandQueue:
                                 .order_by(c.id)).all()
         return [_as_dict(r) for r in rows]
 
+    def claim_key(self, key: str) -> dict[str, Any] | None:
+        """Lease the pending row ``key`` now, due or not (a person is waiting for it);
+        None if it is not pending or another sender holds its lease."""
+        now = self._now()
+        c = vehicle_commands.c
+        token = uuid.uuid4().hex
+        with self.store.begin() as conn:
+            leased = conn.execute(vehicle_commands.update().where(
+                _KEY == key, c.status == "pending",
+                sa.or_(c.lease_until.is_(None), c.lease_until < now),
+            ).values(lease_token=token, lease_until=now + self.lease, next_attempt_at=now,
+                     attempts=c.attempts + 1, updated_at=now)).rowcount
+            row = conn.execute(sa.select(vehicle_commands).where(_KEY == key)).first()
+        return _as_dict(row) if leased == 1 and row is not None else None
+
+    def send_now(self, key: str, *, wait_s: float = 5.0) -> dict[str, Any] | None:
+        """Send the pending row ``key`` in this thread (:meth:`claim_key`, :meth:`handle`);
+        the row afterwards.  If the worker is sending it right now, wait up to ``wait_s``
+        for its outcome.  A row that is not pending is only read."""
+        row = self.claim_key(key)
+        if row is not None:
+            self.handle(row)
+            return self.get(key)
+        deadline = time.monotonic() + wait_s
+        while True:
+            row = self.get(key)
+            if (row is None or row["status"] != "pending" or row["lease_token"] is None
+                    or time.monotonic() >= deadline):
+                return row
+            time.sleep(0.05)
+
     def resolve_vin(self, msisdn: str) -> str | None:
         """The car behind an MSISDN: its newest incident, else the registry's car number."""
         with self.store.begin() as conn:
@@ -287,7 +343,8 @@ class CommandQueue:
         if not vin:
             return self._fail(row, f"no vehicle known for msisdn {row['msisdn']}")
         try:
-            answer = self.commands.send(vin, command, idempotency_key=key, **row["params"])
+            params = {k: v for k, v in row["params"].items() if not k.startswith("_")}
+            answer = self.commands.send(vin, command, idempotency_key=key, **params)
         except PermanentUpstreamError as exc:
             return self._fail(row, str(exc), vin=vin)
         except TransientUpstreamError as exc:
@@ -341,6 +398,9 @@ class CommandQueue:
             changed = conn.execute(vehicle_commands.update().where(
                 c.id == row["id"], c.lease_token == row["lease_token"], c.status == "pending",
             ).values(lease_token=None, lease_until=None, updated_at=now, **values)).rowcount
+            if changed == 1:
+                self._settled(conn, {**row, "lease_token": None, "lease_until": None,
+                                     "updated_at": now, **values})
         if changed != 1:
             log.warning("command %s: lease lost before its outcome was recorded", row["key"])
         return bool(changed == 1)
@@ -355,10 +415,14 @@ class CommandQueue:
                                         free)
             if conn.dialect.name == "postgresql":
                 old = old.with_for_update(skip_locked=True)
-            expired = conn.execute(vehicle_commands.update().where(
+            rows = conn.execute(vehicle_commands.update().where(
                 c.id.in_(old), c.status == "pending", free,
             ).values(status="failed", lease_token=None, lease_until=None, updated_at=now,
-                     last_error=f"not sent within {self.budget.total_seconds():g}s")).rowcount
+                     last_error=f"not sent within {self.budget.total_seconds():g}s")
+                .returning(*c)).all()
+            for row in rows:
+                self._settled(conn, _as_dict(row))
+        expired = len(rows)
         if expired:
             log.error("%d vehicle command(s) expired unsent", expired)
         return int(expired)

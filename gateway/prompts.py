@@ -161,6 +161,28 @@ _TEXT: dict[str, dict[str, str]] = {
         "sv": "Bilen är återaktiverad. Du kan starta den igen.",
         "fr": "Votre voiture est réactivée. Vous pouvez la redémarrer.",
     },
+    "ivr_unlock_sent": {
+        "en": "Your car has been sent the unlock command. When it unlocks, press the door "
+              "handle within {seconds} seconds, or the car will lock again.",
+        "de": "Der Entriegelungsbefehl ist an Ihr Auto unterwegs. Sobald es entriegelt ist, "
+              "betätigen Sie den Türgriff innerhalb von {seconds} Sekunden, sonst "
+              "verriegelt es wieder.",
+        "sv": "Upplåsningen är skickad till bilen. När den låses upp, tryck på "
+              "dörrhandtaget inom {seconds} sekunder, annars låses bilen igen.",
+        "fr": "La commande de déverrouillage a été envoyée à votre voiture. Dès qu'elle est "
+              "déverrouillée, actionnez la poignée dans les {seconds} secondes, sinon elle "
+              "se verrouillera.",
+    },
+    "ivr_reactivation_sent": {
+        "en": "Your car has been sent the reactivation. It is reactivated as soon as the "
+              "car confirms it; you do not need to call again.",
+        "de": "Die Freischaltung ist an Ihr Auto unterwegs. Es ist freigeschaltet, sobald "
+              "das Auto sie bestätigt; Sie müssen nicht noch einmal anrufen.",
+        "sv": "Återaktiveringen är skickad till bilen. Den är återaktiverad så snart bilen "
+              "bekräftar det; du behöver inte ringa igen.",
+        "fr": "La réactivation a été envoyée à votre voiture. Elle sera réactivée dès que "
+              "la voiture le confirme ; inutile de rappeler.",
+    },
     "ivr_not_immobilised": {
         "en": "Your car is not immobilised.",
         "de": "Ihr Auto ist nicht stillgelegt.",

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from gateway.delivery import outbox
@@ -554,81 +555,115 @@ def start_tracking(store: Store, *, vin: str, actor: str, police_reference: str,
                    now: dt.datetime) -> TrackingStart:
     """Switch tracking on and queue the session's ``police_notification`` to the centre.
 
-    One transaction: the registry change (only if tracking was off: the first
-    reference stands), the audit row and the outbox row (``INSERT ... ON CONFLICT DO
-    NOTHING`` under a key of the VIN, the session's start time and its reference).  A repeat while
-    tracking changes nothing, is audited, and inserts nothing new -- it only
-    re-creates the notification of a session started before notifications existed.
-    UnknownVehicleError for an unknown VIN.
+    One transaction (:func:`start_tracking_in`): the registry change (only if tracking
+    was off: the first reference stands), the audit row and the outbox row (``INSERT
+    ... ON CONFLICT DO NOTHING`` under a key of the VIN, the session's start time and
+    its reference).  A repeat while tracking changes nothing, is audited, and inserts
+    nothing new -- it only re-creates the notification of a session started before
+    notifications existed.  UnknownVehicleError for an unknown VIN.
     """
+    with store.begin() as conn:
+        return start_tracking_in(conn, vin=vin, actor=actor,
+                                 police_reference=police_reference, now=now)
+
+
+def start_tracking_in(conn: Connection, *, vin: str, actor: str, police_reference: str,
+                      now: dt.datetime) -> TrackingStart:
+    """:func:`start_tracking` inside the caller's transaction (the car's confirmation of
+    ``start_tracking`` applies it in the transaction that confirms the command)."""
     vin = vin.strip().upper()
     actor = _actor(actor)
     reference = check_police_reference(police_reference)
-    with store.begin() as conn:
-        changed = conn.execute(
-            vehicles.update()
-            .where(vehicles.c.vin == vin, vehicles.c.tracking.is_(False))
-            .values(tracking=True, tracking_started_by=actor, tracking_police_reference=reference,
-                    tracking_started_at=now, updated_at=now)
-        ).rowcount
-        car = conn.execute(sa.select(vehicles).where(vehicles.c.vin == vin)).first()
-        if car is None:
-            raise UnknownVehicleError(vin)
-        started_at = as_utc(car.tracking_started_at) or now
-        stored_reference = str(car.tracking_police_reference or reference)
-        key = outbox_key("police_notification",
-                         f"{vin}:{started_at.isoformat()}:{stored_reference}")
-        alarm = conn.execute(
-            sa.select(notifications.c.alarm_event_id)
-            .where(notifications.c.vin == vin)
-            .order_by(notifications.c.id.desc()).limit(1)
-        ).scalar()
-        payload = {
-            "type": "police_notification",
-            "incident_id": key,
-            "vin": vin,
-            "market": car.market,
-            "police_reference": stored_reference,
-            "tracking": True,
-            "tracking_started_at": started_at.isoformat(),
-            "requested_by": car.tracking_started_by,
-            "alarm_event_id": alarm,
-        }
-        insert_ignore(conn, outbox, _outbox_values(key, payload, now))
-        status = conn.execute(
-            sa.select(outbox.c.status).where(outbox.c.incident_id == key)).scalar_one()
-        write_audit(conn, vin=vin, actor=actor, action="tracking_started", at=now,
-                    detail={"police_reference": reference, "changed": bool(changed),
-                            "police_notification": key})
+    changed = conn.execute(
+        vehicles.update()
+        .where(vehicles.c.vin == vin, vehicles.c.tracking.is_(False))
+        .values(tracking=True, tracking_started_by=actor, tracking_police_reference=reference,
+                tracking_started_at=now, updated_at=now)
+    ).rowcount
+    car = conn.execute(sa.select(vehicles).where(vehicles.c.vin == vin)).first()
+    if car is None:
+        raise UnknownVehicleError(vin)
+    started_at = as_utc(car.tracking_started_at) or now
+    stored_reference = str(car.tracking_police_reference or reference)
+    key = outbox_key("police_notification",
+                     f"{vin}:{started_at.isoformat()}:{stored_reference}")
+    alarm = conn.execute(
+        sa.select(notifications.c.alarm_event_id)
+        .where(notifications.c.vin == vin)
+        .order_by(notifications.c.id.desc()).limit(1)
+    ).scalar()
+    payload = {
+        "type": "police_notification",
+        "incident_id": key,
+        "vin": vin,
+        "market": car.market,
+        "police_reference": stored_reference,
+        "tracking": True,
+        "tracking_started_at": started_at.isoformat(),
+        "requested_by": car.tracking_started_by,
+        "alarm_event_id": alarm,
+    }
+    insert_ignore(conn, outbox, _outbox_values(key, payload, now))
+    status = conn.execute(
+        sa.select(outbox.c.status).where(outbox.c.incident_id == key)).scalar_one()
+    write_audit(conn, vin=vin, actor=actor, action="tracking_started", at=now,
+                detail={"police_reference": reference, "changed": bool(changed),
+                        "police_notification": key})
     return TrackingStart(started=bool(changed), police_reference=stored_reference,
                          notification_key=key, notification_status=str(status))
 
 
+def session_notification(store: Store, *, vin: str) -> TrackingStart:
+    """The police notification of the vehicle's tracking session (the current one, or
+    the last); nothing is written.  UnknownVehicleError for an unknown VIN,
+    NotTrackingError for a vehicle never tracked."""
+    vin = vin.strip().upper()
+    with store.begin() as conn:
+        car = conn.execute(sa.select(vehicles).where(vehicles.c.vin == vin)).first()
+        if car is None:
+            raise UnknownVehicleError(vin)
+        started_at = as_utc(car.tracking_started_at)
+        if started_at is None or not car.tracking_police_reference:
+            raise NotTrackingError(vin)
+        reference = str(car.tracking_police_reference)
+        key = outbox_key("police_notification", f"{vin}:{started_at.isoformat()}:{reference}")
+        status = conn.execute(
+            sa.select(outbox.c.status).where(outbox.c.incident_id == key)).scalar()
+    return TrackingStart(started=bool(car.tracking), police_reference=reference,
+                         notification_key=key, notification_status=str(status or "pending"))
+
+
 def stop_tracking(store: Store, *, vin: str, actor: str, reason: str | None,
                   now: dt.datetime) -> None:
-    """Switch tracking off, audited with the session it ends.
+    """Switch tracking off, audited with the session it ends (:func:`stop_tracking_in`).
 
     UnknownVehicleError for an unknown VIN; NotTrackingError if tracking is off.
     The session's fields (who started it, the police reference) stay on the vehicle
     for reference until the next start.
     """
+    with store.begin() as conn:
+        stop_tracking_in(conn, vin=vin, actor=actor, reason=reason, now=now)
+
+
+def stop_tracking_in(conn: Connection, *, vin: str, actor: str, reason: str | None,
+                     now: dt.datetime) -> None:
+    """:func:`stop_tracking` inside the caller's transaction."""
     vin = vin.strip().upper()
     actor = _actor(actor)
-    with store.begin() as conn:
-        car = conn.execute(sa.select(vehicles).where(vehicles.c.vin == vin)).first()
-        if car is None:
-            raise UnknownVehicleError(vin)
-        changed = conn.execute(
-            vehicles.update()
-            .where(vehicles.c.vin == vin, vehicles.c.tracking.is_(True))
-            .values(tracking=False, updated_at=now)
-        ).rowcount
-        if not changed:
-            raise NotTrackingError(vin)
-        write_audit(conn, vin=vin, actor=actor, action="tracking_stopped", at=now,
-                    detail={"police_reference": car.tracking_police_reference,
-                            "started_at": _iso(car.tracking_started_at),
-                            "started_by": car.tracking_started_by, "reason": reason})
+    car = conn.execute(sa.select(vehicles).where(vehicles.c.vin == vin)).first()
+    if car is None:
+        raise UnknownVehicleError(vin)
+    changed = conn.execute(
+        vehicles.update()
+        .where(vehicles.c.vin == vin, vehicles.c.tracking.is_(True))
+        .values(tracking=False, updated_at=now)
+    ).rowcount
+    if not changed:
+        raise NotTrackingError(vin)
+    write_audit(conn, vin=vin, actor=actor, action="tracking_stopped", at=now,
+                detail={"police_reference": car.tracking_police_reference,
+                        "started_at": _iso(car.tracking_started_at),
+                        "started_by": car.tracking_started_by, "reason": reason})
 
 
 def as_public(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -5,7 +5,9 @@
   operators do), with ``vehicle_fields`` validating what they give;
 - :mod:`~gateway.owners.pins`: PIN hashing and the lockout rule;
 - :mod:`~gateway.owners.customer_numbers`: the 8-digit number the IVR asks for;
-- :mod:`~gateway.owners.audit`: who did what, never a PIN.
+- :mod:`~gateway.owners.audit`: who did what, never a PIN;
+- :mod:`~gateway.owners.car_commands`: immobilise, reactivate, unlock and tracking,
+  confirmed by the car (imported from there: it builds on :mod:`gateway.commands`).
 
 Everything the rest of the gateway uses is re-exported here (``from gateway.owners
 import Vehicles``); importing the package registers every table on the shared metadata.
@@ -21,7 +23,6 @@ from gateway.owners.customer_numbers import (
     new_lookup_code,
 )
 from gateway.owners.enrolment import ImportResult
-from gateway.owners.immobiliser import Reactivation
 from gateway.owners.pins import (
     PIN_FORMAT_MESSAGE,
     LockoutPolicy,
@@ -54,7 +55,6 @@ __all__ = [
     "PinCheck",
     "PinHasher",
     "PinOutcome",
-    "Reactivation",
     "UnknownVehicleError",
     "Vehicle",
     "VehicleConflictError",

@@ -124,11 +124,36 @@ class MisuseAnswer(Answer):
     chargeable: bool
 
 
+class VehicleCommand(Answer):
+    """A command sent to the car through the durable queue (``vehicle_commands``)."""
+
+    id: int = Field(description="the gateway's id of the command")
+    key: str = Field(description="its idempotency key (sent as Idempotency-Key); one per "
+                                 "logical request, e.g. per immobilisation")
+    command: str = Field(description="immobilise, reactivate, unlock, start_tracking, "
+                                     "stop_tracking, ...")
+    status: Literal["pending", "sent", "confirmed", "failed", "cancelled"] = Field(
+        description="pending: not taken yet (the car was unreachable), retried by the "
+                    "queue; sent: taken by the vehicle command service, awaiting the "
+                    "car's command_result; confirmed: executed by the car; failed: "
+                    "rejected, refused or out of time; cancelled: not to be sent")
+    attempts: int = Field(description="sends so far")
+    last_error: str | None = Field(description="why the last send did not succeed")
+    created_at: str | None = Field(json_schema_extra={"format": "date-time"})
+    updated_at: str | None = Field(json_schema_extra={"format": "date-time"})
+    next_attempt_at: str | None = Field(
+        description="pending only: when the queue sends it next",
+        json_schema_extra={"format": "date-time"})
+    command_id: str | None = Field(
+        description="the vehicle command service's id, once it took the command")
+
+
 class AgentVehicle(Answer):
     """Immobiliser and tracking state, and who changed them."""
 
     vin: str
     market: str
+    customer_number: str = Field(description="the 8-digit number the IVR asks the owner for")
     immobilised: bool
     immobilised_by: str | None
     immobilised_reference: str | None
@@ -141,6 +166,23 @@ class AgentVehicle(Answer):
     tracking_started_at: str | None
     updated_at: str | None
     has_pin: bool
+    commands: list[VehicleCommand] = Field(
+        description="the commands the car has not settled yet (pending or sent), oldest "
+                    "first: the registry changes when the car confirms them")
+
+
+class CommandAnswer(AgentVehicle):
+    """The vehicle after a command request, and the command.
+
+    200: the car confirmed the command (the state shown includes its change).  202: not
+    yet: ``command.status`` is ``sent`` (the vehicle command service took it; the state
+    changes when the car reports its ``command_result``) or ``pending`` (the car was
+    unreachable; the queue retries it until its budget runs out); the state shown is
+    unchanged.  A repeated request of the same episode sends nothing new for a ``sent``
+    command and sends a ``pending`` one again at once (same idempotency key)."""
+
+    command: VehicleCommand
+    detail: str = Field(description="what happened, for the agent")
 
 
 class PoliceNotification(Answer):
@@ -150,7 +192,11 @@ class PoliceNotification(Answer):
 
 
 class TrackingAnswer(AgentVehicle):
+    """Tracking is on (confirmed by the car, or it was already on)."""
+
     police_notification: PoliceNotification
+    command: VehicleCommand | None = Field(
+        None, description="the start_tracking command (none when tracking was already on)")
 
 
 class PinRefused(Answer):

@@ -130,11 +130,16 @@ EVENT_EXAMPLES = {
 _AGENT_COMMON: dict[int, Reply] = {401: UNAUTHORIZED, 403: FORBIDDEN_ROLE, 503: UNAVAILABLE}
 _AGENT_POST: dict[int, Reply] = {**_AGENT_COMMON, 413: TOO_LARGE, 422: INVALID}
 _VEHICLE_COMMAND: dict[int, Reply] = {
-    502: Reply("the vehicle command service refused the command", _ERROR),
+    202: Reply("not confirmed by the car yet: the command is sent (awaiting the car's "
+               "command_result) or pending (the car was unreachable; retried by the "
+               "queue); the state is unchanged", agent.CommandAnswer),
+    502: Reply("the car rejected the command, or the vehicle command service refused it; "
+               "the state is unchanged (a new request sends it again)", _ERROR),
     503: Reply("the database did not answer, or no vehicle command service is "
                "configured (GATEWAY_VEHICLE_COMMAND_URL)", _ERROR),
-    504: Reply("the car could not be reached", _ERROR),
 }
+NO_COMMAND = Reply("no such vehicle, or no command with this key or command_id for it",
+                   _ERROR)
 _ADMIN_COMMON: dict[int, Reply] = {401: UNAUTHORIZED, 403: FORBIDDEN_ADMIN, 503: UNAVAILABLE}
 _ADMIN_WRITE: dict[int, Reply] = {**_ADMIN_COMMON, 413: TOO_LARGE, 415: UNSUPPORTED,
                                   422: INVALID}
@@ -148,6 +153,13 @@ OPERATIONS: tuple[Operation, ...] = (
                401: UNAUTHORIZED, 409: Reply("this event_id came with another body", _ERROR),
                413: TOO_LARGE, 415: UNSUPPORTED, 422: INVALID, 503: UNAVAILABLE},
               body=vehicle.EventIn, examples=EVENT_EXAMPLES),
+    Operation("post", "/v1/vehicles/{vin}/command-results", "postCommandResult", "vehicle",
+              "The car's report on a command: executed (ok) or not", "vehicleBearer",
+              {200: Reply("the command as settled (a replay answers the same)",
+                          vehicle.CommandResult),
+               401: UNAUTHORIZED, 404: NO_COMMAND, 413: TOO_LARGE, 415: UNSUPPORTED,
+               422: INVALID, 503: UNAVAILABLE},
+              body=vehicle.CommandResultIn),
     Operation("get", "/v1/agent/incidents/{incident_id}", "readIncident", "agent",
               "The incident and every routing decision", "agentBearer",
               {200: Reply("the incident", agent.IncidentView), 404: NO_INCIDENT,
@@ -163,17 +175,20 @@ OPERATIONS: tuple[Operation, ...] = (
                409: Reply("not an SOS incident", _ERROR), **_AGENT_POST},
               body=agent.MisuseIn, role="dispatch"),
     Operation("get", "/v1/agent/vehicles/{vin}", "readVehicleState", "agent",
-              "Immobiliser and tracking state, who changed it", "agentBearer",
+              "Immobiliser and tracking state, who changed it, the customer number and "
+              "the commands the car has not confirmed yet", "agentBearer",
               {200: Reply("the vehicle", agent.AgentVehicle), 404: NO_VEHICLE,
                **_AGENT_COMMON}, role="read"),
     Operation("post", "/v1/agent/vehicles/{vin}/immobilise", "immobilise", "agent",
               "Immobilise the car (needs an authority reference)", "agentBearer",
-              {200: Reply("immobilised", agent.AgentVehicle), 404: NO_VEHICLE,
+              {200: Reply("immobilised: the car confirmed it", agent.CommandAnswer),
+               404: NO_VEHICLE,
                **_AGENT_POST, **_VEHICLE_COMMAND},
               body=agent.ImmobiliseIn, role="immobilise"),
     Operation("post", "/v1/agent/vehicles/{vin}/reactivate", "reactivate", "agent",
               "Reactivate the car with the owner's PIN", "agentBearer",
-              {200: Reply("reactivated (or was not immobilised)", agent.AgentVehicle),
+              {200: Reply("reactivated: the car confirmed it (or the car was not "
+                          "immobilised: no command, no 'command' field)", agent.AgentVehicle),
                404: NO_VEHICLE, **_AGENT_POST, **_VEHICLE_COMMAND,
                403: Reply("the token lacks the role, or the PIN was wrong",
                           agent.PinRefused),
@@ -181,12 +196,14 @@ OPERATIONS: tuple[Operation, ...] = (
               body=agent.ReactivateIn, role="immobilise"),
     Operation("post", "/v1/agent/vehicles/{vin}/tracking", "startTracking", "agent",
               "Start tracking and notify the police through the centre", "agentBearer",
-              {200: Reply("tracking; the police notification", agent.TrackingAnswer),
+              {200: Reply("tracking (confirmed by the car, or already on); the police "
+                          "notification", agent.TrackingAnswer),
                404: NO_VEHICLE, **_AGENT_POST, **_VEHICLE_COMMAND},
               body=agent.TrackingIn, role="dispatch"),
     Operation("post", "/v1/agent/vehicles/{vin}/tracking/stop", "stopTracking", "agent",
               "Stop tracking", "agentBearer",
-              {200: Reply("stopped", agent.AgentVehicle), 404: NO_VEHICLE,
+              {200: Reply("stopped: the car confirmed it", agent.CommandAnswer),
+               404: NO_VEHICLE,
                409: Reply("the vehicle is not being tracked", _ERROR),
                **_AGENT_POST, **_VEHICLE_COMMAND},
               body=agent.StopTrackingIn, body_required=False, role="dispatch"),

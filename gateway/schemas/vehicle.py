@@ -239,3 +239,57 @@ class EventAnswer(Answer):
     notifications: list[Notification] | None = Field(
         None, description="alarm events only: the owner messages and the escalation",
         json_schema_extra=no_default)
+
+
+# -- the car's report on a command it was sent -----------------------------------------
+
+COMMAND_KEY_PATTERN = r"^[\x21-\x7e]{1,128}$"
+
+
+class CommandResultIn(RequestModel):
+    """The car's report on a command it was sent (``POST /v1/vehicles/{vin}/command-results``):
+    which command -- its ``key`` (the ``Idempotency-Key`` it was sent with) or the
+    ``command_id`` the vehicle command service gave it -- and whether the car executed
+    it.  A replay of the same report changes nothing and gets the same answer."""
+
+    model_config = ConfigDict(json_schema_extra={
+        "anyOf": [{"required": ["key"]}, {"required": ["command_id"]}]})
+
+    reasons: ClassVar[dict[str, str]] = {
+        "key": "the command's Idempotency-Key: 1-128 printable ASCII characters",
+        "command_id": "the vehicle command service's id: 1-128 printable ASCII characters",
+        "ok": "required: true (the car executed the command) or false (it did not)",
+        "detail": "a string of at most 300 characters",
+    }
+
+    key: Annotated[str | None, BeforeValidator(no_null)] = optional(
+        "the command's idempotency key (the Idempotency-Key header it came with)",
+        pattern=COMMAND_KEY_PATTERN)
+    command_id: Annotated[str | None, BeforeValidator(no_null)] = optional(
+        "the id the vehicle command service answered when it took the command",
+        pattern=COMMAND_KEY_PATTERN)
+    ok: bool = Field(description="true: executed; false: not executed (the command fails)")
+    detail: str | None = nullable("what the car did, or why it did not", max_length=300)
+
+    @model_validator(mode="after")
+    def _one_id(self) -> CommandResultIn:
+        if self.key is None and self.command_id is None:
+            raise CoreValidationError.from_exception_data("CommandResultIn", [
+                _error(("key",), "required: the command's key (or its command_id)", None)])
+        return self
+
+
+class CommandResult(Answer):
+    """The command as the gateway has it after the report."""
+
+    id: int
+    key: str
+    command: str
+    status: str = Field(description="confirmed (ok), failed (not ok); a report on a "
+                                    "command already settled leaves it as it was")
+    attempts: int
+    last_error: str | None
+    created_at: str | None = Field(json_schema_extra={"format": "date-time"})
+    updated_at: str | None = Field(json_schema_extra={"format": "date-time"})
+    next_attempt_at: str | None
+    command_id: str | None

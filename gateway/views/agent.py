@@ -17,15 +17,15 @@ from gateway import theft
 from gateway.app import services
 from gateway.calls.call_plan import emergency_route
 from gateway.delivery import address_of
-from gateway.errors import (
-    PermanentUpstreamError,
-    StoreError,
-    TransientUpstreamError,
-    ValidationError,
-)
+from gateway.errors import StoreError, ValidationError
 from gateway.incidents import incident_answer, mark_incident
 from gateway.owners import UnknownVehicleError
-from gateway.owners.immobiliser import REJECTED_ANSWERS
+from gateway.owners.car_commands import (
+    AlreadyTrackingError,
+    CommandRequest,
+    CommandServiceMissingError,
+    command_view,
+)
 from gateway.schemas import agent as schemas
 from gateway.schemas.base import M, parse
 from gateway.security import agent_role
@@ -70,13 +70,16 @@ def _now() -> dt.datetime:
 
 
 def _vehicle_json(vehicle: Any) -> dict[str, Any]:
+    """The vehicle's state, its customer number and the commands the car has not
+    settled yet (pending, sent)."""
     data = {k: getattr(vehicle, k) for k in (
-        "vin", "market", "immobilised", "immobilised_by", "immobilised_reference",
+        "vin", "market", "customer_number", "immobilised", "immobilised_by", "immobilised_reference",
         "reactivated_by", "tracking", "tracking_started_by", "tracking_police_reference")}
     for k in ("immobilised_at", "reactivated_at", "tracking_started_at", "updated_at"):
         value = getattr(vehicle, k)
         data[k] = value.isoformat() if value else None
     data["has_pin"] = vehicle.has_pin
+    data["commands"] = services().car_commands.unfinished(vehicle.vin)
     return data
 
 
@@ -146,78 +149,81 @@ def misuse(incident_id: str) -> Any:
 @bp.get("/vehicles/<vin>")
 @agent_role("read")
 def read_vehicle(vin: str) -> Any:
+    """The immobiliser and tracking state, the customer number the IVR asks the owner
+    for, and the commands the car has not confirmed yet (``commands``)."""
     return jsonify(_vehicle_json(_vehicle_or_404(vin)))
 
 
-def _command(vin: str, command: str, **params: Any) -> Any:
-    """Send a vehicle command; an error answer (502/504) if the car cannot be reached."""
-    commands = services().commands
-    if commands is None:
-        return _error(503, "no_command_service", "GATEWAY_VEHICLE_COMMAND_URL is not configured")
-    try:
-        answer = commands.send(vin, command, **params)
-    except TransientUpstreamError as exc:
-        return _error(504, "vehicle_unreachable", str(exc))
-    except PermanentUpstreamError as exc:
-        return _error(502, "vehicle_refused", str(exc))
-    status = str(answer.get("status", "")).lower() if isinstance(answer, dict) else ""
-    if status in REJECTED_ANSWERS:  # the car answered, but will not execute it
+def _command_answer(sent: CommandRequest, *, done: str) -> Any:
+    """200 once the car confirmed the command; 202 while it is sent or pending (the
+    state unchanged); 502 when the car rejected it or the service refused it."""
+    body = _vehicle_json(sent.vehicle)
+    command = command_view(sent.row)
+    error = str(sent.row["last_error"] or "")[:200]
+    if sent.status == "confirmed":
+        return jsonify({**body, "command": command, "detail": done})
+    if sent.status == "sent":
+        detail = ("the vehicle command service took the command; the state changes when "
+                  "the car reports that it executed it")
+    elif sent.status == "pending":
+        budget = services().command_queue.budget.total_seconds()
+        detail = (f"car unreachable: the state is unchanged; the command is retried for up "
+                  f"to {budget:g}s after the request ({error})")
+    else:
         return _error(502, "vehicle_refused",
-                      f"the car rejected {command!r}: {str(answer.get('reason', status))[:100]}")
-    return None
+                      f"the car did not take {sent.row['command']!r}: the state is unchanged "
+                      f"({error})", command=command,
+                      **{k: body[k] for k in ("immobilised", "tracking")})
+    response = jsonify({**body, "command": command, "detail": detail})
+    response.status_code = 202
+    return response
+
+
+def _no_service() -> Any:
+    return _error(503, "no_command_service", "GATEWAY_VEHICLE_COMMAND_URL is not configured")
 
 
 @bp.post("/vehicles/<vin>/immobilise")
 @agent_role("immobilise")
 def immobilise(vin: str) -> Any:
+    """Immobilise the car: the registry says immobilised once the car confirms it (200);
+    202 with the command while it is sent or pending (retried by the queue); one
+    idempotency key per immobilisation, so a repeated request sends nothing twice."""
     body = _body(schemas.ImmobiliseIn)
-    svc = services()
-    vehicle = _vehicle_or_404(vin)
-    # one key per immobilisation episode: a retry after a lost answer is deduplicated
-    since = vehicle.reactivated_at.isoformat() if vehicle.reactivated_at else "first"
-    failed = _command(vehicle.vin, "immobilise", authority_reference=body.authority_reference,
-                      idempotency_key=f"immobilise:{vehicle.vin}:{since}")
-    if failed is not None:
-        return failed
-    vehicle = svc.vehicles.immobilise(vin, actor=_actor(),
-                                      authority_reference=body.authority_reference)
-    return jsonify(_vehicle_json(vehicle))
+    try:
+        sent = services().car_commands.immobilise(
+            vin, actor=_actor(), authority_reference=body.authority_reference)
+    except UnknownVehicleError:
+        abort(404, description="no such vehicle")
+    except CommandServiceMissingError:
+        return _no_service()
+    return _command_answer(sent, done="immobilised: the car confirmed it")
 
 
 @bp.post("/vehicles/<vin>/reactivate")
 @agent_role("immobilise")
 def reactivate(vin: str) -> Any:
     """Only with the owner's PIN (read to the agent by the owner), and only once the car
-    acknowledges: an unreachable car answers 504 and the vehicle stays immobilised."""
+    confirms: 200 reactivated; 202 with the command while it is sent or pending (an
+    unreachable car stays immobilised; the queue retries, a repeated request sends the
+    pending command again at once, with the same idempotency key); 502 rejected."""
     pin = _body(schemas.ReactivateIn).pin
     svc = services()
-    vehicle = _vehicle_or_404(vin)
-    commands = svc.commands
-    if commands is None:
-        return _error(503, "no_command_service", "GATEWAY_VEHICLE_COMMAND_URL is not configured")
-
-    def send(key: str) -> Any:
-        return commands.send(vehicle.vin, "reactivate", idempotency_key=key)
-
     try:
-        result = svc.vehicles.reactivate(vehicle.vin, actor=_actor(), pin=pin, send=send)
-    except TransientUpstreamError as exc:
-        svc.metrics.pin_attempts.labels("ok").inc()
-        return _error(504, "vehicle_unreachable",
-                      "car unreachable: the vehicle stays immobilised; retry when the car "
-                      f"is reachable ({exc})", immobilised=True)
-    except PermanentUpstreamError as exc:
-        svc.metrics.pin_attempts.labels("ok").inc()
-        return _error(502, "vehicle_refused",
-                      f"the car did not reactivate: the vehicle stays immobilised ({exc})",
-                      immobilised=True)
+        result = svc.car_commands.reactivate(vin, actor=_actor(), pin=pin)
+    except UnknownVehicleError:
+        abort(404, description="no such vehicle")
+    except CommandServiceMissingError:
+        return _no_service()
     svc.metrics.pin_attempts.labels(result.check.outcome).inc()
     if not result.ok:
         status = 423 if result.check.locked_until or result.check.outcome == "locked" else 403
         return _error(status, f"pin_{result.check.outcome}", "the PIN was not accepted",
                       locked_until=result.check.locked_until.isoformat()
                       if result.check.locked_until else None)
-    return jsonify(_vehicle_json(result.vehicle))
+    if result.request is None:  # not immobilised: nothing to send
+        return jsonify(_vehicle_json(result.vehicle))
+    return _command_answer(result.request, done="reactivated: the car confirmed it")
 
 
 @bp.post("/vehicles/<vin>/tracking")
@@ -225,19 +231,32 @@ def reactivate(vin: str) -> Any:
 def start_tracking(vin: str) -> Any:
     """Unauthorised use confirmed: start tracking and notify the police through the centre.
 
-    Everything is validated before the car gets a command.  A replay while tracking
-    sends no command and no second police notification (one per tracking session).
+    Everything is validated before the car gets a command.  Tracking (and the police
+    notification) starts when the car confirms ``start_tracking`` (200); 202 with the
+    command while it is sent or pending.  A replay while tracking sends no command and
+    no second police notification (one per tracking session).
     """
     reference = theft.check_police_reference(_body(schemas.TrackingIn).police_reference)
     svc = services()
     vehicle = _vehicle_or_404(vin)
+    command = None
     if not vehicle.tracking:
-        failed = _command(vehicle.vin, "start_tracking")
-        if failed is not None:
-            return failed
+        try:
+            sent = svc.car_commands.start_tracking(vehicle.vin, actor=_actor(),
+                                                   police_reference=reference)
+        except CommandServiceMissingError:
+            return _no_service()
+        except AlreadyTrackingError:
+            sent = None
+        if sent is not None and sent.status != "confirmed":
+            return _command_answer(sent, done="")
+        command = None if sent is None else command_view(sent.row)
     try:
-        started = theft.start_tracking(svc.store, vin=vehicle.vin, actor=_actor(),
-                                       police_reference=reference, now=_now())
+        if command is None:  # already tracking: audited, the session's notification
+            started = theft.start_tracking(svc.store, vin=vehicle.vin, actor=_actor(),
+                                           police_reference=reference, now=_now())
+        else:
+            started = theft.session_notification(svc.store, vin=vehicle.vin)
     except UnknownVehicleError:
         abort(404, description="no such vehicle")
     if svc.worker is not None:
@@ -246,25 +265,22 @@ def start_tracking(vin: str) -> Any:
     answer["police_notification"] = {"id": started.notification_key,
                                      "police_reference": started.police_reference,
                                      "status": started.notification_status}
+    answer["command"] = command
     return jsonify(answer)
 
 
 @bp.post("/vehicles/<vin>/tracking/stop")
 @agent_role("dispatch")
 def stop_tracking(vin: str) -> Any:
-    """Stop tracking (optional ``reason``); 409 if the vehicle is not being tracked."""
+    """Stop tracking (optional ``reason``) once the car confirms ``stop_tracking`` (200;
+    202 while it is sent or pending); 409 if the vehicle is not being tracked."""
     reason = theft.stop_reason(_body(schemas.StopTrackingIn, optional=True).model_dump())
-    svc = services()
-    vehicle = _vehicle_or_404(vin)
-    if not vehicle.tracking:
-        return _error(409, "not_tracking", "the vehicle is not being tracked")
-    failed = _command(vehicle.vin, "stop_tracking")
-    if failed is not None:
-        return failed
     try:
-        theft.stop_tracking(svc.store, vin=vehicle.vin, actor=_actor(), reason=reason, now=_now())
+        sent = services().car_commands.stop_tracking(vin, actor=_actor(), reason=reason)
     except UnknownVehicleError:
         abort(404, description="no such vehicle")
+    except CommandServiceMissingError:
+        return _no_service()
     except theft.NotTrackingError:
         return _error(409, "not_tracking", "the vehicle is not being tracked")
-    return jsonify(_vehicle_json(_vehicle_or_404(vehicle.vin)))
+    return _command_answer(sent, done="tracking stopped: the car confirmed it")

@@ -23,8 +23,9 @@ from twilio.twiml.voice_response import VoiceResponse
 
 from gateway import prompts, twiml
 from gateway.app import services
-from gateway.errors import PermanentUpstreamError, StoreError, TransientUpstreamError
+from gateway.errors import StoreError
 from gateway.logs import call_sid_var
+from gateway.owners.car_commands import CommandRequest, CommandServiceMissingError
 from gateway.routing import DialCentre, next_centre_attempt, sim_country
 from gateway.security import twilio_signed
 from gateway.views.common import (
@@ -256,32 +257,28 @@ def _actor() -> str:
 @replay_safe
 @fail_to_agent
 def pin() -> Response:
-    """Check the PIN, then unlock or reactivate.  The digits go nowhere else."""
+    """Check the PIN, then unlock or reactivate.  The digits go nowhere else.
+
+    Both commands go through :class:`~gateway.owners.car_commands.CarCommands`: the
+    caller hears "done" only for the car's confirmation, "sent" when the vehicle
+    command service took it, and is put through to an agent otherwise."""
     svc = services()
     state = _state()
     digits = request.form.get("Digits", "")
-    if state.want == "reactivate":
-        if svc.commands is None:
-            log.error("no vehicle command service configured (GATEWAY_VEHICLE_COMMAND_URL)")
-            return connect_agent(state, topic=state.want, notice="ivr_car_unreachable")
-        commands = svc.commands
-
-        def send(key: str) -> Any:
-            return commands.send(state.v, "reactivate", idempotency_key=key)
-
-        try:
-            result = svc.vehicles.reactivate(state.v, actor=_actor(), pin=digits, send=send)
-        except (TransientUpstreamError, PermanentUpstreamError) as exc:
-            # the PIN was right; the car did not acknowledge: it stays immobilised
-            del digits
-            log.warning("vehicle command reactivate failed: %s", exc)
-            svc.metrics.pin_attempts.labels("ok").inc()
-            return connect_agent(state, topic=state.want, notice="ivr_car_unreachable")
-        check = result.check
-    else:
-        result = None
-        check = svc.vehicles.verify_pin(state.v, digits, actor=_actor())
-    del digits
+    reactivation = None
+    try:
+        if state.want == "reactivate":
+            reactivation = svc.car_commands.reactivate(state.v, actor=_actor(), pin=digits)
+            check = reactivation.check
+        else:
+            if svc.car_commands.queue.commands is None:
+                raise CommandServiceMissingError("GATEWAY_VEHICLE_COMMAND_URL is not set")
+            check = svc.vehicles.verify_pin(state.v, digits, actor=_actor())
+    except CommandServiceMissingError:
+        log.error("no vehicle command service configured (GATEWAY_VEHICLE_COMMAND_URL)")
+        return connect_agent(state, topic=state.want, notice="ivr_car_unreachable")
+    finally:
+        del digits
     svc.metrics.pin_attempts.labels(check.outcome).inc()
     if check.outcome == "wrong" and check.locked_until is None:
         return _ask_pin(replace(state, r=state.r + 1), notice="ivr_pin_wrong")
@@ -289,36 +286,33 @@ def pin() -> Response:
         return connect_agent(state, topic="pin-locked", notice="ivr_pin_locked", announce=None)
     if check.outcome == "not_set":
         return connect_agent(state, topic=state.want)
-    if state.want == "reactivate":
-        assert result is not None
-        if not result.changed:
+    if reactivation is not None:
+        if reactivation.request is None:
             return twiml_response(twiml.say_and_hangup("ivr_not_immobilised", language=state.lang))
-        return _done(state, "ivr_reactivated")
+        return _after_command(state, reactivation.request, done_key="ivr_reactivated",
+                              sent_key="ivr_reactivation_sent")
     relock = svc.settings.unlock_relock_s
-    return _vehicle_command(state, "unlock", {"relock_after_s": relock}, done_key="ivr_unlocked",
-                            values={"seconds": str(relock)})
+    sent = svc.car_commands.unlock(state.v, actor=_actor(), call=request.form.get("CallSid", ""),
+                                   relock_after_s=relock)
+    return _after_command(state, sent, done_key="ivr_unlocked", sent_key="ivr_unlock_sent",
+                          values={"seconds": str(relock)})
 
 
-def _vehicle_command(state: IvrState, command: str, params: dict[str, Any], *, done_key: str,
-                     values: dict[str, str] | None = None) -> Response:
-    svc = services()
-    if svc.commands is None:
-        log.error("no vehicle command service configured (GATEWAY_VEHICLE_COMMAND_URL)")
-        return connect_agent(state, topic=state.want, notice="ivr_car_unreachable")
-    svc.vehicles.record(state.v, actor=_actor(), action=f"{command}_requested",
-                        detail={k: v for k, v in params.items()})
-    try:
-        svc.commands.send(state.v, command, **params)
-    except (TransientUpstreamError, PermanentUpstreamError) as exc:
-        log.warning("vehicle command %s failed: %s", command, exc)
-        svc.vehicles.record(state.v, actor=_actor(), action=f"{command}_failed",
-                            detail={"error": str(exc)[:200]})
-        return connect_agent(state, topic=state.want, notice="ivr_car_unreachable")
-    return _done(state, done_key, values)
+def _after_command(state: IvrState, sent: CommandRequest, *, done_key: str, sent_key: str,
+                   values: dict[str, str] | None = None) -> Response:
+    """Confirmed by the car: ``done_key``; taken by the command service: ``sent_key``;
+    otherwise (unreachable, rejected, cancelled) an agent takes over."""
+    if sent.status == "confirmed":
+        return _done(state, done_key, values)
+    if sent.status == "sent":
+        return _done(state, sent_key, values)
+    log.warning("vehicle command %s not taken by the car: %s (%s)", sent.row["command"],
+                sent.status, sent.row["last_error"])
+    return connect_agent(state, topic=state.want, notice="ivr_car_unreachable")
 
 
 def _done(state: IvrState, done_key: str, values: dict[str, str] | None = None) -> Response:
-    """The command was acknowledged by the car: say so twice, then goodbye."""
+    """What became of the command: say it twice, then goodbye."""
     response = VoiceResponse()
     text, lang = prompts.say(done_key, state.lang, **(values or {}))
     response.say(text, language=lang)

@@ -13,6 +13,9 @@ from gateway.app import services
 from gateway.errors import StoreError, ValidationError
 from gateway.events import ALARM_TYPES, VehicleEvent, load_event_json, parse_event
 from gateway.incidents import EventConflictError, incident_answer, record_event
+from gateway.owners.car_commands import command_view
+from gateway.schemas.base import parse
+from gateway.schemas.vehicle import CommandResultIn
 from gateway.security import vehicle_token
 
 log = logging.getLogger(__name__)
@@ -94,6 +97,39 @@ def post_event() -> Any:
     response = jsonify(body)
     response.status_code = 201 if created else 200
     return response
+
+
+@bp.post("/vehicles/<vin>/command-results")
+@vehicle_token
+def post_command_result(vin: str) -> Any:
+    """The car reports whether it executed a command: ``{key | command_id, ok, detail}``.
+
+    ``ok`` confirms the command and applies what waited for the car (immobilised,
+    reactivated, tracking on/off), once, audited; not ``ok`` fails it (the state stays).
+    A replay changes nothing and answers the same 200; 404 for a command this car was
+    not sent."""
+    svc = services()
+    if not request.is_json:
+        return _error(415, "unsupported_media_type", "send the result as application/json")
+    try:
+        report = parse(CommandResultIn, request.get_data())
+    except ValidationError as exc:
+        return _error(422, "invalid_request", "the command result has invalid fields",
+                      fields=exc.errors)
+    try:
+        row = svc.car_commands.command_result(vin, key=report.key,
+                                              command_id=report.command_id, ok=report.ok,
+                                              detail=report.detail)
+    except StoreError:
+        log.exception("command result not stored")
+        response = _error(503, "unavailable", "the result was not stored; send it again")
+        response.headers["Retry-After"] = "1"
+        return response
+    if row is None:
+        field = "key" if report.key is not None else "command_id"
+        return _error(404, "unknown_command", "this vehicle was sent no such command",
+                      fields={field: "no command with this value for this vehicle"})
+    return jsonify(command_view(row))
 
 
 def _alarm(event: VehicleEvent, svc: Any) -> list[dict[str, Any]]:

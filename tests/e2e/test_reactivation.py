@@ -1,15 +1,19 @@
-"""Reactivation confirmed by the car, through real processes: a gateway process, the
-car behind a real HTTP fake of the vehicle command service (``FakeCarCommands``).
+"""Reactivation confirmed by the car, through real processes: a gateway process (with
+its command queue worker), the car behind a real HTTP fake of the vehicle command
+service (``FakeCarCommands``).
 
 A car that cannot be reached during reactivation stays immobilised in the registry;
-once it is back, a retry reactivates it and the command reaches the car exactly once
-(one idempotency key per immobilisation, deduplicated by the car)."""
+once it is back, the queue worker (or the agent's retry) reactivates it and the command
+reaches the car exactly once (one idempotency key per immobilisation, deduplicated by
+the car).  An ``accepted`` answer changes nothing until the car's ``command_result``.
+A replayed signed IVR PIN step sends no second command."""
 
 from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +22,7 @@ import requests
 
 from tests.support.fake_servers import FakeCarCommands
 from tests.support.server import GatewayProcess, running_gateway
-from tests.support.twilio import call_params, dial_of, parse
+from tests.support.twilio import VEHICLE_TOKEN, call_params, dial_of, parse
 
 ADMIN_TOKEN = "e2e-admin-token-0123456789abcdef"
 AGENT_TOKEN = "e2e-agent-token-0123456789abcdef"
@@ -65,7 +69,7 @@ def immobilised_car(world: World) -> tuple[str, str]:
         "owner_phones": [phone], "language": "de-DE"})
     assert created.status_code == 201, created.text
     assert call(world, "admin", "PUT", f"/vehicles/{vin}/pin", {"pin": PIN}).status_code == 200
-    world.car.mode = "up"
+    world.car.mode = "confirm"
     done = call(world, "agent", "POST", f"/vehicles/{vin}/immobilise",
                 {"authority_reference": "POL-2026-7"})
     assert done.status_code == 200 and done.json()["immobilised"] is True, done.text
@@ -87,31 +91,91 @@ def registry(world: World, vin: str) -> dict[str, Any]:
     return dict(answer.json())
 
 
-def test_agent_api_car_unreachable_then_back(world: World) -> None:
+def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return predicate()
+
+
+def keys_sent(world: World, vin: str) -> set[str]:
+    return {c["idempotency_key"] for c in world.car.commands
+            if c["vin"] == vin and (c["body"] or {}).get("command") == "reactivate"}
+
+
+def audit_actions(world: World, vin: str) -> list[str]:
+    answer = call(world, "admin", "GET", f"/vehicles/{vin}/audit")
+    assert answer.status_code == 200
+    return [e["action"] for e in answer.json()["entries"]]
+
+
+def test_car_unreachable_then_the_worker_reactivates_it_once(world: World) -> None:
     vin, _ = immobilised_car(world)
     world.car.mode = "503"
     failed = call(world, "agent", "POST", f"/vehicles/{vin}/reactivate", {"pin": PIN})
-    assert failed.status_code == 504, failed.text
-    assert failed.json()["error"] == "vehicle_unreachable"
-    assert registry(world, vin)["immobilised"] is True
+    assert failed.status_code == 202, failed.text
+    assert failed.json()["command"]["status"] == "pending"
+    assert failed.json()["immobilised"] is True
+    shown = registry(world, vin)
+    assert shown["immobilised"] is True
+    [pending] = shown["commands"]  # the agent sees the command waiting for the car
+    assert pending["command"] == "reactivate" and pending["status"] == "pending"
+    assert pending["attempts"] >= 1 and "503" in (pending["last_error"] or "")
     wire, executed = reactivations(world, vin)
     assert wire >= 1 and executed == 0
 
-    world.car.mode = "up"
+    world.car.mode = "confirm"  # the car is back: the queue worker sends it again
+    assert wait_until(lambda: registry(world, vin)["immobilised"] is False, timeout=40)
+    assert registry(world, vin)["commands"] == []
+    assert reactivations(world, vin)[1] == 1  # executed once
+    assert keys_sent(world, vin) == {pending["key"]}  # every try carried the same key
+    assert audit_actions(world, vin).count("reactivate") == 1
+
+    wire = reactivations(world, vin)[0]
+    again = call(world, "agent", "POST", f"/vehicles/{vin}/reactivate", {"pin": PIN})
+    assert again.status_code == 200 and again.json()["immobilised"] is False
+    time.sleep(1.5)  # a worker pass or two: nothing more goes to the car
+    assert reactivations(world, vin)[0] == wire
+
+
+def test_car_unreachable_then_the_agents_retry_reactivates_it_once(world: World) -> None:
+    vin, _ = immobilised_car(world)
+    world.car.mode = "503"
+    failed = call(world, "agent", "POST", f"/vehicles/{vin}/reactivate", {"pin": PIN})
+    assert failed.status_code == 202 and registry(world, vin)["immobilised"] is True
+
+    world.car.mode = "confirm"
     done = call(world, "agent", "POST", f"/vehicles/{vin}/reactivate", {"pin": PIN})
     assert done.status_code == 200 and done.json()["immobilised"] is False, done.text
     assert registry(world, vin)["immobilised"] is False
     assert reactivations(world, vin)[1] == 1
-
-    again = call(world, "agent", "POST", f"/vehicles/{vin}/reactivate", {"pin": PIN})
-    assert again.status_code == 200 and again.json()["immobilised"] is False
-    assert reactivations(world, vin)[1] == 1
-    keys = {c["idempotency_key"] for c in world.car.commands
-            if c["vin"] == vin and c["body"]["command"] == "reactivate"}
-    assert len(keys) == 1  # every try carried the same key
+    assert keys_sent(world, vin) == {failed.json()["command"]["key"]}
+    assert audit_actions(world, vin).count("reactivate") == 1
 
 
-def ivr_reactivate(world: World, phone: str, sid: str) -> Any:
+def test_accepted_changes_nothing_until_the_cars_command_result(world: World) -> None:
+    vin, _ = immobilised_car(world)
+    world.car.mode = "up"  # the command service takes it: {"status": "accepted"}
+    taken = call(world, "agent", "POST", f"/vehicles/{vin}/reactivate", {"pin": PIN})
+    assert taken.status_code == 202 and taken.json()["command"]["status"] == "sent"
+    assert registry(world, vin)["immobilised"] is True
+    report = {"command_id": taken.json()["command"]["command_id"], "ok": True,
+              "detail": "immobiliser off"}
+    url = f"{world.gw.base_url}/v1/vehicles/{vin}/command-results"
+    headers = {"Authorization": f"Bearer {VEHICLE_TOKEN}"}
+    first = requests.post(url, json=report, headers=headers, timeout=10)
+    assert first.status_code == 200 and first.json()["status"] == "confirmed", first.text
+    assert registry(world, vin)["immobilised"] is False
+    replay = requests.post(url, json=report, headers=headers, timeout=10)
+    assert replay.status_code == 200 and replay.json() == first.json()
+    assert audit_actions(world, vin).count("reactivate") == 1
+    assert reactivations(world, vin) == (1, 1)
+
+
+def ivr_reactivate(world: World, phone: str, sid: str) -> tuple[Any, str, dict[str, str]]:
+    """The IVR reactivation call; the last answer, and the PIN step's URL and form."""
     def post(url: str, **form: str) -> Any:
         response = world.gw.twilio(url, call_params(sid, phone, to=OWNER_NUMBER, **form))
         assert response.status_code == 200, response.text
@@ -119,22 +183,39 @@ def ivr_reactivate(world: World, phone: str, sid: str) -> Any:
 
     menu = post("/twilio/voice")
     ask_pin = post(menu.find("Gather").get("action"), Digits="4")  # 4: reactivate
-    return post(ask_pin.find("Gather").get("action"), Digits=PIN)
+    pin_url = ask_pin.find("Gather").get("action")
+    return post(pin_url, Digits=PIN), pin_url, call_params(sid, phone, to=OWNER_NUMBER,
+                                                            Digits=PIN)
 
 
-def test_ivr_answer_lost_then_retry_executes_once(world: World) -> None:
+def test_ivr_answer_lost_then_the_car_executes_it_once(world: World) -> None:
     """The car took the command but its answer never came (``hang``): the registry still
-    says immobilised and the caller is put through to an agent; the retry, with the car
-    back, carries the same key, so the car does not execute it a second time."""
+    says immobilised and the caller is put through to an agent; the retry (the worker's,
+    or the owner's next call), with the car back, carries the same key, so the car does
+    not execute it a second time."""
     vin, phone = immobilised_car(world)
     world.car.mode = "hang"
-    first = ivr_reactivate(world, phone, f"CAreact{digits(10)}")
+    first, _, _ = ivr_reactivate(world, phone, f"CAreact{digits(10)}")
     dial_of(first)  # "car unreachable", put through to an agent
     assert registry(world, vin)["immobilised"] is True
 
-    world.car.mode = "up"
-    second = ivr_reactivate(world, phone, f"CAreact{digits(10)}")
+    world.car.mode = "confirm"
+    second, _, _ = ivr_reactivate(world, phone, f"CAreact{digits(10)}")
     assert second.find("Dial") is None and second.find("Hangup") is not None
-    assert registry(world, vin)["immobilised"] is False
+    assert wait_until(lambda: registry(world, vin)["immobilised"] is False, timeout=40)
     wire, executed = reactivations(world, vin)
     assert wire >= 2 and executed == 1
+    assert len(keys_sent(world, vin)) == 1
+
+
+def test_a_replayed_ivr_pin_step_sends_no_second_command(world: World) -> None:
+    vin, phone = immobilised_car(world)
+    world.car.mode = "confirm"
+    done, pin_url, form = ivr_reactivate(world, phone, f"CAreact{digits(10)}")
+    assert done.find("Hangup") is not None and registry(world, vin)["immobilised"] is False
+    assert reactivations(world, vin) == (1, 1)
+    answer = world.gw.twilio(pin_url, form).content
+    for _ in range(5):  # the same signed request, captured and sent again
+        replay = world.gw.twilio(pin_url, form)
+        assert replay.status_code == 200 and replay.content == answer
+    assert reactivations(world, vin) == (1, 1)

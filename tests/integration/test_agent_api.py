@@ -25,7 +25,7 @@ PIN = "4711"
 
 @pytest.fixture
 def commands() -> RecordingVehicleCommands:
-    return RecordingVehicleCommands()
+    return RecordingVehicleCommands(status="confirmed")  # the car executes at once
 
 
 @pytest.fixture
@@ -115,9 +115,16 @@ def test_unreachable_car_is_not_marked_immobilised(agent_app: Flask,
     client = agent_app.test_client()
     response = as_agent(client, "POST", f"/v1/agent/vehicles/{REGISTERED}/immobilise",
                         SUPERVISOR, {"authority_reference": "POL-1"})
-    assert response.status_code == 504
+    assert response.status_code == 202 and response.json["command"]["status"] == "pending"
+    assert response.json["immobilised"] is False
     state = as_agent(client, "GET", f"/v1/agent/vehicles/{REGISTERED}", READER).json
     assert state["immobilised"] is False
+    [pending] = state["commands"]  # the agent sees what is still to be confirmed
+    assert (pending["command"], pending["status"], pending["attempts"]) == (
+        "immobilise", "pending", 1)
+    assert pending["key"] == response.json["command"]["key"]
+    assert "car unreachable" in pending["last_error"] and pending["created_at"]
+    assert len(state["customer_number"]) == 8 and state["customer_number"].isdigit()
 
 
 def test_reactivation_needs_the_owners_pin(agent_app: Flask,

@@ -21,7 +21,7 @@ from gateway.config import DeliveryPolicy, Settings
 from gateway.delivery import OutboxWorker
 from gateway.owners import PinHasher, Vehicles
 from tests.conftest import Clock
-from tests.support.fake_servers import FakeAssistanceCentre, FakeVehicleService
+from tests.support.fake_servers import FakeAssistanceCentre, FakeCarCommands
 
 READER = "reader-token-0123456789abcdef"
 DISPATCHER = "dispatch-token-0123456789abcdef"
@@ -30,8 +30,8 @@ UNKNOWN_VIN = "WBA3A5C51CF256999"
 
 
 @pytest.fixture
-def car_service() -> Iterator[FakeVehicleService]:
-    with FakeVehicleService(slow_s=1.0) as fake:
+def car_service() -> Iterator[FakeCarCommands]:
+    with FakeCarCommands(mode="confirm", slow_s=1.0) as fake:  # the car executes at once
         yield fake
 
 
@@ -42,7 +42,7 @@ def centre() -> Iterator[FakeAssistanceCentre]:
 
 
 @pytest.fixture
-def app(make_app: Callable[..., Flask], settings: Settings, car_service: FakeVehicleService,
+def app(make_app: Callable[..., Flask], settings: Settings, car_service: FakeCarCommands,
         centre: FakeAssistanceCentre) -> Iterator[Flask]:
     tokens = {READER: frozenset({"read"}), DISPATCHER: frozenset({"read", "dispatch"})}
     with VehicleCommandClient(car_service.url, timeout_s=0.3, attempts=1,
@@ -81,12 +81,12 @@ def audit(app: Flask) -> list[Any]:
     return Vehicles(app.extensions["gateway"].store, PinHasher(n=2**8)).audit_for(VIN)
 
 
-def commands_sent(car_service: FakeVehicleService, command: str) -> int:
+def commands_sent(car_service: FakeCarCommands, command: str) -> int:
     return sum(1 for c in car_service.commands if c["body"]["command"] == command)
 
 
 def test_tracking_start_notifies_the_police_once_even_when_replayed(
-    app: Flask, centre: FakeAssistanceCentre, car_service: FakeVehicleService,
+    app: Flask, centre: FakeAssistanceCentre, car_service: FakeCarCommands,
     deliver: Callable[[], int],
 ) -> None:
     client = app.test_client()
@@ -115,7 +115,7 @@ def test_tracking_start_notifies_the_police_once_even_when_replayed(
     assert [a.detail["changed"] for a in started] == [True, False, False, False]
 
 
-def test_a_bad_reference_sends_nothing(app: Flask, car_service: FakeVehicleService,
+def test_a_bad_reference_sends_nothing(app: Flask, car_service: FakeCarCommands,
                                        deliver: Callable[[], int]) -> None:
     client = app.test_client()
     path = f"/v1/agent/vehicles/{VIN}/tracking"
@@ -130,20 +130,21 @@ def test_a_bad_reference_sends_nothing(app: Flask, car_service: FakeVehicleServi
 
 
 def test_an_unreachable_car_is_not_tracked_and_nobody_is_notified(
-    app: Flask, car_service: FakeVehicleService, deliver: Callable[[], int]
+    app: Flask, car_service: FakeCarCommands, deliver: Callable[[], int]
 ) -> None:
     car_service.mode = "timeout"
     client = app.test_client()
     response = call(client, f"/v1/agent/vehicles/{VIN}/tracking",
                     body={"police_reference": "P-1"})
-    assert response.status_code == 504
+    assert response.status_code == 202 and response.json["command"]["status"] == "pending"
+    assert "police_notification" not in response.json
     assert call(client, f"/v1/agent/vehicles/{VIN}", READER, method="GET").json[
         "tracking"] is False
     assert deliver() == 0
 
 
 def test_stop_tracking(app: Flask, centre: FakeAssistanceCentre,
-                       car_service: FakeVehicleService, deliver: Callable[[], int]) -> None:
+                       car_service: FakeCarCommands, deliver: Callable[[], int]) -> None:
     client = app.test_client()
     stop = f"/v1/agent/vehicles/{VIN}/tracking/stop"
     not_tracking = call(client, stop, body={"reason": "recovered"})
@@ -178,7 +179,7 @@ def test_stop_tracking(app: Flask, centre: FakeAssistanceCentre,
 
 
 def test_stop_without_a_body_and_with_an_unreachable_car(
-    app: Flask, car_service: FakeVehicleService
+    app: Flask, car_service: FakeCarCommands
 ) -> None:
     client = app.test_client()
     call(client, f"/v1/agent/vehicles/{VIN}/tracking", body={"police_reference": "P-1"})
@@ -187,7 +188,7 @@ def test_stop_without_a_body_and_with_an_unreachable_car(
                           headers={"Authorization": f"Bearer {DISPATCHER}"})
     assert refused.status_code == 502  # the command service refused: still tracking
     assert call(client, f"/v1/agent/vehicles/{VIN}", READER, method="GET").json["tracking"]
-    car_service.mode = "up"
+    car_service.mode = "confirm"
     done = client.post(f"/v1/agent/vehicles/{VIN}/tracking/stop",
                        headers={"Authorization": f"Bearer {DISPATCHER}"})
     assert done.status_code == 200 and audit(app)[-1].detail["reason"] is None

@@ -62,7 +62,7 @@ def api_app(make_app: Callable[..., Flask], settings: Settings) -> Flask:
     tokens = {SUPERVISOR: frozenset({"supervisor"})}
     return make_app(settings=settings.replace(
         agent_api_tokens=tokens, admin_api_tokens=frozenset({ADMIN_TOKEN}), pin_scrypt_n=2**8),
-        commands=RecordingVehicleCommands())
+        commands=RecordingVehicleCommands(status="confirmed"))
 
 
 @pytest.fixture
@@ -273,6 +273,29 @@ def test_answers_match_the_document(api_app: Flask, doc: dict[str, Any]) -> None
           client.post(f"{vehicles}/tracking/stop", headers=agent))
     check("POST", "/v1/agent/vehicles/{vin}/tracking/stop",
           client.post(f"{vehicles}/tracking/stop", headers=agent))
+    # the command service takes the command, the car reports later
+    api_app.extensions["gateway"].commands.status = "accepted"
+    taken = check("POST", "/v1/agent/vehicles/{vin}/tracking",
+                  client.post(f"{vehicles}/tracking", json={"police_reference": "P-10"},
+                              headers=agent))
+    assert taken["command"]["status"] == "sent" and taken["tracking"] is False
+    shown = check("GET", "/v1/agent/vehicles/{vin}", client.get(vehicles, headers=agent))
+    assert [c["command"] for c in shown["commands"]] == ["start_tracking"]
+    results = f"/v1/vehicles/{VIN}/command-results"
+    report = {"key": taken["command"]["key"], "ok": True}
+    done = check("POST", "/v1/vehicles/{vin}/command-results",
+                 client.post(results, json=report, headers=vehicle))
+    assert done["status"] == "confirmed"
+    assert check("POST", "/v1/vehicles/{vin}/command-results",
+                 client.post(results, json=report, headers=vehicle)) == done
+    check("POST", "/v1/vehicles/{vin}/command-results",
+          client.post(results, json={"key": "nope", "ok": True}, headers=vehicle))
+    check("POST", "/v1/vehicles/{vin}/command-results",
+          client.post(results, json={"key": "nope"}, headers=vehicle))
+    check("POST", "/v1/vehicles/{vin}/command-results",
+          client.post(results, data="ok=1", headers=vehicle,
+                      content_type="application/x-www-form-urlencoded"))
+    check("POST", "/v1/vehicles/{vin}/command-results", client.post(results, json=report))
 
     # ops
     for path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from gateway.commands import CommandQueue
 from gateway.errors import StoreError, ValidationError
 from gateway.owners import (
     PinHasher,
@@ -25,8 +26,10 @@ from gateway.owners import (
     pin_failures,
     vehicles,
 )
+from gateway.owners.car_commands import CarCommands, apply_settled
 from gateway.store import Store, metadata
 from tests.conftest import Clock, postgres_url
+from tests.support.fakes_adapters import RecordingVehicleCommands
 
 VIN = "YV1ZW72U5N1234567"
 PIN = "738105"  # distinctive: must never show up in the database or the logs
@@ -38,9 +41,11 @@ AGENT = "agent:a-17"
 IVR = "ivr:CA0123456789abcdef0123456789abcdef"
 
 
-def car_accepts(key: str) -> dict[str, str]:
-    """The car acknowledges the reactivate command (what the vehicle service answers)."""
-    return {"status": "accepted", "command_id": "cmd-1"}
+def car_commands(registry: Vehicles, clock: Clock) -> CarCommands:
+    """Reactivation goes through the command path; the car confirms at once."""
+    queue = CommandQueue(registry.store, RecordingVehicleCommands(status="confirmed"),
+                         clock=clock, on_settled=apply_settled)
+    return CarCommands(queue, registry)
 
 
 def fast_hasher() -> PinHasher:
@@ -394,14 +399,16 @@ def test_no_pin_digits_in_the_database_or_logs(
     registry = Vehicles(store, fast_hasher(), clock=clock)
     register(registry)
     registry.immobilise(VIN, actor=AGENT, authority_reference="SE-POL-2026-0042")
+    commands = car_commands(registry, clock)
     for round_ in range(4):
         registry.verify_pin(VIN, PIN, actor=IVR)
         for _ in range(3):
             registry.verify_pin(VIN, WRONG, actor=IVR)
         registry.verify_pin(VIN, PIN, actor=IVR)  # refused: locked
-        registry.reactivate(VIN, actor=AGENT, pin=PIN, send=car_accepts)  # refused: locked
+        commands.reactivate(VIN, actor=AGENT, pin=PIN)  # refused: locked
         clock.advance(15 * 60 + round_)
-    assert registry.reactivate(VIN, actor=AGENT, pin=PIN, send=car_accepts).changed
+    done = commands.reactivate(VIN, actor=AGENT, pin=PIN).request
+    assert done is not None and done.status == "confirmed" and not done.vehicle.immobilised
     registry.set_pin(VIN, PIN, actor=AGENT)
 
     dump = dump_database(store)
@@ -448,13 +455,15 @@ def test_reactivate_needs_the_owners_pin(
 ) -> None:
     registry.immobilise(VIN, actor=AGENT, authority_reference="SE-POL-2026-0042")
     clock.advance(3600)
-    refused = registry.reactivate(VIN, actor=IVR, pin=WRONG, send=car_accepts)
-    assert not refused.ok and not refused.changed
+    commands = car_commands(registry, clock)
+    refused = commands.reactivate(VIN, actor=IVR, pin=WRONG)
+    assert not refused.ok and refused.request is None
     assert refused.check.outcome == "wrong"
     assert refused.vehicle.immobilised and refused.vehicle.reactivated_by is None
 
-    done = registry.reactivate(VIN, actor=IVR, pin=PIN, send=car_accepts)
-    assert done.ok and done.changed
+    result = commands.reactivate(VIN, actor=IVR, pin=PIN)
+    done = result.request
+    assert result.ok and done is not None and done.status == "confirmed"
     assert not done.vehicle.immobilised
     assert (done.vehicle.reactivated_by, done.vehicle.reactivated_at) == (IVR, at(clock))
     # who immobilised it stays on record
@@ -464,13 +473,15 @@ def test_reactivate_needs_the_owners_pin(
 
 
 def test_reactivate_is_refused_while_locked_even_with_the_right_pin(
-    registry: Vehicles, car: Vehicle
+    registry: Vehicles, car: Vehicle, clock: Clock
 ) -> None:
     registry.immobilise(VIN, actor=AGENT, authority_reference="SE-POL-2026-0042")
+    commands = car_commands(registry, clock)
     for _ in range(3):
-        registry.reactivate(VIN, actor=IVR, pin=WRONG, send=car_accepts)
-    result = registry.reactivate(VIN, actor=AGENT, pin=PIN, send=car_accepts)
-    assert result.check.outcome == "locked" and not result.changed
+        commands.reactivate(VIN, actor=IVR, pin=WRONG)
+    result = commands.reactivate(VIN, actor=AGENT, pin=PIN)
+    assert result.check.outcome == "locked" and result.request is None
+    assert commands.queue.commands.calls == []  # type: ignore[union-attr]
     assert registry.get(VIN).immobilised is True  # type: ignore[union-attr]
 
 

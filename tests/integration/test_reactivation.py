@@ -1,6 +1,10 @@
 """Reactivation is confirmed by the car: the PIN is checked first, the command is sent,
-and the registry says "reactivated" only once the car acknowledged (its 2xx answer).
-Immobilise and tracking validate everything before the car gets a command."""
+and the registry says "reactivated" only once the car acknowledged it: its synchronous
+``confirmed`` answer (the fake here answers ``confirmed`` unless told otherwise), or its
+later ``command_result``.  An ``accepted`` answer (the vehicle command service took the
+command) is no acknowledgement: 202, state unchanged (before the one command path it
+counted as one).  Immobilise and tracking validate everything before the car gets a
+command."""
 
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ OWNER_NUMBER = "+442079460902"  # numbers/inbound.csv: service owner
 
 @pytest.fixture
 def commands() -> RecordingVehicleCommands:
-    return RecordingVehicleCommands()
+    return RecordingVehicleCommands(status="confirmed")
 
 
 @pytest.fixture
@@ -72,17 +76,22 @@ def test_unreachable_car_stays_immobilised_and_a_retry_reactivates(
     commands.fail_always(TransientUpstreamError("car unreachable"))
     path = f"/v1/agent/vehicles/{VIN}/reactivate"
     failed = agent(client, "POST", path, {"pin": PIN})
-    assert failed.status_code == 504
-    assert failed.json["error"] == "vehicle_unreachable"
-    assert "stays immobilised" in failed.json["detail"]
-    assert state(client)["immobilised"] is True
-    assert state(client)["reactivated_by"] is None
-    assert "reactivate_failed" in audit(app) and "reactivate" not in audit(app)
+    assert failed.status_code == 202  # recorded, not confirmed: the queue retries it
+    assert failed.json["immobilised"] is True
+    assert failed.json["command"]["status"] == "pending"
+    assert "car unreachable" in failed.json["detail"]
+    assert "car unreachable" in failed.json["command"]["last_error"]
+    shown = state(client)
+    assert shown["immobilised"] is True and shown["reactivated_by"] is None
+    assert [c["command"] for c in shown["commands"]] == ["reactivate"]
+    assert "reactivate_requested" in audit(app) and "reactivate" not in audit(app)
 
     commands.succeed()
     done = agent(client, "POST", path, {"pin": PIN})
     assert done.status_code == 200 and done.json["immobilised"] is False
-    assert state(client)["immobilised"] is False
+    assert done.json["command"]["status"] == "confirmed"
+    assert done.json["command"]["key"] == failed.json["command"]["key"]
+    assert state(client)["immobilised"] is False and state(client)["commands"] == []
     tries = sent(commands, "reactivate")
     assert len(tries) == 2 and len([c for c in tries if c.ok]) == 1
     # the retry carries the same idempotency key: the car executes it once
@@ -113,13 +122,39 @@ def test_a_car_that_rejects_stays_immobilised(app: Flask,
 
 
 def test_a_rejected_answer_is_no_acknowledgement(
-        app: Flask, commands: RecordingVehicleCommands, monkeypatch: pytest.MonkeyPatch) -> None:
+        app: Flask, commands: RecordingVehicleCommands) -> None:
     client = app.test_client()
-    monkeypatch.setattr(commands, "send", lambda vin, command, **params: {
-        "status": "rejected", "reason": "vehicle is moving"})
+    commands.status = "rejected"
     response = agent(client, "POST", f"/v1/agent/vehicles/{VIN}/reactivate", {"pin": PIN})
     assert response.status_code == 502 and "vehicle is moving" in response.json["detail"]
+    assert response.json["command"]["status"] == "failed"
     assert state(client)["immobilised"] is True
+    assert audit(app)[-1] == "reactivate_failed"
+    # a new request after a rejection is sent again, under a new key
+    commands.status = "confirmed"
+    done = agent(client, "POST", f"/v1/agent/vehicles/{VIN}/reactivate", {"pin": PIN})
+    assert done.status_code == 200 and done.json["immobilised"] is False
+    keys = [c.args["params"]["idempotency_key"] for c in sent(commands, "reactivate")]
+    assert len(keys) == 2 and keys[1] == f"{keys[0]}#{response.json['command']['id']}"
+
+
+def test_an_accepted_answer_is_no_acknowledgement_until_the_car_reports(
+        app: Flask, commands: RecordingVehicleCommands, vehicle_headers: dict[str, str]) -> None:
+    client = app.test_client()
+    commands.status = "accepted"
+    path = f"/v1/agent/vehicles/{VIN}/reactivate"
+    taken = agent(client, "POST", path, {"pin": PIN})
+    assert taken.status_code == 202 and taken.json["immobilised"] is True
+    assert taken.json["command"]["status"] == "sent"
+    assert taken.json["command"]["command_id"] == "cmd-1"
+    again = agent(client, "POST", path, {"pin": PIN})  # the agent asks again: nothing sent
+    assert again.status_code == 202 and len(sent(commands, "reactivate")) == 1
+    assert state(client)["immobilised"] is True
+    report = client.post(f"/v1/vehicles/{VIN}/command-results", headers=vehicle_headers,
+                         json={"command_id": "cmd-1", "ok": True, "detail": "engine enabled"})
+    assert report.status_code == 200 and report.json["status"] == "confirmed"
+    assert state(client)["immobilised"] is False and state(client)["commands"] == []
+    assert audit(app).count("reactivate") == 1
 
 
 @pytest.mark.parametrize("path,field", [("immobilise", "authority_reference"),
@@ -174,12 +209,11 @@ def test_ivr_unreachable_car_goes_to_an_agent_and_a_retry_reactivates(
 
 
 def test_a_rejected_immobilise_changes_nothing(
-        app: Flask, commands: RecordingVehicleCommands, monkeypatch: pytest.MonkeyPatch) -> None:
+        app: Flask, commands: RecordingVehicleCommands) -> None:
     client = app.test_client()
     assert agent(client, "POST", f"/v1/agent/vehicles/{VIN}/reactivate",
                  {"pin": PIN}).status_code == 200
-    monkeypatch.setattr(commands, "send", lambda vin, command, **params: {
-        "status": "rejected", "reason": "vehicle is moving"})
+    commands.status = "rejected"
     response = agent(client, "POST", f"/v1/agent/vehicles/{VIN}/immobilise",
                      {"authority_reference": "POL-2"})
     assert response.status_code == 502 and "vehicle is moving" in response.json["detail"]
@@ -193,7 +227,7 @@ def test_an_immobilise_retry_carries_the_same_key(
                  {"pin": PIN}).status_code == 200
     commands.fail_next(TransientUpstreamError("car unreachable"))
     path = f"/v1/agent/vehicles/{VIN}/immobilise"
-    assert agent(client, "POST", path, {"authority_reference": "POL-2"}).status_code == 504
+    assert agent(client, "POST", path, {"authority_reference": "POL-2"}).status_code == 202
     assert state(client)["immobilised"] is False
     assert agent(client, "POST", path, {"authority_reference": "POL-2"}).status_code == 200
     assert state(client)["immobilised"] is True

@@ -90,14 +90,20 @@ class RecordingIncidentSink(_Recorder):
 
 @dataclass
 class RecordingVehicleCommands(_Recorder):
-    """:class:`~gateway.adapters.ports.VehicleCommands`."""
+    """:class:`~gateway.adapters.ports.VehicleCommands`; answers ``{"status": status}``:
+    ``accepted`` (the service took it; the car reports later), ``confirmed`` (the car
+    executed it), ``rejected`` (it will not)."""
 
+    status: str = "accepted"
     _ids: Any = field(default_factory=lambda: itertools.count(1))
 
     def send(self, vin: str, command: str, **params: Any) -> dict[str, Any]:
         self._record(vin=vin, command=command, params=params)
-        return {"status": "accepted", "command_id": f"cmd-{next(self._ids)}",
-                "vin": vin, "command": command}
+        answer = {"status": self.status, "command_id": f"cmd-{next(self._ids)}",
+                  "vin": vin, "command": command}
+        if self.status == "rejected":
+            answer["reason"] = "vehicle is moving"
+        return answer
 
 
 @dataclass
