@@ -233,3 +233,44 @@ def test_an_immobilise_retry_carries_the_same_key(
     assert state(client)["immobilised"] is True
     keys = [c.args["params"]["idempotency_key"] for c in sent(commands, "immobilise")]
     assert len(keys) == 2 and keys[0] == keys[1]
+
+
+# -- IVR unlock through the same path --------------------------------------------------
+
+
+def ivr_unlock(twilio: Twilio, sid: str) -> Any:
+    def post(url: str, **form: str) -> Any:
+        response = twilio.post(url, call_params(sid, OWNER_PHONE, to=OWNER_NUMBER, **form))
+        assert response.status_code == 200
+        return response
+
+    menu = parse(post("/twilio/voice").data)
+    ask_pin = parse(post(menu.find("Gather").get("action"), Digits="2").data)  # type: ignore[union-attr,arg-type]
+    return post(ask_pin.find("Gather").get("action"), Digits=PIN)  # type: ignore[union-attr,arg-type]
+
+
+@pytest.mark.parametrize("answer,prompt", [("confirmed", "ivr_unlocked"),
+                                           ("accepted", "ivr_unlock_sent")])
+def test_ivr_unlock_says_what_the_car_answered(
+        app: Flask, commands: RecordingVehicleCommands, answer: str, prompt: str) -> None:
+    commands.status = answer
+    text = ivr_unlock(Twilio(app.test_client()), f"CAunlock{answer}").get_data(as_text=True)
+    relock = app.extensions["gateway"].settings.unlock_relock_s
+    assert prompts.say(prompt, "de", seconds=str(relock))[0] in text
+    [unlock] = sent(commands, "unlock")
+    assert unlock.args["params"] == {"idempotency_key": f"unlock:{VIN}:CAunlock{answer}",
+                                     "relock_after_s": relock}
+    assert ("unlock" in audit(app)) is (answer == "confirmed")
+
+
+def test_ivr_unlock_with_the_car_unreachable_goes_to_an_agent_and_is_not_retried(
+        app: Flask, commands: RecordingVehicleCommands, clock: Any) -> None:
+    commands.fail_always(TransientUpstreamError("car unreachable"))
+    answer = ivr_unlock(Twilio(app.test_client()), "CAunlockdown")
+    dial_of(parse(answer.data))
+    assert said("ivr_car_unreachable") in answer.get_data(as_text=True)
+    commands.succeed()
+    clock.advance(600)
+    assert app.extensions["gateway"].command_queue.run_once() == 0
+    assert len(sent(commands, "unlock")) == 1
+    assert audit(app)[-1] == "unlock_failed"

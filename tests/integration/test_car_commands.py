@@ -1,0 +1,430 @@
+"""Every car command through the one path (:mod:`gateway.owners.car_commands`), against a
+real HTTP car (``FakeCarCommands`` on 127.0.0.1) through the real
+:class:`VehicleCommandClient` and the durable queue, over a real database.
+
+For each of immobilise, reactivate, unlock, start_tracking and stop_tracking: confirmed
+at once; accepted, then the car's ``command_result``; rejected, then sent again under a
+new key; unreachable, then retried by the worker and confirmed exactly once; invalid
+input sends nothing.  Time for backoff and budgets is a hand-driven clock.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from gateway import theft
+from gateway.adapters.vehicle_commands import VehicleCommandClient
+from gateway.commands import CommandQueue, vehicle_commands
+from gateway.errors import ValidationError
+from gateway.owners import PinHasher, UnknownVehicleError, Vehicles
+from gateway.owners.car_commands import (
+    WORKER_GRACE_S,
+    AlreadyTrackingError,
+    CarCommands,
+    CommandRequest,
+    CommandServiceMissingError,
+    apply_settled,
+    command_view,
+)
+from gateway.store import Store
+from tests.conftest import Clock
+from tests.support.fake_servers import FakeCarCommands
+
+VIN = "WBA3A5C51CF256001"
+OTHER_VIN = "WBA3A5C51CF256002"
+PIN = "4711"
+AGENT = "agent:a-1"
+IVR = "ivr:CAowner1"
+
+
+@pytest.fixture
+def store(tmp_path: Any) -> Iterator[Store]:
+    store = Store.from_url(f"sqlite:///{tmp_path}/car_commands.sqlite3")
+    store.create_schema()
+    yield store
+    store.dispose()
+
+
+@pytest.fixture
+def car() -> Iterator[FakeCarCommands]:
+    with FakeCarCommands(mode="confirm", slow_s=5.0) as fake:
+        yield fake
+
+
+@pytest.fixture
+def client(car: FakeCarCommands) -> Iterator[VehicleCommandClient]:
+    with VehicleCommandClient(car.url, timeout_s=0.3, attempts=2, backoff_initial_s=0.01,
+                              backoff_max_s=0.02, total_budget_s=1.0) as c:
+        yield c
+
+
+@pytest.fixture
+def registry(store: Store, clock: Clock) -> Vehicles:
+    registry = Vehicles(store, PinHasher(n=2**8), clock=clock)
+    for vin in (VIN, OTHER_VIN):
+        registry.register(vin=vin, owner_name="Owner", market="DE",
+                          purchase_date=dt.date(2024, 1, 1), actor="test", pin=PIN,
+                          owner_phone=None)
+    return registry
+
+
+@pytest.fixture
+def queue(store: Store, client: VehicleCommandClient, clock: Clock) -> CommandQueue:
+    return CommandQueue(store, client, clock=clock, poll_s=0.05, budget_s=60.0,
+                        backoff_initial_s=1.0, backoff_max_s=4.0, lease_s=10.0,
+                        on_settled=apply_settled)
+
+
+@pytest.fixture
+def service(queue: CommandQueue, registry: Vehicles) -> CarCommands:
+    return CarCommands(queue, registry, wait_s=0.3)
+
+
+# -- the five commands, as a table ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    #: puts the vehicle in the state the command changes
+    setup: Callable[[Vehicles], Any]
+    #: asks for the command; the request
+    request: Callable[[CarCommands], CommandRequest]
+    #: True once the command's effect is in the registry (unlock: audited)
+    done: Callable[[Vehicles], bool]
+    #: the audit action of the confirmation
+    action: str
+    #: the body the car receives
+    body: dict[str, Any]
+
+
+def _reactivate(service: CarCommands) -> CommandRequest:
+    result = service.reactivate(VIN, actor=IVR, pin=PIN)
+    assert result.ok and result.request is not None
+    return result.request
+
+
+def _vehicle(registry: Vehicles) -> Any:
+    vehicle = registry.get(VIN)
+    assert vehicle is not None
+    return vehicle
+
+
+def _actions(registry: Vehicles) -> list[str]:
+    return [e.action for e in registry.audit_for(VIN)]
+
+
+CASES = {
+    "immobilise": Case(
+        setup=lambda r: None,
+        request=lambda s: s.immobilise(VIN, actor=AGENT, authority_reference=" POL-1 "),
+        done=lambda r: bool(_vehicle(r).immobilised), action="immobilise",
+        body={"command": "immobilise", "authority_reference": "POL-1"}),
+    "reactivate": Case(
+        setup=lambda r: r.immobilise(VIN, actor=AGENT, authority_reference="POL-1"),
+        request=_reactivate, done=lambda r: not _vehicle(r).immobilised,
+        action="reactivate", body={"command": "reactivate"}),
+    "unlock": Case(
+        setup=lambda r: None,
+        request=lambda s: s.unlock(VIN, actor=IVR, call="CAowner1", relock_after_s=90),
+        done=lambda r: "unlock" in _actions(r), action="unlock",
+        body={"command": "unlock", "relock_after_s": 90}),
+    "start_tracking": Case(
+        setup=lambda r: None,
+        request=lambda s: s.start_tracking(VIN, actor=AGENT, police_reference="P-1"),
+        done=lambda r: bool(_vehicle(r).tracking), action="tracking_started",
+        body={"command": "start_tracking"}),
+    "stop_tracking": Case(
+        setup=lambda r: r.start_tracking(VIN, actor=AGENT, police_reference="P-1"),
+        request=lambda s: s.stop_tracking(VIN, actor=AGENT, reason="found"),
+        done=lambda r: not _vehicle(r).tracking, action="tracking_stopped",
+        body={"command": "stop_tracking"}),
+}
+ALL = pytest.mark.parametrize("name", list(CASES))
+RETRIED = pytest.mark.parametrize("name", [n for n in CASES if n != "unlock"])
+
+
+def wire(car: FakeCarCommands, name: str) -> list[dict[str, Any]]:
+    return [c for c in car.commands if (c["body"] or {}).get("command") == name]
+
+
+def rows(store: Store) -> list[dict[str, Any]]:
+    with store.begin() as conn:
+        return [dict(r._mapping) for r in conn.execute(sa.select(vehicle_commands))]
+
+
+@ALL
+def test_confirmed_at_once_changes_the_state_once(
+        name: str, service: CarCommands, registry: Vehicles, car: FakeCarCommands,
+        queue: CommandQueue) -> None:
+    case = CASES[name]
+    case.setup(registry)
+    assert not case.done(registry)
+    sent = case.request(service)
+    assert sent.status == "confirmed" and sent.created
+    assert case.done(registry)
+    [request] = wire(car, name)
+    assert request["body"] == case.body  # the gateway's notes never reach the car
+    assert request["idempotency_key"] == sent.row["key"]
+    assert sent.row["key"].startswith(f"{name}:{VIN}:")
+    actions = _actions(registry)
+    assert actions.count(f"{name}_requested") == 1 and actions.count(case.action) == 1
+    assert actions.index(f"{name}_requested") < actions.index(case.action)
+    assert service.unfinished(VIN) == []
+    assert queue.run_once() == 0 and len(wire(car, name)) == 1  # nothing left to send
+
+
+def test_a_repeated_request_sends_nothing_twice(service: CarCommands, registry: Vehicles,
+                                                car: FakeCarCommands) -> None:
+    first = service.immobilise(VIN, actor=AGENT, authority_reference="POL-1")
+    again = service.immobilise(VIN, actor="agent:b-2", authority_reference="POL-2")
+    assert again.row["key"] == first.row["key"] and not again.created
+    assert again.status == "confirmed" and len(wire(car, "immobilise")) == 1
+    assert _vehicle(registry).immobilised_reference == "POL-1"
+    unlock = service.unlock(VIN, actor=IVR, call="CA1", relock_after_s=30)
+    assert service.unlock(VIN, actor=IVR, call="CA1", relock_after_s=30).row == unlock.row
+    assert len(wire(car, "unlock")) == 1
+    service.unlock(VIN, actor=IVR, call="CA2", relock_after_s=30)  # another call
+    assert len(wire(car, "unlock")) == 2
+    registry.start_tracking(VIN, actor=AGENT, police_reference="P-1")
+    with pytest.raises(AlreadyTrackingError):
+        service.start_tracking(VIN, actor=AGENT, police_reference="P-1")
+    assert wire(car, "start_tracking") == []
+
+
+@ALL
+def test_accepted_waits_for_the_cars_command_result(
+        name: str, service: CarCommands, registry: Vehicles, car: FakeCarCommands,
+        queue: CommandQueue) -> None:
+    case = CASES[name]
+    case.setup(registry)
+    car.mode = "up"  # the command service takes it: "accepted"
+    sent = case.request(service)
+    assert sent.status == "sent" and not case.done(registry)
+    [shown] = service.unfinished(VIN)
+    assert (shown["command"], shown["status"], shown["attempts"]) == (name, "sent", 1)
+    assert shown["command_id"] == "cmd-1" and shown["next_attempt_at"] is None
+    assert queue.run_once() == 0  # sent rows wait for the car; never re-sent
+    assert service.command_result(OTHER_VIN, key=str(sent.row["key"]), command_id=None,
+                                  ok=True, detail=None) is None  # another car's report
+    assert not case.done(registry)
+
+    done = service.command_result(VIN, key=None, command_id="cmd-1", ok=True, detail="done")
+    assert done is not None and done["status"] == "confirmed"
+    assert case.done(registry) and service.unfinished(VIN) == []
+    replay = service.command_result(VIN, key=str(sent.row["key"]), command_id=None, ok=True,
+                                    detail="done")
+    assert replay is not None and command_view(replay) == command_view(done)
+    late_no = service.command_result(VIN, key=str(sent.row["key"]), command_id=None,
+                                     ok=False, detail="x")
+    assert late_no is not None and late_no["status"] == "confirmed"  # settled stays
+    assert _actions(registry).count(case.action) == 1
+    assert len(wire(car, name)) == 1
+
+
+@ALL
+def test_the_car_reports_failure(name: str, service: CarCommands, registry: Vehicles,
+                                 car: FakeCarCommands) -> None:
+    case = CASES[name]
+    case.setup(registry)
+    car.mode = "up"
+    sent = case.request(service)
+    failed = service.command_result(VIN, key=str(sent.row["key"]), command_id=None, ok=False,
+                                    detail="door open")
+    assert failed is not None and failed["status"] == "failed"
+    assert "door open" in failed["last_error"]
+    assert not case.done(registry)
+    assert _actions(registry)[-1] == f"{name}_failed"
+
+
+@ALL
+def test_rejected_then_a_new_request_is_sent_again(
+        name: str, service: CarCommands, registry: Vehicles, car: FakeCarCommands) -> None:
+    case = CASES[name]
+    case.setup(registry)
+    car.mode = "reject"
+    refused = case.request(service)
+    assert refused.status == "failed" and "vehicle is moving" in refused.row["last_error"]
+    assert not case.done(registry)
+    assert _actions(registry)[-1] == f"{name}_failed"
+    car.mode = "confirm"
+    done = case.request(service)
+    assert done.status == "confirmed" and case.done(registry)
+    assert done.row["key"] == f"{refused.row['key']}#{refused.row['id']}"
+    assert [c["idempotency_key"] for c in wire(car, name)] == [refused.row["key"],
+                                                                done.row["key"]]
+
+
+@RETRIED
+def test_unreachable_then_the_worker_confirms_it_exactly_once(
+        name: str, service: CarCommands, registry: Vehicles, car: FakeCarCommands,
+        queue: CommandQueue, clock: Clock) -> None:
+    case = CASES[name]
+    case.setup(registry)
+    car.mode = "503"
+    sent = case.request(service)
+    assert sent.status == "pending" and not case.done(registry)
+    assert "503" in sent.row["last_error"]
+    [shown] = service.unfinished(VIN)
+    assert shown["status"] == "pending" and shown["next_attempt_at"] is not None
+    assert queue.run_once() == 0  # backoff: not due yet
+    clock.advance(2)
+    assert queue.run_once() == 1 and not case.done(registry)  # still down
+    car.mode = "confirm"
+    clock.advance(5)
+    assert queue.run_once() == 1
+    assert case.done(registry) and service.unfinished(VIN) == []
+    assert _actions(registry).count(case.action) == 1
+    assert {c["idempotency_key"] for c in wire(car, name)} == {sent.row["key"]}
+    executed = [k for k, c in car.unique_commands.items() if c["body"]["command"] == name]
+    assert executed == [sent.row["key"]]
+    clock.advance(60)
+    assert queue.run_once() == 0
+
+
+def test_a_new_request_sends_a_pending_command_at_once(
+        service: CarCommands, registry: Vehicles, car: FakeCarCommands) -> None:
+    registry.immobilise(VIN, actor=AGENT, authority_reference="POL-1")
+    car.mode = "503"
+    assert _reactivate(service).status == "pending"
+    car.mode = "confirm"
+    again = _reactivate(service)  # not due for the worker yet: this request sends it
+    assert again.status == "confirmed" and not again.created
+    assert not _vehicle(registry).immobilised
+    assert len({c["idempotency_key"] for c in wire(car, "reactivate")}) == 1
+
+
+def test_a_command_the_worker_holds_is_not_sent_by_the_request(
+        service: CarCommands, registry: Vehicles, car: FakeCarCommands,
+        queue: CommandQueue) -> None:
+    registry.immobilise(VIN, actor=AGENT, authority_reference="POL-1")
+    car.mode = "503"
+    pending = _reactivate(service)
+    before = len(wire(car, "reactivate"))
+    held = queue.claim_key(str(pending.row["key"]))  # the worker is sending it right now
+    assert held is not None
+    car.mode = "confirm"
+    waited = _reactivate(service)
+    assert waited.status == "pending" and len(wire(car, "reactivate")) == before
+    assert queue.handle(held) == "confirmed"  # the worker's send settles it
+    assert not _vehicle(registry).immobilised
+    assert len(wire(car, "reactivate")) == before + 1
+
+
+def test_out_of_budget_fails_and_is_audited(service: CarCommands, registry: Vehicles,
+                                            car: FakeCarCommands, queue: CommandQueue,
+                                            clock: Clock) -> None:
+    registry.immobilise(VIN, actor=AGENT, authority_reference="POL-1")
+    car.mode = "503"
+    _reactivate(service)
+    clock.advance(61)
+    assert queue.run_once() == 1  # expired, not sent
+    assert _vehicle(registry).immobilised
+    assert _actions(registry)[-1] == "reactivate_failed"
+    assert service.unfinished(VIN) == []
+
+
+def test_an_unlock_the_car_did_not_take_is_never_sent_later(
+        service: CarCommands, registry: Vehicles, car: FakeCarCommands, queue: CommandQueue,
+        clock: Clock) -> None:
+    car.mode = "503"
+    sent = service.unlock(VIN, actor=IVR, call="CA1", relock_after_s=90)
+    assert sent.status == "cancelled"
+    before = len(wire(car, "unlock"))
+    car.mode = "confirm"
+    clock.advance(WORKER_GRACE_S + 60)
+    assert queue.run_once() == 0 and len(wire(car, "unlock")) == before
+    assert "unlock" not in _actions(registry)
+    entry = registry.audit_for(VIN)[-1]
+    assert entry.action == "unlock_failed" and entry.detail["cancelled"] is True
+
+
+def test_a_confirmation_from_an_earlier_episode_changes_nothing(
+        service: CarCommands, registry: Vehicles, car: FakeCarCommands,
+        store: Store, clock: Clock) -> None:
+    car.mode = "up"
+    old = service.start_tracking(VIN, actor=AGENT, police_reference="P-1")
+    assert old.status == "sent"
+    # meanwhile a session was started and stopped some other way
+    registry.start_tracking(VIN, actor=AGENT, police_reference="P-0")
+    clock.advance(10)
+    theft.stop_tracking(store, vin=VIN, actor=AGENT, reason=None,
+                        now=dt.datetime.fromtimestamp(clock(), tz=dt.UTC))
+    done = service.command_result(VIN, key=str(old.row["key"]), command_id=None, ok=True,
+                                  detail=None)
+    assert done is not None and done["status"] == "confirmed"
+    assert not _vehicle(registry).tracking
+    entry = registry.audit_for(VIN)[-1]
+    assert entry.action == "tracking_started"
+    assert entry.detail == {"key": old.row["key"], "changed": False, "stale": True}
+
+
+# -- nothing is sent for invalid input ---------------------------------------------------
+
+
+INVALID: dict[str, tuple[Callable[[CarCommands], Any], type[Exception], set[str] | None]] = {
+    "blank reference": (lambda s: s.immobilise(VIN, actor=AGENT, authority_reference=" "),
+                        ValidationError, {"authority_reference"}),
+    "long reference": (lambda s: s.immobilise(VIN, actor=AGENT,
+                                              authority_reference="x" * 101),
+                       ValidationError, {"authority_reference"}),
+    "no actor": (lambda s: s.immobilise(VIN, actor=" ", authority_reference="P"),
+                 ValidationError, {"actor"}),
+    "unknown car": (lambda s: s.immobilise("WBA3A5C51CF256999", actor=AGENT,
+                                           authority_reference="P"),
+                    UnknownVehicleError, None),
+    "police reference": (lambda s: s.start_tracking(VIN, actor=AGENT, police_reference=""),
+                         ValidationError, {"police_reference"}),
+    "not tracking": (lambda s: s.stop_tracking(VIN, actor=AGENT, reason=None),
+                     theft.NotTrackingError, None),
+    "no call": (lambda s: s.unlock(VIN, actor=IVR, call="", relock_after_s=90),
+                ValidationError, {"call"}),
+    "no relock": (lambda s: s.unlock(VIN, actor=IVR, call="CA1", relock_after_s=0),
+                  ValidationError, {"relock_after_s"}),
+}
+
+
+@pytest.mark.parametrize("case", list(INVALID))
+def test_invalid_input_records_and_sends_nothing(
+        case: str, service: CarCommands, registry: Vehicles, car: FakeCarCommands,
+        store: Store) -> None:
+    call, error, fields = INVALID[case]
+    before = _actions(registry)
+    with pytest.raises(error) as info:
+        call(service)
+    if fields is not None:
+        assert set(info.value.errors) == fields  # type: ignore[attr-defined]
+    assert car.commands == [] and rows(store) == [] and _actions(registry) == before
+
+
+@pytest.mark.parametrize("pin", ["0000", "12ab", "４７１１", ""])
+def test_a_wrong_or_malformed_pin_sends_nothing(
+        pin: str, service: CarCommands, registry: Vehicles, car: FakeCarCommands,
+        store: Store) -> None:
+    registry.immobilise(VIN, actor=AGENT, authority_reference="POL-1")
+    result = service.reactivate(VIN, actor=IVR, pin=pin)
+    assert not result.ok and result.request is None and result.check.outcome == "wrong"
+    assert car.commands == [] and rows(store) == [] and _vehicle(registry).immobilised
+
+
+def test_not_immobilised_sends_nothing(service: CarCommands, car: FakeCarCommands,
+                                       store: Store) -> None:
+    result = service.reactivate(VIN, actor=IVR, pin=PIN)
+    assert result.ok and result.request is None and not result.vehicle.immobilised
+    assert car.commands == [] and rows(store) == []
+
+
+def test_no_command_service_sends_nothing(store: Store, registry: Vehicles,
+                                          clock: Clock) -> None:
+    service = CarCommands(CommandQueue(store, None, clock=clock, on_settled=apply_settled),
+                          registry)
+    registry.immobilise(VIN, actor=AGENT, authority_reference="POL-1")
+    before = _actions(registry)
+    with pytest.raises(CommandServiceMissingError):
+        service.reactivate(VIN, actor=IVR, pin=PIN)
+    assert rows(store) == [] and _actions(registry) == before  # not even a PIN check
