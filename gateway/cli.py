@@ -462,12 +462,15 @@ def _serve(args: argparse.Namespace) -> int:
                        ident="assist-gateway")
         return 0
     metrics_dir = serving.private_metrics_dir(options, os.environ)
+    master = os.getpid()
     try:
         server = serving.GatewayServer(settings, options)
         print(f"assist-gateway serving on {where}", flush=True)
         server.run()
     finally:
-        if metrics_dir:
+        # gunicorn forks its workers inside run(), and a worker that exits returns
+        # through here too: only the master removes the directory all of them write to
+        if metrics_dir and os.getpid() == master:
             import shutil
 
             shutil.rmtree(metrics_dir, ignore_errors=True)

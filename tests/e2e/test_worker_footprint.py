@@ -11,6 +11,8 @@ them, these tests guard the causes, deterministically, without timing anything).
   (``serving.WORKER_MODULES``): a worker building its app after the fork imports no
   module of the gateway's of its own, so the code stays shared.
 * Before each fork the master's objects are frozen out of the collector.
+* A worker that exits (it returns through ``serve``'s call stack, being forked inside
+  it) leaves the metrics directory the workers share; only the master removes it.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
-from gateway import serving
+import pytest
+
+from gateway import cli, serving
 from gateway.migrations import head, head_from_files
 from tests.support.twilio import AUTH_TOKEN, call_params, signature
 
@@ -111,3 +116,42 @@ def test_the_master_freezes_its_objects_before_each_fork() -> None:
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+REAL_GETPID = os.getpid
+
+
+class ForkedServer:
+    """``serving.GatewayServer`` whose run() ends as a forked worker's does: SystemExit,
+    in a process whose pid is not the master's when ``in_worker``."""
+
+    in_worker: ClassVar[bool] = False
+    seen: ClassVar[list[str]] = []
+
+    def __init__(self, settings: object, options: object) -> None:
+        pass
+
+    def run(self) -> None:
+        ForkedServer.seen.append(os.environ[serving.MULTIPROC_ENV])
+        if ForkedServer.in_worker:
+            os.getpid = lambda: REAL_GETPID() + 1
+        raise SystemExit(0)
+
+
+def test_only_the_master_removes_the_workers_metrics_directory(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_TWILIO_AUTH_TOKEN", AUTH_TOKEN)
+    monkeypatch.setenv("GATEWAY_DATABASE_URL", "postgresql://gateway@127.0.0.1:1/gateway")
+    monkeypatch.setattr(serving, "GatewayServer", ForkedServer)
+    args = cli._parser().parse_args(["serve", "--workers", "2", "--server", "gunicorn"])
+    ForkedServer.seen.clear()
+    for in_worker in (True, False):  # a worker exits, then the master
+        monkeypatch.delenv(serving.MULTIPROC_ENV, raising=False)
+        ForkedServer.in_worker = in_worker
+        with pytest.raises(SystemExit):
+            cli._serve(args)
+        monkeypatch.setattr(os, "getpid", REAL_GETPID)
+    worker_dir, master_dir = map(Path, ForkedServer.seen)
+    assert worker_dir.is_dir(), "a worker's exit removed the directory the others write to"
+    worker_dir.rmdir()
+    assert not master_dir.exists()
