@@ -21,7 +21,11 @@ a bug) is logged and dropped so it cannot wedge the queue: a batch that fails so
 written again one record per transaction, which finds it.
 
 Batching is what lets the writer keep up under load: one transaction (one commit, one
-deadline hand-off) per batch instead of per record.
+deadline hand-off, two INSERT statements) per batch instead of per record.  The thread
+lets a batch gather for up to ``linger_s`` (50 ms) after the first record arrives, or
+until ``batch_max`` records are queued, unless :meth:`StepWriter.flush` is waiting: a
+record is in the database within about that long after its answer, and under load
+the writer costs a fraction of what writing each record on its own did.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from sqlalchemy.exc import DataError, IntegrityError
 from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponential_jitter
 
 from gateway.errors import StoreError
-from gateway.store import Store, callbacks, insert_ignore, utcnow, write_step
+from gateway.store import Store, callbacks, insert_ignore, utcnow, write_steps
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +78,15 @@ class StepWriter:
     def __init__(self, store: Store, *, health: Any = None, metrics: Any = None,
                  max_queue: int = 10000, retry_max_s: float = 5.0,
                  write_timeout_s: float = 3.0, autostart: bool = True,
-                 batch_max: int = 100) -> None:
+                 batch_max: int = 100, linger_s: float = 0.05) -> None:
         self.store = store
         self.health = health
         self.metrics = metrics
         self.max_queue = max_queue
         self.batch_max = max(1, batch_max)
+        #: how long the thread waits for a batch to fill before writing what it has
+        self.linger_s = max(0.0, linger_s)
+        self._hurry = 0  # flush() calls waiting: write at once
         #: after a batch failed for good, write one record per transaction until this
         #: many records are finished (the bad record is found and dropped on its own)
         self._single_until = 0
@@ -109,7 +116,8 @@ class StepWriter:
                 if not full:
                     self._queue.append(record)
                     self._accepted += 1
-                    self._cond.notify_all()
+                    if len(self._queue) in (1, self.batch_max):  # wake the writer
+                        self._cond.notify_all()
                 depth = len(self._queue)
             self._gauge(depth)
             if full:
@@ -162,6 +170,14 @@ class StepWriter:
             with self._cond:
                 while not self._queue and not self._stopping.is_set():
                     self._cond.wait()
+                # let a batch gather: one transaction for many records, not one each
+                until = time.monotonic() + self.linger_s
+                while (len(self._queue) < self.batch_max and not self._hurry
+                       and not self._stopping.is_set()):
+                    remaining = until - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
             if self._stopping.is_set():
                 return
             try:
@@ -181,11 +197,16 @@ class StepWriter:
             target = self._accepted
         if self._running():
             with self._cond:
-                while self._finished < target:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        return False
-                    self._cond.wait(remaining)
+                self._hurry += 1
+                self._cond.notify_all()
+                try:
+                    while self._finished < target:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            return False
+                        self._cond.wait(remaining)
+                finally:
+                    self._hurry -= 1
             return True
         while self._finished < target and time.monotonic() < deadline:
             if not self._write_head(deadline=deadline):
@@ -254,7 +275,7 @@ class StepWriter:
 
             enqueue = enqueue_command
         news: list[bool] = self.store.within(
-            lambda conn: [self._write(conn, record, now, enqueue) for record in records],
+            lambda conn: self._write(conn, records, now, enqueue),
             timeout_s=self.write_timeout_s)
         for record, new in zip(records, news, strict=True):
             self._count("steps_written" if new else "steps_replayed")
@@ -264,20 +285,25 @@ class StepWriter:
                                          detail=record.detail, created_at=now)
         return news
 
-    def _write(self, conn: Connection, record: StepRecord, now: dt.datetime,
-               enqueue: Callable[..., bool] | None) -> bool:
-        if not write_step(conn, call_sid=record.call_sid, step=record.step,
-                          incident_id=record.incident_id, twiml=record.twiml,
-                          detail=record.detail, decision=record.decision, now=now):
-            return False
-        if record.health is not None and self.health is not None and record.health[0]:
-            key, ok, reason = record.health
-            self.health.record(key, ok=ok, reason=reason, conn=conn)
-        if record.command is not None and enqueue is not None:
-            enqueue(conn, **{"now": now, **record.command})
-        if record.callback is not None:
-            insert_ignore(conn, callbacks, {"created_at": now, **record.callback})
-        return True
+    def _write(self, conn: Connection, records: Sequence[StepRecord], now: dt.datetime,
+               enqueue: Callable[..., bool] | None) -> list[bool]:
+        """The steps and their decisions in two statements; then, for each new step,
+        its breaker feed, vehicle command and callback."""
+        news = write_steps(conn, [{"call_sid": r.call_sid, "step": r.step,
+                                   "incident_id": r.incident_id, "twiml": r.twiml,
+                                   "detail": r.detail, "decision": r.decision}
+                                  for r in records], now=now)
+        for record, new in zip(records, news, strict=True):
+            if not new:
+                continue
+            if record.health is not None and self.health is not None and record.health[0]:
+                key, ok, reason = record.health
+                self.health.record(key, ok=ok, reason=reason, conn=conn)
+            if record.command is not None and enqueue is not None:
+                enqueue(conn, **{"now": now, **record.command})
+            if record.callback is not None:
+                insert_ignore(conn, callbacks, {"created_at": now, **record.callback})
+        return news
 
     # -- metrics -------------------------------------------------------------------------
 

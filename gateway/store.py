@@ -340,6 +340,9 @@ class Store:
         incident: dict[str, Any] | None = None
         try:
             for row in rows:
+                mapping = row._mapping
+                if mapping.get("s_step") is None and mapping.get("i_id") is None:
+                    continue  # the outer join's empty row: no step, no incident
                 data = _row(row) or {}
                 if data.get("s_step") is not None:
                     found[data["s_step"]] = {name: data[f"s_{name}"] for name in STEP_FIELDS}
@@ -570,6 +573,61 @@ def insert_ignore(conn: Connection, table: sa.Table, values: Mapping[str, Any]) 
 
 #: insert_ignore's statements by (dialect name, table)
 _INSERT_IGNORE: dict[tuple[str, sa.Table], Any] = {}
+#: write_steps' statements by (dialect name, table, returning the key)
+_INSERT_MANY: dict[tuple[str, sa.Table, bool], Any] = {}
+
+
+def _insert_many(dialect: str, table: sa.Table, *, returning_key: bool) -> Any:
+    """INSERT ... ON CONFLICT DO NOTHING for executemany (built once per dialect)."""
+    key = (dialect, table, returning_key)
+    statement = _INSERT_MANY.get(key)
+    if statement is None:
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            statement = pg_insert(table).on_conflict_do_nothing()
+        elif dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            statement = sqlite_insert(table).on_conflict_do_nothing()
+        else:
+            raise StoreError(f"write_steps: unsupported database {dialect}")
+        if returning_key:
+            statement = statement.returning(table.c.call_sid, table.c.step)
+        _INSERT_MANY[key] = statement
+    return statement
+
+
+def write_steps(conn: Connection, steps: Sequence[Mapping[str, Any]], *,
+                now: dt.datetime) -> list[bool]:
+    """Many ``call_steps`` rows and, for the new ones, their routing decisions, in two
+    statements (not two per step); for each step True if it is new.
+
+    Each of ``steps`` has ``call_sid``, ``step``, ``incident_id``, ``twiml``, ``detail``
+    and ``decision`` (a mapping or None).  A step whose row exists is not new; a step
+    given twice is new at most the first time (the first one's row is the one kept).
+    """
+    if not steps:
+        return []
+    dialect = conn.dialect.name
+    inserted = {(row[0], row[1]) for row in conn.execute(
+        _insert_many(dialect, call_steps, returning_key=True),
+        [{"call_sid": s["call_sid"], "step": s["step"], "incident_id": s["incident_id"],
+          "created_at": now, "twiml": s["twiml"], "detail": dict(s["detail"])} for s in steps])}
+    news: list[bool] = []
+    decisions: list[dict[str, Any]] = []
+    for s in steps:
+        key = (s["call_sid"], s["step"])
+        new = key in inserted
+        inserted.discard(key)  # a repeat of the key later in the batch is not new
+        news.append(new)
+        if new and s["decision"] is not None:
+            decisions.append({"call_sid": s["call_sid"], "step": s["step"],
+                              "incident_id": s["incident_id"], "created_at": now,
+                              "number": None, "centre_id": None, **s["decision"]})
+    if decisions:
+        conn.execute(_insert_many(dialect, routing_decisions, returning_key=False), decisions)
+    return news
 
 
 def write_step(conn: Connection, *, call_sid: str, step: str, incident_id: str | None,

@@ -4,10 +4,18 @@ Decision in, ``VoiceResponse`` out.  URLs are passed in by the views (built
 from the configured public URL, so Twilio signs what we validate).  The one
 exception to "built with the twilio library" is :data:`LAST_RESORT`: a constant
 document served when even building TwiML failed.
+
+Documents are built with the twilio library and written out by :func:`to_xml`, which
+gives exactly the text ``str(response)`` gives (the library's ``ElementTree``
+round trip took about a sixth of the interpreter's time on an incoming call; a test
+compares the two byte for byte on generated documents and on every builder here).
 """
 
 from __future__ import annotations
 
+import json
+
+from twilio.twiml import TwiML
 from twilio.twiml.voice_response import VoiceResponse
 
 from gateway import prompts
@@ -30,6 +38,77 @@ LAST_RESORT = (
 
 #: Served on the agent's leg when its handler failed: a person answered, so bridge.
 AGENT_LEG_BRIDGE = '<?xml version="1.0" encoding="UTF-8"?><Response/>'
+
+XML_DECLARATION = '<?xml version="1.0" encoding="UTF-8"?>'
+
+
+def to_xml(document: TwiML) -> str:
+    """``str(document)``, written directly: the same text as the twilio library's
+    ``TwiML.to_xml()`` (sorted attributes, ``true``/``false`` for booleans, ElementTree's
+    escaping, `` />`` for an empty element, characters UTF-8 cannot carry as character
+    references), without building an ElementTree first."""
+    parts = [XML_DECLARATION]
+    _write(document, parts)
+    text = "".join(parts)
+    return text if text.isascii() else text.encode("utf-8", "xmlcharrefreplace").decode("utf-8")
+
+
+def _write(node: TwiML, parts: list[str]) -> None:
+    parts.append("<" + node.name)
+    attrs = node.attrs
+    for key in sorted(attrs):
+        value = attrs[key]
+        value = str(value).lower() if isinstance(value, bool) else str(value)
+        parts.append(f' {key}="{_escape_attribute(value)}"')
+    text = node.value
+    if text and isinstance(text, dict):
+        text = json.dumps(text)
+    children: list[list[TwiML | str | None]] = []  # [child, its tail]
+    for verb in node.verbs:
+        if isinstance(verb, str):  # text after the last child is its tail, else the text
+            if children:
+                children[-1][1] = verb
+            else:
+                text = verb
+        else:
+            children.append([verb, None])
+    if not text and not children:
+        parts.append(" />")
+        return
+    parts.append(">")
+    if text:
+        parts.append(_escape_text(text))
+    for child, tail in children:
+        assert isinstance(child, TwiML)
+        _write(child, parts)
+        if tail:
+            parts.append(_escape_text(tail))
+    parts.append(f"</{node.name}>")
+
+
+def _escape_text(text: object) -> str:
+    if not isinstance(text, str):  # what ElementTree refuses too
+        raise TypeError(f"cannot serialize {text!r} (type {type(text).__name__})")
+    if "&" in text:
+        text = text.replace("&", "&amp;")
+    if "<" in text:
+        text = text.replace("<", "&lt;")
+    if ">" in text:
+        text = text.replace(">", "&gt;")
+    return text
+
+
+def _escape_attribute(text: str) -> str:
+    text = _escape_text(text)
+    if '"' in text:
+        text = text.replace('"', "&quot;")
+    if "\r" in text:
+        text = text.replace("\r", "&#13;")
+    if "\n" in text:
+        text = text.replace("\n", "&#10;")
+    if "\t" in text:
+        text = text.replace("\t", "&#09;")
+    return text
 
 
 def _status(status_url: str) -> dict[str, str]:

@@ -36,7 +36,13 @@ from gateway.errors import StoreError
 from gateway.events import EMERGENCY_TYPES
 from gateway.logs import call_sid_var
 from gateway.steps import StepRecord
-from gateway.views.common import action_url, twiml_response, unreachable_centres
+from gateway.views.common import (
+    action_url,
+    encode_query,
+    endpoint_url,
+    twiml_response,
+    unreachable_centres,
+)
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +159,10 @@ def render(step: Step, *, name: str,
     if isinstance(step, RingCentre):
         result = "voice.roadside_result" if call.service == ROADSIDE else "voice.dial_result"
         centre = step.centre.centre_id
+        query = encode_query({**call.params(), "centre": centre})  # both URLs carry it
         response = twiml.ring_centre(
-            step, action_url=action_url(result, call.params(), centre=centre),
-            whisper_url=action_url("voice.whisper", call.params(), centre=centre),
+            step, action_url=f"{endpoint_url(result)}{query}",
+            whisper_url=f"{endpoint_url('voice.whisper')}{query}",
             status_url=status_url, notices=notices)
         decision = {"target": "centre", "number": step.number, "centre_id": centre}
     elif isinstance(step, DialEmergency):
@@ -192,7 +199,7 @@ def render(step: Step, *, name: str,
         svc.metrics.voice_step(target, name, hand_back=None if not isinstance(step, HandBack)
                                else "emergency_unanswered" if step.route.dials else "no_route")
     logs.bind(incident_id=call.incident)
-    body = str(response)
+    body = twiml.to_xml(response)
     call_sid = request.form.get("CallSid", "")
     if call_sid:
         svc.steps.submit(StepRecord(call_sid=call_sid, step=name,

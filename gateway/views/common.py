@@ -11,10 +11,12 @@ import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Self, TypeVar
+from urllib.parse import urlencode
 
-from flask import Response, request, url_for
+from flask import Response, current_app, request, url_for
 from twilio.twiml.voice_response import VoiceResponse
 
+from gateway import twiml
 from gateway.app import services
 from gateway.calls.call_plan import centre_answered
 from gateway.calls.inbound import e164
@@ -52,18 +54,47 @@ class UrlState:
 
 def action_url(endpoint: str, state: UrlState | Mapping[str, str] | None = None,
                **extra: str) -> str:
-    """An absolute URL under the configured public URL (what Twilio signs)."""
+    """An absolute URL under the configured public URL (what Twilio signs): the text
+    ``url_for(endpoint, **params)`` gives, with the path looked up once per endpoint."""
     params: dict[str, Any] = {}
     if isinstance(state, UrlState):
         params.update(state.params())
     elif state:
         params.update(state)
     params.update(extra)
-    return services().settings.public_url + url_for(endpoint, **params)
+    base = endpoint_url(endpoint)
+    if base is None:
+        return services().settings.public_url + url_for(endpoint, **params)
+    return base + encode_query(params)
+
+
+#: url_for's query encoding (werkzeug's), so the URLs are the text url_for writes
+_QUERY_SAFE = "!$'()*,/:;?@"
+
+
+def encode_query(params: Mapping[str, Any]) -> str:
+    """``?a=1&b=2`` as url_for appends it (values of None left out); "" for none."""
+    items = [(key, value) for key, value in params.items() if value is not None]
+    return "?" + urlencode(items, safe=_QUERY_SAFE) if items else ""
+
+
+def endpoint_url(endpoint: str) -> str | None:
+    """The public URL of ``endpoint``'s path, without a query, cached per app and script
+    root; None for a route with path variables (those need url_for)."""
+    cache: dict[tuple[str, str], str | None] = current_app.extensions.setdefault(
+        "gateway.endpoint_urls", {})
+    key = (request.script_root, endpoint)
+    if key not in cache:
+        if any(rule.arguments for rule in current_app.url_map.iter_rules(endpoint)):
+            cache[key] = None
+        else:
+            cache[key] = services().settings.public_url + url_for(endpoint)
+    return cache[key]
 
 
 def twiml_response(response: VoiceResponse | str) -> Response:
-    return Response(str(response), status=200, mimetype="text/xml")
+    body = response if isinstance(response, str) else twiml.to_xml(response)
+    return Response(body, status=200, mimetype="text/xml")
 
 
 def e164_or_none(raw: str | None) -> str | None:

@@ -90,6 +90,39 @@ def test_queued_records_are_written_in_one_transaction_per_batch(store: Store) -
     assert writer.depth == 0
 
 
+def test_a_step_given_twice_in_one_batch_is_new_once_and_keeps_the_first_answer(
+        store: Store) -> None:
+    writer, metrics = writer_for(store, batch_max=10)
+    writer.submit(record(1))
+    writer.submit(record(1, twiml="<Response><Hangup/></Response>"))  # a retry, same batch
+    writer.submit(record(2, decision={"target": "emergency", "number": "112",
+                                      "reason": "no centre"}))
+    assert writer.flush(timeout=10)
+    assert count(store, call_steps) == 2 and count(store, routing_decisions) == 2
+    stored = store.call_step("CA1", "dial-result:1")
+    assert stored is not None and stored["twiml"] == "<Response><Dial>1</Dial></Response>"
+    assert failures(store) == 2  # the repeat fed the line nothing
+    assert sample(metrics, "gateway_steps_written_total") == 2
+    assert sample(metrics, "gateway_steps_replayed_total") == 1
+    with store.begin() as conn:
+        decision = conn.execute(sa.select(routing_decisions).where(
+            routing_decisions.c.step == "dial-result:2")).one()
+    assert decision.number == "112" and decision.centre_id is None
+
+
+def test_a_batch_costs_two_statements_not_two_per_step(store: Store) -> None:
+    writer, _ = writer_for(store, batch_max=50)
+    for n in range(40):
+        writer.submit(record(n, health=None))
+    statements: list[str] = []
+    sa.event.listen(store.engine, "before_cursor_execute",
+                    lambda conn, cursor, sql, *args: statements.append(sql))
+    assert writer.flush(timeout=10)
+    inserts = [sql for sql in statements if sql.lstrip().upper().startswith("INSERT")]
+    assert len(inserts) == 2, inserts  # call_steps, then routing_decisions
+    assert count(store, call_steps) == 40 and count(store, routing_decisions) == 40
+
+
 def test_a_batch_with_an_unwritable_record_drops_only_that_record(store: Store) -> None:
     writer, metrics = writer_for(store, batch_max=10)
     writer.submit(record(1))
