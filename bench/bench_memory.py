@@ -3,6 +3,8 @@
 Flask + twilio worker, same run.
 
     .venv/bin/python bench/bench_memory.py [--lookups 10000] [--repeat 3] [--root PATH]
+        [--installed] [--no-gunicorn] [--gunicorn-workers 2] [--requests 400]
+        [--postgres-url URL]
 
 Every worker is a fresh ``python`` process (the one running this script):
 
@@ -30,6 +32,25 @@ PSS. Linux only.
 
 ``--root PATH`` runs our worker from another checkout (e.g. ``git worktree add
 /tmp/before <commit>``), to compare formats in the same run.
+
+Then the production shape (skipped with ``--no-gunicorn``): (d) ``python -m gateway
+serve`` with ``--gunicorn-workers`` workers (gthread, ``preload_app``: the code, plan and
+boundary data loaded in the master before the fork) on a private PostgreSQL database
+(``--postgres-url``; SQLite refuses several workers, so without PostgreSQL one worker on
+SQLite), against (a') the bare Flask + twilio app served by gunicorn the same way
+(bench/_serving_baselines.py twiml: gateway.serving.gunicorn_settings, the app built in
+each worker after the fork).  After ``--requests`` signed incoming-call webhooks (a
+fresh CallSid each, a new connection each, 4 at a time) each worker's
+/proc/<pid>/smaps_rollup is read: USS and Private_Dirty are what the worker holds
+alone (pages it wrote since the fork included); pages still shared with the master
+count in PSS only.  Start = spawn of the master to the first 200 (ours: ``/readyz``,
+plan, boundary data and database checked; bare: a signed webhook), median of
+``--repeat``.
+
+Python bytecode: the workers run without PYTHONDONTWRITEBYTECODE and with a private
+PYTHONPYCACHEPREFIX, so our modules are compiled once (by the first, unmeasured start)
+as an installed wheel's are at install time; compiling ~250 modules at every start
+would be a cost of this checkout, not of a deployment.
 """
 
 from __future__ import annotations
@@ -38,11 +59,18 @@ import argparse
 import os
 import pathlib
 import platform
+import re
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOKEN = "bench-memory-auth-token-0123456789"
@@ -140,6 +168,149 @@ class Worker:
             self.p.kill()
 
 
+# -- (d) gunicorn workers, ours and bare, served as `serve` serves ------------------------
+
+TO = "+442079460900"  # numbers/inbound.csv: the emergency number, any country
+CALLER = "+46700000000"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in pathlib.Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return sorted(found)
+
+
+def signed_call(base: str) -> tuple[bytes, dict[str, str]]:
+    from twilio.request_validator import RequestValidator
+
+    params = {"CallSid": "CA" + uuid.uuid4().hex, "AccountSid": "AC" + "0" * 32,
+              "From": CALLER, "To": TO, "Caller": CALLER, "Called": TO,
+              "CallStatus": "ringing", "ApiVersion": "2010-04-01", "Direction": "inbound"}
+    sig = RequestValidator(TOKEN).compute_signature(base + "/twilio/voice", params)
+    return (urllib.parse.urlencode(params).encode(),
+            {"X-Twilio-Signature": sig, "Content-Type": "application/x-www-form-urlencoded",
+             "Connection": "close"})
+
+
+def answer(base: str, what: str) -> int:
+    """The status of one request (``call``: a signed incoming-call webhook); 0: none."""
+    if what == "call":
+        body, headers = signed_call(base)
+        req = urllib.request.Request(base + "/twilio/voice", data=body, headers=headers)
+    else:
+        req = urllib.request.Request(base + what, headers={"Connection": "close"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            resp.read()
+            status: int = resp.status
+            return status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+def served(kind: str, env: dict[str, str], cwd: pathlib.Path, workers: int,
+           requests: int) -> tuple[float, list[dict[str, float]], int, list[float]]:
+    """Start ``kind`` under gunicorn, wait for its first 200, send ``requests`` signed
+    webhooks, read each worker's memory, stop it (SIGTERM). Returns (seconds to the
+    first 200, each worker's memory, webhooks answered 200, for ours each worker's
+    seconds from the fork's post_worker_init to its app built, from its log)."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = dict(env, GATEWAY_PUBLIC_URL=base,
+               GATEWAY_LOG_LEVEL="INFO" if kind == "ours" else "WARNING")
+    if kind == "ours":
+        cmd = [sys.executable, "-m", "gateway", "serve", "--port", str(port),
+               "--workers", str(workers)]
+        probe = "/readyz"
+    else:
+        cmd = [sys.executable, str(ROOT / "bench" / "_serving_baselines.py"), "twiml",
+               "--port", str(port), "--workers", str(workers), "--public-url", base]
+        env["PYTHONPATH"] = str(ROOT)  # the baseline imports gateway.serving's settings
+        probe = "call"
+    t0 = time.time()
+    log = open(cwd / f"{kind}-{port}.log", "w")  # noqa: SIM115 -- closed below
+    p = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        while answer(base, probe) != 200:
+            if p.poll() is not None or time.time() - t0 > 120:
+                log.flush()
+                tail = pathlib.Path(log.name).read_text()[-2000:]
+                raise SystemExit(f"{kind} under gunicorn did not become ready: exit "
+                                 f"{p.poll()}\n{tail}")
+            time.sleep(0.02)
+        start = time.time() - t0
+        while len(children(p.pid)) < workers and time.time() - t0 < 120:
+            time.sleep(0.05)
+        ok = []
+        lock = threading.Lock()
+
+        def send(n: int) -> None:
+            for _ in range(n):
+                status = answer(base, "call")
+                with lock:
+                    ok.append(status == 200)
+
+        threads = [threading.Thread(target=send, args=(requests // 4,)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        time.sleep(0.5)  # steps written after the answer
+        mems = [smaps(pid) for pid in children(p.pid)]
+    finally:
+        p.terminate()
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        log.close()
+    built = [float(m.group(1)) for m in re.finditer(r"worker \d+ ready in ([\d.]+) s",
+                                                     pathlib.Path(log.name).read_text())]
+    return start, mems, sum(ok), built
+
+
+def private_postgres(admin_url: str, name: str) -> str | None:
+    """A fresh private database on the server of ``admin_url`` (None: not reachable)."""
+    try:
+        import psycopg
+
+        parts = urllib.parse.urlsplit(admin_url)
+        server = urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/postgres", "", ""))
+        with psycopg.connect(server, autocommit=True, connect_timeout=2) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            conn.execute(f"CREATE DATABASE {name}")
+        return urllib.parse.urlunsplit((parts.scheme, parts.netloc, f"/{name}", "", ""))
+    except Exception as exc:  # noqa: BLE001 -- optional: say why and go on
+        print(f"PostgreSQL not used: {type(exc).__name__}: {exc}")
+        return None
+
+
+def drop_postgres(admin_url: str, name: str) -> None:
+    import psycopg
+
+    parts = urllib.parse.urlsplit(admin_url)
+    server = urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/postgres", "", ""))
+    with psycopg.connect(server, autocommit=True, connect_timeout=2) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 def machine() -> str:
     cpu = next((ln.split(":", 1)[1].strip() for ln in
                 pathlib.Path("/proc/cpuinfo").read_text().splitlines()
@@ -164,23 +335,47 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--root", type=pathlib.Path, default=ROOT,
                     help="checkout to run our worker from (default: this one)")
+    ap.add_argument("--installed", action="store_true",
+                    help="run the gateway installed in this interpreter's environment "
+                         "(e.g. a venv with `pip install .[postgres]`: no test tools), "
+                         "not a checkout")
+    ap.add_argument("--no-gunicorn", action="store_true",
+                    help="skip (d): workers under gunicorn, ours and bare")
+    ap.add_argument("--gunicorn-workers", type=int, default=2)
+    ap.add_argument("--requests", type=int, default=400,
+                    help="signed webhooks sent to each gunicorn server before measuring")
+    ap.add_argument("--postgres-url", default=os.environ.get(
+        "GATEWAY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
+        help="a PostgreSQL server; a private database helper_mem is made and dropped")
     a = ap.parse_args()
     if not pathlib.Path("/proc/self/smaps_rollup").exists():
         raise SystemExit("needs Linux (/proc/<pid>/smaps_rollup)")
     root = a.root.resolve()
+    if a.installed:
+        import gateway
+
+        where = pathlib.Path(gateway.__file__).parent
+        if where.is_relative_to(ROOT):
+            raise SystemExit(f"--installed: this interpreter's gateway is the checkout "
+                             f"({where}); run the bench with the venv it is installed in")
     with tempfile.TemporaryDirectory() as tmp:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("GATEWAY_", "PROMETHEUS_", "PYTHONDONTWRITEBYTECODE"))}
         env.update({
             "GATEWAY_TWILIO_AUTH_TOKEN": TOKEN,
             "GATEWAY_PUBLIC_URL": "http://127.0.0.1",
             "GATEWAY_DATABASE_URL": f"sqlite:///{tmp}/gateway.sqlite3",
-            "PYTHONPATH": str(root),
+            "PYTHONPYCACHEPREFIX": f"{tmp}/pycache",
         })
+        if not a.installed:
+            env["PYTHONPATH"] = str(root)
         if os.environ.get("GATEWAY_CACHE_DIR"):
             env["GATEWAY_CACHE_DIR"] = os.environ["GATEWAY_CACHE_DIR"]
-        # a first start outside the measurement: expands the boundary pack into the
-        # cache if this checkout has never been loaded (a one-off, ~3 s)
-        Worker("ours", env, pathlib.Path(tmp)).stop()
+        # first starts outside the measurement: compile the bytecode into the private
+        # prefix, and expand the boundary pack into the cache if this checkout has never
+        # been loaded (a one-off, ~3 s)
+        for mode in ("bare", "ours", "nogeo"):
+            Worker(mode, env, pathlib.Path(tmp)).stop()
         modes = ("bare", "nogeo", "ours")
         colds: dict[str, list[float]] = {m: [] for m in modes}
         mems: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
@@ -206,9 +401,12 @@ def main() -> None:
         first_c, second_c = one.mem(), two.mem()
         one.stop()
         two.stop()
+        gun: dict[str, tuple[float, dict[str, float], int]] = {}
+        if not a.no_gunicorn:
+            gun = gunicorn_part(a, env, pathlib.Path(tmp))
 
     print(f"machine: {machine()}")
-    print(f"ours: {root}; MB from /proc/<pid>/smaps_rollup; cold start and memory at "
+    print(f"ours: {'installed: ' + str(where) if a.installed else root}; MB from /proc/<pid>/smaps_rollup; cold start and memory at "
           f"ready: median of {a.repeat} fresh starts")
     print(f"{'':34} {'cold':>8} {'RSS':>7} {'USS':>7} {'PrivDirty':>8} {'PSS':>7} "
           f"{'ShClean':>7}")
@@ -233,6 +431,61 @@ def main() -> None:
           f"(Private_Dirty {second_c['Private_Dirty']:.1f}), its mapped pages shared "
           f"{second_c['Shared_Clean']:.1f} MB; cold start goal < 1 s: ours "
           f"{cold['ours']:.2f} s")
+
+
+    if gun:
+        print(f"(d) under gunicorn ({a.gunicorn_workers} worker(s), gthread, preload_app, as "
+              f"`serve`), after {a.requests} signed webhooks each; per worker, median over "
+              f"workers and {a.repeat} starts; start = spawn to the first 200")
+        print(f"{'':34} {'start':>8} {'RSS':>7} {'USS':>7} {'PrivDirty':>8} {'PSS':>7} "
+              f"{'ShClean':>7}")
+        gb, go = gun["bare"], gun["ours"]
+        print(row("(a') bare, gunicorn worker", gb[0], gb[1]) + f"  {gb[2]} answered")
+        print(row("(d) ours, gunicorn worker", go[0], go[1]) + f"  {go[2]} answered")
+        print(f"ratio ours/bare per gunicorn worker: USS {go[1]['USS'] / gb[1]['USS']:.2f}x "
+              f"({go[1]['USS'] - gb[1]['USS']:+.1f} MB), Private_Dirty "
+              f"{go[1]['Private_Dirty'] - gb[1]['Private_Dirty']:+.1f} MB, PSS "
+              f"{go[1]['Pss'] - gb[1]['Pss']:+.1f} MB (goal: within 40 MB); start "
+              f"{go[0] / gb[0]:.2f}x")
+        if a.worker_built is not None:
+            print(f"ours: a worker's app built after the fork (its log, median of "
+                  f"{a.repeat * a.gunicorn_workers}) in {a.worker_built:.2f} s")
+    print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+
+
+def gunicorn_part(a: argparse.Namespace, env: dict[str, str], tmp: pathlib.Path) -> dict[str, tuple[float, dict[str, float], int]]:
+    """(d): both under gunicorn, alternating, ``--repeat`` times; medians."""
+    workers = a.gunicorn_workers
+    db = "helper_mem"
+    url = private_postgres(a.postgres_url, db) if workers > 1 else None
+    if url is None and workers > 1:
+        print("several workers need PostgreSQL: one worker on SQLite")
+        workers = 1
+    genv = dict(env, GATEWAY_DATABASE_URL=url or env["GATEWAY_DATABASE_URL"])
+    if url is not None:
+        print(f"(d) on PostgreSQL (private database {db})")
+    starts: dict[str, list[float]] = {"bare": [], "ours": []}
+    mems: dict[str, list[dict[str, float]]] = {"bare": [], "ours": []}
+    answered: dict[str, list[int]] = {"bare": [], "ours": []}
+    built: list[float] = []
+    try:
+        for kind in ("bare", "ours"):  # unmeasured: bytecode of gunicorn's modules
+            served(kind, genv, tmp, workers, 8)
+        for _ in range(a.repeat):
+            for kind in ("bare", "ours"):
+                start, ms, ok, b = served(kind, genv, tmp, workers, a.requests)
+                built.extend(b)
+                starts[kind].append(start)
+                mems[kind].extend(ms)
+                answered[kind].append(ok)
+    finally:
+        if url is not None:
+            drop_postgres(a.postgres_url, db)
+    a.gunicorn_workers = workers
+    a.worker_built = statistics.median(built) if built else None
+    return {k: (statistics.median(starts[k]),
+                {f: statistics.median(m[f] for m in mems[k]) for f in mems[k][0]},
+                min(answered[k])) for k in starts}
 
 
 if __name__ == "__main__":
