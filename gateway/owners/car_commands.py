@@ -57,6 +57,7 @@ from gateway.owners.records import (
     Vehicle,
     checked_actor,
     normal_vin,
+    utc,
     vehicles,
 )
 from gateway.owners.records import reference as reference_text
@@ -135,16 +136,13 @@ def episode_key(vehicle: Vehicle, command: str, call: str | None = None) -> str:
 
 def command_view(row: Mapping[str, Any]) -> dict[str, Any]:
     """A command row for the APIs (no params, no lease bookkeeping)."""
-    def iso(value: Any) -> str | None:
-        return value.isoformat() if isinstance(value, dt.datetime) else None
-
-    result = row["result"] if isinstance(row["result"], dict) else {}
+    result = row["result"] or {}
     return {"id": row["id"], "key": row["key"], "command": row["command"],
             "status": row["status"], "attempts": row["attempts"],
-            "last_error": row["last_error"], "created_at": iso(row["created_at"]),
-            "updated_at": iso(row["updated_at"]),
-            "next_attempt_at": iso(row["next_attempt_at"]) if row["status"] == "pending"
-            else None,
+            "last_error": row["last_error"], "created_at": row["created_at"].isoformat(),
+            "updated_at": row["updated_at"].isoformat(),
+            "next_attempt_at": row["next_attempt_at"].isoformat()
+            if row["status"] == "pending" else None,
             "command_id": str(result["command_id"]) if result.get("command_id") else None}
 
 
@@ -276,7 +274,7 @@ class CarCommands:
         row = self._find(normal_vin(vin), key=key, command_id=command_id)
         if row is None:
             return None
-        earlier = row["result"] if isinstance(row["result"], dict) else {}
+        earlier = row["result"] or {}
         result: dict[str, Any] = {"status": "executed" if ok else "failed",
                                   "source": "command_result",
                                   "command_id": earlier.get("command_id") or command_id}
@@ -295,8 +293,7 @@ class CarCommands:
             rows = conn.execute(sa.select(vehicle_commands).where(c.vin == vin)
                                 .order_by(c.id.desc()).limit(200)).all()
         for found in rows:
-            result = found.result if isinstance(found.result, dict) else {}
-            if command_id is not None and str(result.get("command_id")) == command_id:
+            if str((found.result or {}).get("command_id")) == command_id:
                 return dict(found._mapping)
         return None
 
@@ -312,13 +309,12 @@ def apply_settled(conn: Connection, row: Mapping[str, Any]) -> None:
     """The queue's ``on_settled`` hook: a confirmed command changes the registry (if its
     episode is still current), a failed one is audited.  Rows not made by
     :class:`CarCommands` (no notes) are left alone."""
-    params = row["params"] if isinstance(row["params"], dict) else {}
-    notes = params.get(NOTES)
+    notes = row["params"].get(NOTES)
     command = str(row["command"])
     if not isinstance(notes, dict) or command not in CONFIRMED_ACTIONS or not row["vin"]:
         return
     vin, actor = str(row["vin"]), str(notes["actor"])
-    now = as_utc(row["updated_at"]) or dt.datetime.now(dt.UTC)
+    now = utc(row["updated_at"])
     detail: dict[str, Any] = {"key": row["key"]}
     if row["status"] == "failed":
         detail["error"] = str(row["last_error"] or "")[:200]

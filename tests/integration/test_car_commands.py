@@ -106,6 +106,7 @@ class Case:
 def _reactivate(service: CarCommands) -> CommandRequest:
     result = service.reactivate(VIN, actor=IVR, pin=PIN)
     assert result.ok and result.request is not None
+    assert result.vehicle.vin == VIN and result.vehicle.immobilised  # as it was asked
     return result.request
 
 
@@ -158,6 +159,83 @@ def rows(store: Store) -> list[dict[str, Any]]:
         return [dict(r._mapping) for r in conn.execute(sa.select(vehicle_commands))]
 
 
+def now_of(clock: Clock) -> dt.datetime:
+    return dt.datetime.fromtimestamp(clock(), tz=dt.UTC)
+
+
+#: what each confirmation writes: (registry fields, the audit entry's detail)
+RECORDED: dict[str, Callable[[str], tuple[dict[str, Any], dict[str, Any]]]] = {
+    "immobilise": lambda key: (
+        {"immobilised": True, "immobilised_by": AGENT, "immobilised_reference": "POL-1"},
+        {"key": key, "authority_reference": "POL-1", "changed": True}),
+    "reactivate": lambda key: (
+        {"immobilised": False, "reactivated_by": IVR, "immobilised_reference": "POL-1"},
+        {"key": key, "changed": True}),
+    "unlock": lambda key: ({"immobilised": False, "tracking": False}, {"key": key}),
+    "start_tracking": lambda key: (
+        {"tracking": True, "tracking_started_by": AGENT, "tracking_police_reference": "P-1"},
+        {"police_reference": "P-1", "changed": True}),
+    "stop_tracking": lambda key: (
+        {"tracking": False, "tracking_police_reference": "P-1"}, {"reason": "found"}),
+}
+
+
+@ALL
+def test_the_confirmation_records_who_what_and_when(
+        name: str, service: CarCommands, registry: Vehicles, clock: Clock) -> None:
+    case = CASES[name]
+    case.setup(registry)
+    clock.advance(30)
+    sent = case.request(service)
+    fields, detail = RECORDED[name](str(sent.row["key"]))
+    vehicle = _vehicle(registry)
+    assert {k: getattr(vehicle, k) for k in fields} == fields
+    at = {"immobilise": vehicle.immobilised_at, "reactivate": vehicle.reactivated_at,
+          "start_tracking": vehicle.tracking_started_at}.get(name, now_of(clock))
+    assert at == now_of(clock)
+    entry = registry.audit_for(VIN)[-1]
+    assert (entry.action, entry.actor) == (case.action, IVR if name in (
+        "reactivate", "unlock") else AGENT)
+    assert {k: entry.detail.get(k) for k in detail} == detail
+    assert entry.at == now_of(clock)
+    requested = [e for e in registry.audit_for(VIN) if e.action == f"{name}_requested"]
+    assert requested[0].detail["key"] == sent.row["key"]
+    assert sent.vehicle == vehicle  # the request answers the vehicle as it is now
+
+
+def test_a_confirmation_for_the_car_changes_nothing_else(
+        service: CarCommands, registry: Vehicles) -> None:
+    registry.start_tracking(VIN, actor=AGENT, police_reference="P-1")
+    for sent in (service.immobilise(VIN, actor=AGENT, authority_reference="POL-1"),
+                 service.unlock(VIN, actor=IVR, call="CA1", relock_after_s=5),
+                 _reactivate(service)):
+        assert sent.status == "confirmed"
+        assert _vehicle(registry).tracking  # only a stop_tracking stops it
+
+
+def test_rows_not_made_by_this_path_are_left_alone(
+        service: CarCommands, registry: Vehicles, queue: CommandQueue, clock: Clock) -> None:
+    queue.enqueue(key="raw:1", command="immobilise", vin=VIN, msisdn=None, params={})
+    queue.enqueue(key="raw:2", command="flash_lights", vin=VIN, msisdn=None,
+                  params={"_gateway": {"actor": AGENT, "episode": None}})
+    assert queue.run_once() == 2
+    assert queue.get("raw:1")["status"] == "confirmed"  # type: ignore[index]
+    assert queue.get("raw:2")["status"] == "confirmed"  # type: ignore[index]
+    assert not _vehicle(registry).immobilised
+    assert _actions(registry) == ["register"]
+
+
+def test_episode_markers_and_keys() -> None:
+    from gateway.owners.car_commands import episode_marker
+
+    cest = dt.timezone(dt.timedelta(hours=2))
+    at = dt.datetime(2026, 5, 1, 12, 0, tzinfo=cest)
+    assert episode_marker({"reactivated_at": at}, "immobilise") == "2026-05-01T10:00:00+00:00"
+    assert episode_marker({"reactivated_at": None}, "immobilise") == "first"
+    naive = dt.datetime(2026, 5, 1, 12, 0)  # SQLite: naive, stored as UTC
+    assert episode_marker({"immobilised_at": naive}, "reactivate") == "2026-05-01T12:00:00+00:00"
+
+
 @ALL
 def test_confirmed_at_once_changes_the_state_once(
         name: str, service: CarCommands, registry: Vehicles, car: FakeCarCommands,
@@ -171,6 +249,10 @@ def test_confirmed_at_once_changes_the_state_once(
     [request] = wire(car, name)
     assert request["body"] == case.body  # the gateway's notes never reach the car
     assert request["idempotency_key"] == sent.row["key"]
+    assert sent.row["key"] == {"unlock": f"unlock:{VIN}:CAowner1",
+                               "immobilise": f"immobilise:{VIN}:first",
+                               "start_tracking": f"start_tracking:{VIN}:first"}.get(
+        name, sent.row["key"])
     assert sent.row["key"].startswith(f"{name}:{VIN}:")
     actions = _actions(registry)
     assert actions.count(f"{name}_requested") == 1 and actions.count(case.action) == 1
@@ -216,6 +298,8 @@ def test_accepted_waits_for_the_cars_command_result(
 
     done = service.command_result(VIN, key=None, command_id="cmd-1", ok=True, detail="done")
     assert done is not None and done["status"] == "confirmed"
+    assert done["result"] == {"status": "executed", "source": "command_result",
+                              "command_id": "cmd-1", "detail": "done"}
     assert case.done(registry) and service.unfinished(VIN) == []
     replay = service.command_result(VIN, key=str(sent.row["key"]), command_id=None, ok=True,
                                     detail="done")
@@ -237,9 +321,13 @@ def test_the_car_reports_failure(name: str, service: CarCommands, registry: Vehi
     failed = service.command_result(VIN, key=str(sent.row["key"]), command_id=None, ok=False,
                                     detail="door open")
     assert failed is not None and failed["status"] == "failed"
-    assert "door open" in failed["last_error"]
+    assert failed["last_error"] == "car reported failure: door open"
+    assert failed["result"] == {"status": "failed", "source": "command_result",
+                                "command_id": "cmd-1", "reason": "door open"}
     assert not case.done(registry)
-    assert _actions(registry)[-1] == f"{name}_failed"
+    entry = registry.audit_for(VIN)[-1]
+    assert (entry.action, entry.detail) == (f"{name}_failed", {
+        "key": sent.row["key"], "error": "car reported failure: door open"})
 
 
 @ALL
@@ -251,7 +339,9 @@ def test_rejected_then_a_new_request_is_sent_again(
     refused = case.request(service)
     assert refused.status == "failed" and "vehicle is moving" in refused.row["last_error"]
     assert not case.done(registry)
-    assert _actions(registry)[-1] == f"{name}_failed"
+    entry = registry.audit_for(VIN)[-1]
+    assert (entry.action, entry.detail) == (f"{name}_failed", {
+        "key": refused.row["key"], "error": refused.row["last_error"]})
     car.mode = "confirm"
     done = case.request(service)
     assert done.status == "confirmed" and case.done(registry)
@@ -272,6 +362,10 @@ def test_unreachable_then_the_worker_confirms_it_exactly_once(
     assert "503" in sent.row["last_error"]
     [shown] = service.unfinished(VIN)
     assert shown["status"] == "pending" and shown["next_attempt_at"] is not None
+    assert shown["created_at"] == now_of(clock).isoformat() == shown["updated_at"]
+    assert service.unfinished(OTHER_VIN) == []
+    assert service.command_result(VIN, key=None, command_id="cmd-1", ok=True,
+                                  detail=None) is None  # no answer yet: no command_id
     assert queue.run_once() == 0  # backoff: not due yet
     clock.advance(2)
     assert queue.run_once() == 1 and not case.done(registry)  # still down
@@ -334,14 +428,17 @@ def test_an_unlock_the_car_did_not_take_is_never_sent_later(
         clock: Clock) -> None:
     car.mode = "503"
     sent = service.unlock(VIN, actor=IVR, call="CA1", relock_after_s=90)
-    assert sent.status == "cancelled"
+    assert sent.status == "cancelled" and sent.created and sent.vehicle.vin == VIN
     before = len(wire(car, "unlock"))
     car.mode = "confirm"
     clock.advance(WORKER_GRACE_S + 60)
     assert queue.run_once() == 0 and len(wire(car, "unlock")) == before
     assert "unlock" not in _actions(registry)
     entry = registry.audit_for(VIN)[-1]
-    assert entry.action == "unlock_failed" and entry.detail["cancelled"] is True
+    assert entry.action == "unlock_failed"
+    assert entry.detail == {"key": sent.row["key"], "cancelled": True,
+                            "error": sent.row["last_error"]}
+    assert "503" in sent.row["last_error"]
 
 
 def test_a_confirmation_from_an_earlier_episode_changes_nothing(
@@ -384,9 +481,13 @@ INVALID: dict[str, tuple[Callable[[CarCommands], Any], type[Exception], set[str]
                      theft.NotTrackingError, None),
     "no call": (lambda s: s.unlock(VIN, actor=IVR, call="", relock_after_s=90),
                 ValidationError, {"call"}),
+    "long call": (lambda s: s.unlock(VIN, actor=IVR, call="C" * 65, relock_after_s=90),
+                  ValidationError, {"call"}),
     "no relock": (lambda s: s.unlock(VIN, actor=IVR, call="CA1", relock_after_s=0),
                   ValidationError, {"relock_after_s"}),
 }
+MESSAGES = {"call": "required, at most 64 characters",
+            "relock_after_s": "a positive whole number of seconds"}
 
 
 @pytest.mark.parametrize("case", list(INVALID))
@@ -399,6 +500,10 @@ def test_invalid_input_records_and_sends_nothing(
         call(service)
     if fields is not None:
         assert set(info.value.errors) == fields  # type: ignore[attr-defined]
+        for field in fields & set(MESSAGES):
+            assert info.value.errors[field] == MESSAGES[field]  # type: ignore[attr-defined]
+    if error in (UnknownVehicleError, theft.NotTrackingError):
+        assert info.value.vin in (VIN, "WBA3A5C51CF256999")  # type: ignore[attr-defined]
     assert car.commands == [] and rows(store) == [] and _actions(registry) == before
 
 
@@ -412,10 +517,24 @@ def test_a_wrong_or_malformed_pin_sends_nothing(
     assert car.commands == [] and rows(store) == [] and _vehicle(registry).immobilised
 
 
+def test_the_shortest_relock_and_the_longest_call_are_taken(
+        service: CarCommands, car: FakeCarCommands) -> None:
+    sent = service.unlock(VIN, actor=IVR, call="C" * 64, relock_after_s=1)
+    assert sent.status == "confirmed"
+    assert wire(car, "unlock")[0]["body"] == {"command": "unlock", "relock_after_s": 1}
+
+
+def test_already_tracking_says_which_car(service: CarCommands, registry: Vehicles) -> None:
+    registry.start_tracking(VIN, actor=AGENT, police_reference="P-1")
+    with pytest.raises(AlreadyTrackingError, match=f"vehicle {VIN} is being tracked"):
+        service.start_tracking(VIN, actor=AGENT, police_reference="P-2")
+
+
 def test_not_immobilised_sends_nothing(service: CarCommands, car: FakeCarCommands,
                                        store: Store) -> None:
     result = service.reactivate(VIN, actor=IVR, pin=PIN)
     assert result.ok and result.request is None and not result.vehicle.immobilised
+    assert result.vehicle.vin == VIN
     assert car.commands == [] and rows(store) == []
 
 

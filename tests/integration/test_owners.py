@@ -277,8 +277,14 @@ def test_unlock_needs_a_reason(registry: Vehicles, car: Vehicle, reason: str | N
     with pytest.raises(ValidationError) as info:
         registry.unlock_pin(VIN, actor="admin:ops-1", reason=reason)  # type: ignore[arg-type]
     assert set(info.value.errors) == {"reason"}
-    with pytest.raises(UnknownVehicleError):
+    with pytest.raises(UnknownVehicleError) as unknown:
         registry.unlock_pin("YV1ZW72U5N0000000", actor="admin:ops-1", reason="r")
+    assert unknown.value.vin == "YV1ZW72U5N0000000"
+
+
+def test_an_unlock_reason_may_be_200_characters(registry: Vehicles, car: Vehicle) -> None:
+    registry.unlock_pin(VIN, actor="admin:ops-1", reason="r" * 200)  # more than 100
+    assert registry.audit_for(VIN)[-1].detail["reason"] == "r" * 200
 
 
 def test_policy_is_configurable(store: Store, clock: Clock) -> None:
