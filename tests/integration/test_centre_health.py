@@ -1,0 +1,159 @@
+"""The centre breaker's edges: exactly when a line opens, is probed and is claimed again;
+what a caller gets when the database does not answer (on a real SQLite file, and on
+PostgreSQL behind a proxy that stops answering)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import sqlalchemy as sa
+
+from gateway.centre_health import API, CentreHealth, centre_health
+from gateway.errors import StoreError
+from gateway.store import Store
+from tests.conftest import Clock, postgres_url
+from tests.support.proxy import TcpProxy, proxied_url
+
+LINE, OTHER = "eu-primary", "eu-backup"
+
+
+@pytest.fixture
+def store(tmp_path: Any) -> Iterator[Store]:
+    store = Store.from_url(f"sqlite:///{tmp_path}/health.sqlite3")
+    store.create_schema()
+    yield store
+    store.dispose()
+
+
+@pytest.fixture
+def health(store: Store, clock: Clock) -> CentreHealth:
+    return CentreHealth(store, centre_ids=[LINE, OTHER], failure_threshold=3, open_for_s=30,
+                        probe_window_s=60, clock=clock)
+
+
+def state(store: Store, key: str) -> str | None:
+    with store.engine.connect() as conn:
+        return conn.execute(sa.select(centre_health.c.state)
+                            .where(centre_health.c.key == key)).scalar()
+
+
+def open_line(health: CentreHealth, key: str = LINE) -> None:
+    for _ in range(3):
+        health.record(key, ok=False, reason="dial failed")
+
+
+def test_a_closed_line_is_never_probed(health: CentreHealth, store: Store,
+                                       clock: Clock) -> None:
+    health.record(LINE, ok=False, reason="dial failed")
+    health.record(LINE, ok=True, reason="dial answered")
+    for _ in range(3):
+        clock.advance(100)
+        assert health.unreachable() == set()
+        assert state(store, LINE) == "closed"
+
+
+def test_an_open_line_is_probed_exactly_open_for_after_it_opened(
+    health: CentreHealth, store: Store, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    open_line(health)
+    clock.advance(29)
+    assert health.unreachable() == {LINE}
+    clock.advance(1)  # exactly open_for_s: this caller probes
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="gateway.centre_health"):
+        assert health.unreachable() == set()
+    assert [r.getMessage() for r in caplog.records if r.name == "gateway.centre_health"] == [
+        f"probing centre {LINE}"]
+    assert state(store, LINE) == "half_open"
+    assert health.unreachable() == {LINE}  # the others skip it while it is probed
+
+
+def test_a_probe_that_never_reported_is_claimed_again_when_its_window_ends(
+    health: CentreHealth, store: Store, clock: Clock
+) -> None:
+    open_line(health)
+    clock.advance(30)
+    assert health.unreachable() == set()  # probing: its dial never reports
+    clock.advance(59)
+    assert health.unreachable() == {LINE}
+    clock.advance(1)  # exactly probe_window_s: the probe is claimed again
+    assert health.unreachable() == set()
+    assert health.unreachable() == {LINE}
+
+
+def test_each_line_has_its_own_probe(health: CentreHealth, store: Store,
+                                     clock: Clock) -> None:
+    """Two lines opened at the same instant: claiming one line's probe never takes the
+    other's."""
+    open_line(health, LINE)
+    open_line(health, OTHER)
+    clock.advance(30)
+    assert health.unreachable() == set()  # this caller probes both
+    assert (state(store, LINE), state(store, OTHER)) == ("half_open", "half_open")
+    assert health.unreachable() == {LINE, OTHER}
+
+
+def test_the_api_key_never_takes_a_line_down(health: CentreHealth, store: Store,
+                                             clock: Clock) -> None:
+    open_line(health, API)
+    assert health.states() == {API: "open"}
+    clock.advance(30)
+    assert health.unreachable() == set()
+    assert state(store, API) == "open"  # never probed by a call
+
+
+def test_a_database_error_means_every_line_is_tried_and_is_logged(
+    health: CentreHealth, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    open_line(health)
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE centre_health RENAME TO centre_health_away"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gateway.centre_health"):
+        assert health.unreachable() == set()
+    [record] = [r for r in caplog.records if r.name == "gateway.centre_health"]
+    assert record.levelno == logging.WARNING
+    assert record.getMessage() == ("centre health unavailable (database error: "
+                                   "OperationalError); trying every line")
+    with pytest.raises(StoreError):
+        health.states()
+
+
+@pytest.fixture
+def pg_proxy() -> Iterator[tuple[str, TcpProxy]]:
+    url = postgres_url()
+    if not url:
+        pytest.skip("PostgreSQL not configured: set GATEWAY_TEST_POSTGRES_URL to run this test")
+    parts = urlsplit(url)
+    with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy:
+        yield proxied_url(url, proxy), proxy
+
+
+@pytest.mark.postgres
+def test_a_database_that_stops_answering_costs_a_call_at_most_its_deadline(
+    pg_store: Store, pg_proxy: tuple[str, TcpProxy], clock: Clock
+) -> None:
+    """Behind a proxy that stops forwarding: unreachable() (the call path) answers
+    "nothing known down" within its 0.3 s default; states() fails within its 2 s."""
+    url, proxy = pg_proxy
+    stores = [Store.from_url(url, suspect_s=0.0) for _ in range(2)]
+    try:
+        calls, reads = (CentreHealth(s, centre_ids=[LINE], clock=clock) for s in stores)
+        calls.record(LINE, ok=False, reason="dial failed")
+        assert calls.unreachable() == set() and reads.states() == {LINE: "closed"}
+        proxy.mode = "blackhole"
+        started = time.monotonic()
+        assert calls.unreachable() == set()
+        assert 0.25 < time.monotonic() - started < 1.0
+        started = time.monotonic()
+        with pytest.raises(StoreError):
+            reads.states()
+        assert 1.9 < time.monotonic() - started < 2.9
+    finally:
+        for s in stores:
+            s.dispose()

@@ -1,0 +1,386 @@
+"""The outbox worker as it runs: its loop, its thread, the worker process, what it
+records and logs.  The centre is a real HTTP server on 127.0.0.1 (FakeAssistanceCentre);
+a sink fake of the IncidentSink port only where a failure's text must be exact."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.centre_health import API, CentreHealth
+from gateway.config import DeliveryPolicy, Settings
+from gateway.delivery import (
+    OutboxWorker,
+    address_of,
+    build_worker,
+    outbox,
+    run_worker_process,
+)
+from gateway.errors import TransientUpstreamError
+from gateway.metrics import Metrics
+from gateway.store import as_utc
+from tests.conftest import Clock
+from tests.support.events import crash_event
+from tests.support.fake_servers import FakeAssistanceCentre
+
+FAST = DeliveryPolicy(timeout_s=1.0, backoff_initial_s=0.01, backoff_max_s=0.05, budget_s=1.0,
+                      poll_s=0.05, concurrency=2, breaker_failures=3, breaker_open_s=30.0)
+
+
+@pytest.fixture
+def centre() -> Iterator[FakeAssistanceCentre]:
+    with FakeAssistanceCentre() as fake:
+        yield fake
+
+
+@pytest.fixture
+def outbox_app(make_app: Callable[..., Flask], settings: Settings,
+               centre: FakeAssistanceCentre) -> Flask:
+    return make_app(settings=settings.replace(assistance_url=centre.url, delivery=FAST))
+
+
+def post(app: Flask, headers: dict[str, str], **overrides: Any) -> str:
+    response = app.test_client().post("/v1/events", json=crash_event(**overrides),
+                                      headers=headers)
+    assert response.status_code == 201, response.json
+    return str(response.json["incident_id"])  # type: ignore[index]
+
+
+def rows(app: Flask) -> dict[str, dict[str, Any]]:
+    with app.extensions["gateway"].store.engine.begin() as conn:
+        return {r.incident_id: dict(r._mapping) for r in conn.execute(sa.select(outbox))}
+
+
+def built_worker(app: Flask, **kwargs: Any) -> OutboxWorker:
+    svc = app.extensions["gateway"]
+    worker = build_worker(svc.settings, svc.store, svc.centre_health, svc.clock, **kwargs)
+    assert worker is not None
+    return worker
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def samples(metrics: Metrics) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(metrics.render().decode())
+            for s in family.samples}
+
+
+# -- the loop --------------------------------------------------------------------------
+
+
+def test_run_once_delivers_what_is_due_and_says_how_many(
+    outbox_app: Flask, centre: FakeAssistanceCentre, vehicle_headers: dict[str, str]
+) -> None:
+    worker = built_worker(outbox_app)
+    assert worker.run_once() == 0
+    keys = [post(outbox_app, vehicle_headers) for _ in range(3)]
+    assert worker.pending() == 3
+    assert worker.run_once() == 3
+    assert set(centre.incidents) == set(keys)
+    assert worker.pending() == 0
+    assert worker.run_once() == 0
+
+
+def test_run_once_claims_four_rows_per_delivery_slot(
+    outbox_app: Flask, centre: FakeAssistanceCentre, vehicle_headers: dict[str, str]
+) -> None:
+    for _ in range(FAST.concurrency * 4 + 1):
+        post(outbox_app, vehicle_headers)
+    worker = built_worker(outbox_app)
+    assert worker.run_once() == FAST.concurrency * 4
+    assert worker.pending() == 1
+    assert worker.run_once() == 1
+
+
+def test_pending_counts_only_rows_still_to_deliver(
+    outbox_app: Flask, centre: FakeAssistanceCentre, vehicle_headers: dict[str, str]
+) -> None:
+    delivered = post(outbox_app, vehicle_headers)
+    worker = built_worker(outbox_app)
+    worker.run_once()
+    centre.mode = "400"
+    post(outbox_app, vehicle_headers)
+    worker.run_once()  # refused: failed, not pending
+    post(outbox_app, vehicle_headers)
+    statuses = sorted(r["status"] for r in rows(outbox_app).values())
+    assert statuses == ["delivered", "failed", "pending"]
+    assert rows(outbox_app)[delivered]["status"] == "delivered"
+    assert worker.pending() == 1
+
+
+def test_the_thread_delivers_as_events_arrive_and_stops_at_once(
+    outbox_app: Flask, centre: FakeAssistanceCentre, vehicle_headers: dict[str, str]
+) -> None:
+    worker = built_worker(outbox_app)
+    worker.policy = dataclasses.replace(FAST, poll_s=30.0)
+    thread = worker.start_thread()
+    try:
+        assert thread.name == "outbox-worker" and thread.daemon and thread.is_alive()
+        key = post(outbox_app, vehicle_headers)
+        worker.wake.set()  # what the view does for a new incident
+        assert centre.wait_for_incidents(1)
+        assert list(centre.incidents) == [key]
+        wait_for(lambda: rows(outbox_app)[key]["status"] == "delivered")
+    finally:
+        started = time.monotonic()
+        worker.stop()
+        thread.join(5)
+    assert not thread.is_alive()
+    assert time.monotonic() - started < 2.0  # not a 30 s poll
+
+
+def test_a_database_error_in_a_pass_is_logged_and_the_loop_goes_on(
+    outbox_app: Flask, centre: FakeAssistanceCentre, vehicle_headers: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = outbox_app.extensions["gateway"].store
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE outbox RENAME TO outbox_away"))
+    worker = built_worker(outbox_app)
+    with caplog.at_level(logging.INFO, logger="gateway.delivery"):
+        thread = worker.start_thread()
+        try:
+            wait_for(lambda: any("database unavailable" in r.getMessage()
+                                 for r in caplog.records))
+            with store.engine.begin() as conn:
+                conn.execute(sa.text("ALTER TABLE outbox_away RENAME TO outbox"))
+            key = post(outbox_app, vehicle_headers)
+            assert centre.wait_for_incidents(1)
+            assert list(centre.incidents) == [key]
+        finally:
+            worker.stop()
+            thread.join(5)
+    messages = [r.getMessage() for r in caplog.records if r.name == "gateway.delivery"]
+    assert messages[0] == "delivery worker started"
+    assert messages[-1] == "delivery worker stopped"
+    [unavailable, *_] = [r for r in caplog.records if "database unavailable" in r.getMessage()]
+    assert unavailable.levelno == logging.ERROR
+    assert unavailable.getMessage().startswith(
+        "delivery worker: database unavailable (database error: OperationalError")
+
+
+def test_an_unexpected_error_in_a_pass_is_logged_and_the_loop_goes_on(
+    outbox_app: Flask, vehicle_headers: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sink that breaks its contract (raises something that is neither transient nor
+    permanent) fails that pass; the next pass still runs."""
+
+    class Broken:
+        calls = 0
+
+        def send_incident(self, payload: Any, *, idempotency_key: str) -> int:
+            Broken.calls += 1
+            if Broken.calls == 1:
+                raise ValueError("a bug")
+            return 201
+
+    svc = outbox_app.extensions["gateway"]
+    worker = OutboxWorker(svc.store, Broken(), policy=FAST, clock=svc.clock)
+    key = post(outbox_app, vehicle_headers)
+    with caplog.at_level(logging.ERROR, logger="gateway.delivery"):
+        thread = worker.start_thread()
+        try:
+            wait_for(lambda: any(r.getMessage() == "delivery worker pass failed"
+                                 and r.exc_info for r in caplog.records))
+            svc.clock.advance(FAST.lease_s + 1)  # the broken pass left the row leased
+            wait_for(lambda: rows(outbox_app)[key]["status"] == "delivered")
+        finally:
+            worker.stop()
+            thread.join(5)
+    assert Broken.calls == 2
+
+
+# -- what a pass records and logs --------------------------------------------------------
+
+
+class Refusing:
+    """A centre answering every attempt with a transient failure, with this text."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def send_incident(self, payload: Any, *, idempotency_key: str) -> int:
+        raise TransientUpstreamError(self.text)
+
+
+def test_a_rescheduled_row_keeps_the_error_at_most_300_characters(
+    outbox_app: Flask, vehicle_headers: dict[str, str], clock: Clock
+) -> None:
+    key = post(outbox_app, vehicle_headers)
+    svc = outbox_app.extensions["gateway"]
+    short = dataclasses.replace(FAST, budget_s=0.1)
+    for text, stored in (("HTTP 503 from the centre", "HTTP 503 from the centre"),
+                         ("x" * 299 + "yz", "x" * 299 + "y")):
+        worker = OutboxWorker(svc.store, Refusing(text), policy=short, clock=svc.clock)
+        assert [worker.deliver(r) for r in worker.claim(1)] == ["rescheduled"]
+        row = rows(outbox_app)[key]
+        assert row["last_error"] == stored
+        assert row["status"] == "pending" and row["leased_until"] is None
+        assert as_utc(row["next_attempt_at"]) == dt.datetime.fromtimestamp(
+            clock.now, tz=dt.UTC) + dt.timedelta(seconds=FAST.backoff_max_s)
+        clock.advance(FAST.backoff_max_s)
+
+
+def test_a_refused_row_keeps_the_error_at_most_300_characters(
+    outbox_app: Flask, centre: FakeAssistanceCentre, vehicle_headers: dict[str, str]
+) -> None:
+    key = post(outbox_app, vehicle_headers)
+    centre.mode = "400"
+    worker = built_worker(outbox_app)
+    assert [worker.deliver(r) for r in worker.claim(1)] == ["failed"]
+    row = rows(outbox_app)[key]
+    assert row["status"] == "failed" and row["last_status"] == 400
+    assert row["last_error"] and "400" in row["last_error"] and len(row["last_error"]) <= 300
+    assert row["delivered_at"] is None and row["leased_until"] is None
+
+
+def test_a_delivered_row_records_when_and_no_error(
+    outbox_app: Flask, centre: FakeAssistanceCentre, vehicle_headers: dict[str, str],
+    clock: Clock,
+) -> None:
+    key = post(outbox_app, vehicle_headers)
+    worker = built_worker(outbox_app)
+    assert [worker.deliver(r) for r in worker.claim(1)] == ["delivered"]
+    row = rows(outbox_app)[key]
+    assert row["status"] == "delivered" and row["last_status"] == 201
+    assert row["last_error"] is None and row["leased_until"] is None
+    assert as_utc(row["delivered_at"]) == dt.datetime.fromtimestamp(clock.now, tz=dt.UTC)
+
+
+def test_a_lost_lease_is_logged_with_the_incident_and_when(
+    outbox_app: Flask, centre: FakeAssistanceCentre, vehicle_headers: dict[str, str],
+    clock: Clock, caplog: pytest.LogCaptureFixture,
+) -> None:
+    key = post(outbox_app, vehicle_headers)
+    a, b = built_worker(outbox_app), built_worker(outbox_app)
+    (row_a,) = a.claim(1)
+    clock.advance(FAST.lease_s + 1)
+    (row_b,) = b.claim(1)
+    with caplog.at_level(logging.WARNING, logger="gateway.delivery"):
+        assert a.deliver(row_a) == "lost"
+    [record] = [r for r in caplog.records if r.name == "gateway.delivery"]
+    assert record.levelno == logging.WARNING
+    assert record.getMessage() == (
+        f"delivery of {key}: lease lost before an attempt; the row is another worker's")
+    assert a.counters.values["lease_lost"] == 1
+    assert b.deliver(row_b) == "delivered"
+
+
+# -- build_worker and the worker process ---------------------------------------------
+
+
+def test_build_worker_feeds_the_api_breaker_and_the_metrics(
+    make_app: Callable[..., Flask], settings: Settings, centre: FakeAssistanceCentre,
+    vehicle_headers: dict[str, str], caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = make_app(settings=settings.replace(assistance_url=centre.url, delivery=FAST))
+    metrics = Metrics()
+    health: CentreHealth = app.extensions["gateway"].centre_health
+    worker = built_worker(app, metrics=metrics)
+    assert worker.policy == FAST
+    centre.mode = "503"
+    post(app, vehicle_headers)
+    assert [worker.deliver(r) for r in worker.claim(1)] == ["rescheduled"]
+    assert health.states()[API] == "open"  # three or more failed attempts in the budget
+    attempts = samples(metrics)[("gateway_delivery_attempts_total", frozenset())]
+    assert attempts >= 3
+    centre.mode = "up"
+    app.extensions["gateway"].clock.advance(FAST.backoff_max_s)
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert [worker.deliver(r) for r in worker.claim(1)] == ["delivered"]
+    assert health.states()[API] == "closed"
+    delivered = ("gateway_deliveries_total", frozenset({("outcome", "delivered")}))
+    assert samples(metrics)[delivered] == 1
+    # no geocoder: no address lookup tried, none failed
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_build_worker_needs_the_centre_url(app: Flask) -> None:
+    svc = app.extensions["gateway"]
+    assert svc.settings.assistance_url in (None, "")
+    assert build_worker(svc.settings, svc.store, svc.centre_health, svc.clock) is None
+
+
+def test_address_of_an_incident_without_an_outbox_row_is_none(app: Flask) -> None:
+    assert address_of(app.extensions["gateway"].store, "no-such-incident") is None
+
+
+@pytest.fixture
+def restore_signals() -> Iterator[None]:
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+@pytest.mark.usefixtures("restore_signals")
+def test_the_worker_process_delivers_until_sigterm(
+    make_app: Callable[..., Flask], settings: Settings, centre: FakeAssistanceCentre,
+    vehicle_headers: dict[str, str], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``python -m gateway worker`` in this process: it delivers what the app stored,
+    then SIGTERM stops it and it returns 0."""
+    worker_settings = settings.replace(assistance_url=centre.url, delivery=FAST)
+    key = post(make_app(settings=worker_settings), vehicle_headers)
+
+    def stop_when_delivered() -> None:
+        try:
+            centre.wait_for_incidents(1, timeout=20)
+            time.sleep(0.2)  # the row marked delivered
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    stopper = threading.Thread(target=stop_when_delivered)
+    stopper.start()
+    with caplog.at_level(logging.INFO, logger="gateway.delivery"):
+        assert run_worker_process(worker_settings) == 0
+    stopper.join()
+    assert list(centre.incidents) == [key]
+    messages = [r.getMessage() for r in caplog.records]
+    assert "delivery worker started" in messages and "delivery worker stopped" in messages
+    assert signal.getsignal(signal.SIGINT) not in (signal.default_int_handler, None)
+
+
+@pytest.mark.usefixtures("restore_signals")
+def test_the_worker_process_without_a_centre_says_so_and_exits_2(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.ERROR, logger="gateway.delivery"):
+        assert run_worker_process(settings.replace(assistance_url=None)) == 2
+    assert [r.getMessage() for r in caplog.records if r.name == "gateway.delivery"] == [
+        "GATEWAY_ASSISTANCE_URL is not set: nothing to deliver to"]
+
+
+@pytest.mark.usefixtures("restore_signals")
+def test_the_worker_process_with_its_metrics_port_taken_exits_2(
+    settings: Settings, centre: FakeAssistanceCentre, caplog: pytest.LogCaptureFixture
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with caplog.at_level(logging.ERROR, logger="gateway.delivery"):
+            assert run_worker_process(settings.replace(assistance_url=centre.url),
+                                      metrics_port=port) == 2
+    [record] = [r for r in caplog.records if r.name == "gateway.delivery"]
+    assert record.getMessage().startswith(f"worker metrics: cannot listen on 127.0.0.1:{port} (")
