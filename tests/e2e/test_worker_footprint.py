@@ -138,19 +138,23 @@ class ForkedServer:
         raise SystemExit(0)
 
 
-def test_only_the_master_removes_the_workers_metrics_directory(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("GATEWAY_TWILIO_AUTH_TOKEN", AUTH_TOKEN)
-    monkeypatch.setenv("GATEWAY_DATABASE_URL", "postgresql://gateway@127.0.0.1:1/gateway")
-    monkeypatch.setattr(serving, "GatewayServer", ForkedServer)
+def test_only_the_master_removes_the_workers_metrics_directory() -> None:
+    before = os.environ.get(serving.MULTIPROC_ENV)
     args = cli._parser().parse_args(["serve", "--workers", "2", "--server", "gunicorn"])
     ForkedServer.seen.clear()
-    for in_worker in (True, False):  # a worker exits, then the master
-        monkeypatch.delenv(serving.MULTIPROC_ENV, raising=False)
-        ForkedServer.in_worker = in_worker
-        with pytest.raises(SystemExit):
-            cli._serve(args)
-        monkeypatch.setattr(os, "getpid", REAL_GETPID)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        # through monkeypatch, so the variable serve sets in this process goes with it
+        monkeypatch.setenv(serving.MULTIPROC_ENV, "")
+        monkeypatch.setenv("GATEWAY_TWILIO_AUTH_TOKEN", AUTH_TOKEN)
+        monkeypatch.setenv("GATEWAY_DATABASE_URL", "postgresql://gateway@127.0.0.1:1/gateway")
+        monkeypatch.setattr(serving, "GatewayServer", ForkedServer)
+        for in_worker in (True, False):  # a worker exits, then the master
+            os.environ[serving.MULTIPROC_ENV] = ""
+            ForkedServer.in_worker = in_worker
+            with pytest.raises(SystemExit):
+                cli._serve(args)
+            monkeypatch.setattr(os, "getpid", REAL_GETPID)
+    assert os.environ.get(serving.MULTIPROC_ENV) == before  # later tests' gateways
     worker_dir, master_dir = map(Path, ForkedServer.seen)
     assert worker_dir.is_dir(), "a worker's exit removed the directory the others write to"
     worker_dir.rmdir()
