@@ -237,8 +237,13 @@ def make_engine(url: str) -> Engine:
         memory = url in ("sqlite://", "sqlite:///:memory:")
         engine = sa.create_engine(
             url, connect_args={"timeout": 2.0, **({"check_same_thread": False} if memory else {})},
-            # one shared connection: within() runs on other threads than the caller
-            **({"poolclass": sa.pool.StaticPool} if memory else {}))
+            # in memory: one shared connection (within() runs on other threads than the
+            # caller); a file: connections kept open for the deadline threads, the step
+            # writer and the serving threads at once (past pool_size a returned
+            # connection is closed, and the next one opens the file and runs the
+            # pragmas again: seen under load at SQLAlchemy's default of 5)
+            **({"poolclass": sa.pool.StaticPool} if memory
+               else {"pool_size": 16, "max_overflow": 8, "pool_timeout": 2.0}))
 
         @sa.event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -276,7 +276,7 @@ class StepWriter:
             enqueue = enqueue_command
         news: list[bool] = self.store.within(
             lambda conn: self._write(conn, records, now, enqueue),
-            timeout_s=self.write_timeout_s)
+            timeout_s=self.write_timeout_s, background=True)
         for record, new in zip(records, news, strict=True):
             self._count("steps_written" if new else "steps_replayed")
             if new and record.twiml:  # committed: a replay of it needs no database read

@@ -162,15 +162,23 @@ class VoiceLookup:
 class Store:
     """All database access goes through here; methods raise StoreError, nothing else."""
 
-    def __init__(self, engine: Engine, *, deadline_workers: int = 8,
-                 suspect_s: float = 2.0, known_steps: int = 4096) -> None:
+    def __init__(self, engine: Engine, *, deadline_workers: int = 16,
+                 background_workers: int = 2, suspect_s: float = 2.0,
+                 known_steps: int = 4096) -> None:
         self.engine = engine
         #: PostgreSQL: the same pool, each connection in autocommit mode while checked
         #: out (SQLite has no round trips to save, and an in-memory database shares one
         #: connection between threads)
         self._autocommit = (engine.execution_options(isolation_level="AUTOCOMMIT")
                             if engine.dialect.name == "postgresql" else None)
+        #: the deadline slots of the request threads (the default 8 serving threads and
+        #: room to spare: a read refused for want of a slot is answered without it)
         self.deadline = DeadlineRunner(workers=deadline_workers, suspect_s=suspect_s)
+        #: the slots of background writers (the step writer): their work never takes a
+        #: slot a webhook's read needs (seen: 8 serving threads and the writer on 8
+        #: shared slots refused reads under load)
+        self.background = DeadlineRunner(workers=background_workers, suspect_s=suspect_s,
+                                         name="db-background")
         #: steps this process wrote or read with their TwiML (a stored step never changes)
         self.known_steps = KnownSteps(known_steps)
 
@@ -192,12 +200,15 @@ class Store:
             raise StoreError(f"database error: {type(exc).__name__}") from exc
 
     def within(self, fn: Callable[[Connection], T], *, timeout_s: float,
-               single_read: bool = False) -> T:
+               single_read: bool = False, background: bool = False) -> T:
         """``fn(conn)`` in one transaction, waiting at most ``timeout_s``.
 
         ``single_read``: ``fn`` runs one SELECT, so on PostgreSQL it runs in autocommit
         mode, without a transaction around it: one round trip instead of BEGIN, SELECT,
         COMMIT (the statement still reads one snapshot).
+
+        ``background``: a background writer's work, on slots of its own
+        (:attr:`background`), never on those of the request threads.
 
         Raises StoreError on any database error, on the deadline (the work is
         abandoned and its connection shut down), and at once when every deadline slot
@@ -217,7 +228,8 @@ class Store:
             except SQLAlchemyError as exc:
                 raise StoreError(f"database error: {type(exc).__name__}") from exc
 
-        return self.deadline.run(job, timeout_s=timeout_s)
+        runner = self.background if background else self.deadline
+        return runner.run(job, timeout_s=timeout_s)
 
     def create_schema(self) -> None:
         """Bring the database to the current schema: the migrations

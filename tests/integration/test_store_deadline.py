@@ -333,3 +333,54 @@ def test_all_slots_busy_fails_at_once_without_queueing(tmp_path: Path) -> None:
         thread.join()
     assert store.within(lambda conn: conn.execute(sa.text("SELECT 7")).scalar(),
                         timeout_s=1.0) == 7
+
+
+def test_background_writes_never_take_a_slot_of_the_request_threads(tmp_path: Path) -> None:
+    store = Store.from_url(f"sqlite:///{tmp_path}/background.sqlite3", deadline_workers=2,
+                           background_workers=1)
+    release = threading.Event()
+    writer = threading.Thread(target=store.within, args=(lambda _c: release.wait(5),),
+                              kwargs={"timeout_s": 5, "background": True})
+    writer.start()
+    wait_until(lambda: store.background.busy == 1)
+    readers = [threading.Thread(target=store.within, args=(lambda _c: release.wait(5),),
+                                kwargs={"timeout_s": 5}) for _ in range(2)]
+    for thread in readers:
+        thread.start()
+    wait_until(lambda: store.deadline.busy == 2)  # both readers got a slot beside the writer
+    with pytest.raises(StoreError, match="slots are busy"):  # the writer has only its own
+        store.within(lambda conn: 1, timeout_s=1.0, background=True)
+    release.set()
+    for thread in (writer, *readers):
+        thread.join()
+
+
+def test_eight_serving_threads_and_the_step_writer_read_without_refusals(
+        make_app: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """The default 8 serving threads answering fresh calls while the step writer writes:
+    every call reads the database (none answered without it for want of a slot)."""
+    from tests.conftest import PUBLIC_URL
+    from tests.support.twilio import call_params, signature
+
+    app = make_app()
+    svc = app.extensions["gateway"]
+
+    def calls() -> None:
+        client = app.test_client()
+        for _ in range(40):
+            params = call_params("CA" + uuid.uuid4().hex, MSISDN, "+442079460900")
+            answer = client.post("/twilio/voice", data=params, base_url=PUBLIC_URL, headers={
+                "X-Twilio-Signature": signature(PUBLIC_URL + "/twilio/voice", params)})
+            assert answer.status_code == 200
+
+    caplog.set_level("WARNING", logger="gateway")
+    threads = [threading.Thread(target=calls) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert svc.steps.flush(timeout=30)
+    skipped = [r.getMessage() for r in caplog.records if "database read skipped" in r.getMessage()]
+    assert skipped == []
+    with svc.store.begin() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(call_steps)).scalar() == 320
