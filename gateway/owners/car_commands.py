@@ -239,7 +239,7 @@ class CarCommands:
         episode = None if command == "unlock" else episode_marker(vehicle, command)
         body = {**(params or {}),
                 NOTES: {"actor": actor, "episode": episode, **(notes or {})}}
-        key, created = base, False
+        key = base
         while True:
             now = self._now()
             with self.queue.store.begin() as conn:

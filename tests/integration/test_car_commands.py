@@ -11,6 +11,7 @@ input sends nothing.  Time for backoff and budgets is a hand-driven clock.
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -196,11 +197,69 @@ def test_the_confirmation_records_who_what_and_when(
     entry = registry.audit_for(VIN)[-1]
     assert (entry.action, entry.actor) == (case.action, IVR if name in (
         "reactivate", "unlock") else AGENT)
-    assert {k: entry.detail.get(k) for k in detail} == detail
+    if name.endswith("tracking"):  # written by gateway.theft, with its own fields
+        assert {k: entry.detail.get(k) for k in detail} == detail
+    else:
+        assert entry.detail == detail
     assert entry.at == now_of(clock)
+    assert (vehicle.updated_at == now_of(clock)) is (name != "unlock")  # unlock: no state
+    other = registry.get(OTHER_VIN)
+    assert other is not None and other.updated_at < now_of(clock)  # another car: untouched
     requested = [e for e in registry.audit_for(VIN) if e.action == f"{name}_requested"]
     assert requested[0].detail["key"] == sent.row["key"]
     assert sent.vehicle == vehicle  # the request answers the vehicle as it is now
+
+
+def test_a_confirmation_changes_only_its_own_car(
+        service: CarCommands, registry: Vehicles) -> None:
+    registry.immobilise(OTHER_VIN, actor=AGENT, authority_reference="POL-9")
+    registry.immobilise(VIN, actor=AGENT, authority_reference="POL-1")
+    assert _reactivate(service).status == "confirmed"
+    assert registry.get(OTHER_VIN).immobilised  # type: ignore[union-attr]
+    assert service.immobilise(VIN, actor=AGENT, authority_reference="POL-2").status == (
+        "confirmed")
+    service.reactivate(OTHER_VIN, actor=IVR, pin=PIN)
+    assert _vehicle(registry).immobilised
+
+
+def test_a_request_leaves_other_commands_schedule_alone(
+        service: CarCommands, registry: Vehicles, car: FakeCarCommands,
+        queue: CommandQueue) -> None:
+    car.mode = "503"
+    other = service.immobilise(OTHER_VIN, actor=AGENT, authority_reference="P")
+    assert other.status == "pending"
+    car.mode = "confirm"
+    service.immobilise(VIN, actor=AGENT, authority_reference="P")
+    assert queue.get(str(other.row["key"]))["next_attempt_at"] == (  # type: ignore[index]
+        other.row["next_attempt_at"])
+
+
+def test_a_report_confirms_the_command_it_names(
+        service: CarCommands, registry: Vehicles, car: FakeCarCommands) -> None:
+    car.mode = "up"
+    first = service.unlock(VIN, actor=IVR, call="CA1", relock_after_s=5)
+    second = service.immobilise(VIN, actor=AGENT, authority_reference="P")
+    done = service.command_result(VIN, key=str(second.row["key"]), command_id=None, ok=True,
+                                  detail=None)
+    assert done is not None and done["id"] == second.row["id"]
+    assert queue_status(service, first) == "sent" and _vehicle(registry).immobilised
+
+
+def queue_status(service: CarCommands, sent: CommandRequest) -> str:
+    row = service.queue.get(str(sent.row["key"]))
+    assert row is not None
+    return str(row["status"])
+
+
+def test_a_cancelled_unlock_is_sent_again_when_the_owner_asks_again(
+        service: CarCommands, car: FakeCarCommands) -> None:
+    car.mode = "503"
+    cancelled = service.unlock(VIN, actor=IVR, call="CA1", relock_after_s=5)
+    assert cancelled.status == "cancelled"
+    car.mode = "confirm"
+    again = service.unlock(VIN, actor=IVR, call="CA1", relock_after_s=5)
+    assert again.status == "confirmed"
+    assert again.row["key"] == f"{cancelled.row['key']}#{cancelled.row['id']}"
 
 
 def test_a_confirmation_for_the_car_changes_nothing_else(
@@ -362,6 +421,10 @@ def test_unreachable_then_the_worker_confirms_it_exactly_once(
     assert "503" in sent.row["last_error"]
     [shown] = service.unfinished(VIN)
     assert shown["status"] == "pending" and shown["next_attempt_at"] is not None
+    assert (shown["id"], shown["key"], shown["last_error"]) == (
+        sent.row["id"], sent.row["key"], sent.row["last_error"])
+    assert set(shown) == {"id", "key", "command", "status", "attempts", "last_error",
+                          "created_at", "updated_at", "next_attempt_at", "command_id"}
     assert shown["created_at"] == now_of(clock).isoformat() == shown["updated_at"]
     assert service.unfinished(OTHER_VIN) == []
     assert service.command_result(VIN, key=None, command_id="cmd-1", ok=True,
@@ -403,7 +466,9 @@ def test_a_command_the_worker_holds_is_not_sent_by_the_request(
     held = queue.claim_key(str(pending.row["key"]))  # the worker is sending it right now
     assert held is not None
     car.mode = "confirm"
+    started = time.monotonic()
     waited = _reactivate(service)
+    assert time.monotonic() - started < 2.0  # waited wait_s (0.3 s) for the worker, no more
     assert waited.status == "pending" and len(wire(car, "reactivate")) == before
     assert queue.handle(held) == "confirmed"  # the worker's send settles it
     assert not _vehicle(registry).immobilised
@@ -544,6 +609,7 @@ def test_no_command_service_sends_nothing(store: Store, registry: Vehicles,
                           registry)
     registry.immobilise(VIN, actor=AGENT, authority_reference="POL-1")
     before = _actions(registry)
-    with pytest.raises(CommandServiceMissingError):
+    with pytest.raises(CommandServiceMissingError, match=r"no vehicle command service is "
+                       r"configured \(GATEWAY_VEHICLE_COMMAND_URL\)"):
         service.reactivate(VIN, actor=IVR, pin=PIN)
     assert rows(store) == [] and _actions(registry) == before  # not even a PIN check

@@ -280,6 +280,15 @@ def test_unlock_needs_a_reason(registry: Vehicles, car: Vehicle, reason: str | N
     with pytest.raises(UnknownVehicleError) as unknown:
         registry.unlock_pin("YV1ZW72U5N0000000", actor="admin:ops-1", reason="r")
     assert unknown.value.vin == "YV1ZW72U5N0000000"
+    with pytest.raises(UnknownVehicleError) as unknown:
+        registry.set_pin("YV1ZW72U5N0000000", PIN, actor="admin:ops-1")
+    assert unknown.value.vin == "YV1ZW72U5N0000000"
+
+
+def test_a_new_pin_updates_the_vehicle(registry: Vehicles, car: Vehicle, clock: Clock) -> None:
+    clock.advance(90)
+    registry.set_pin(VIN, "2468", actor="admin:ops-1")
+    assert registry.get(VIN).updated_at == at(clock)  # type: ignore[union-attr]
 
 
 def test_an_unlock_reason_may_be_200_characters(registry: Vehicles, car: Vehicle) -> None:
