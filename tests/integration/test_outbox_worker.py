@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import requests
 import sqlalchemy as sa
 from flask import Flask
 from prometheus_client.parser import text_string_to_metric_families
@@ -35,6 +36,7 @@ from gateway.store import as_utc
 from tests.conftest import Clock
 from tests.support.events import crash_event
 from tests.support.fake_servers import FakeAssistanceCentre
+from tests.support.server import free_port
 
 FAST = DeliveryPolicy(timeout_s=1.0, backoff_initial_s=0.01, backoff_max_s=0.05, budget_s=1.0,
                       poll_s=0.05, concurrency=2, breaker_failures=3, breaker_open_s=30.0)
@@ -209,6 +211,63 @@ def test_an_unexpected_error_in_a_pass_is_logged_and_the_loop_goes_on(
     assert Broken.calls == 2
 
 
+def test_an_idle_worker_polls_every_poll_s_and_a_failing_one_does_not_spin(
+    outbox_app: Flask, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing due: one look every poll_s (0.05 s).  The database failing: one error a
+    pass, one pass every poll_s, not a busy loop."""
+    store = outbox_app.extensions["gateway"].store
+    statements: list[str] = []
+    sa.event.listen(store.engine, "before_cursor_execute",
+                    lambda *args: statements.append(args[2]))
+    worker = built_worker(outbox_app)
+    thread = worker.start_thread()
+    try:
+        time.sleep(0.5)
+        idle = len(statements)
+        with store.engine.begin() as conn:
+            conn.execute(sa.text("ALTER TABLE outbox RENAME TO outbox_away"))
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="gateway.delivery"):
+            time.sleep(0.5)
+        failing = [r for r in caplog.records if "database unavailable" in r.getMessage()]
+    finally:
+        worker.stop()
+        thread.join(5)
+    assert 1 <= idle <= 0.5 / FAST.poll_s + 3, idle
+    assert 1 <= len(failing) <= 0.5 / FAST.poll_s + 3, len(failing)
+
+
+def test_run_once_delivers_at_most_concurrency_at_a_time_on_its_own_threads(
+    outbox_app: Flask, vehicle_headers: dict[str, str]
+) -> None:
+    class Counting:
+        def __init__(self) -> None:
+            self.lock = threading.Lock()
+            self.now = self.most = 0
+            self.threads: set[str] = set()
+
+        def send_incident(self, payload: Any, *, idempotency_key: str) -> int:
+            with self.lock:
+                self.now += 1
+                self.most = max(self.most, self.now)
+                self.threads.add(threading.current_thread().name)
+            time.sleep(0.05)
+            with self.lock:
+                self.now -= 1
+            return 201
+
+    for _ in range(8):
+        post(outbox_app, vehicle_headers)
+    sink = Counting()
+    svc = outbox_app.extensions["gateway"]
+    worker = OutboxWorker(svc.store, sink, policy=FAST, clock=svc.clock)
+    assert worker.run_once() == 8
+    assert sink.most == FAST.concurrency == 2
+    assert len(sink.threads) == 2
+    assert all(name.startswith("deliver_") for name in sink.threads), sink.threads
+
+
 # -- what a pass records and logs --------------------------------------------------------
 
 
@@ -359,6 +418,59 @@ def test_the_worker_process_delivers_until_sigterm(
     messages = [r.getMessage() for r in caplog.records]
     assert "delivery worker started" in messages and "delivery worker stopped" in messages
     assert signal.getsignal(signal.SIGINT) not in (signal.default_int_handler, None)
+
+
+@pytest.mark.usefixtures("restore_signals")
+def test_the_worker_process_serves_its_metrics_and_stops_on_sigint(
+    make_app: Callable[..., Flask], settings: Settings, centre: FakeAssistanceCentre,
+    vehicle_headers: dict[str, str], plan: Any, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Its metrics on their port: the delivery counted, the outbox read from the
+    database, every centre line of the plan and the api key with its breaker state."""
+    worker_settings = settings.replace(assistance_url=centre.url, delivery=FAST)
+    app = make_app(settings=worker_settings)
+    post(app, vehicle_headers)
+    port = free_port()
+    scraped: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
+    delivered = ("gateway_deliveries_total", frozenset({("outcome", "delivered")}))
+
+    def scrape_then_stop() -> None:
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                try:
+                    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+                except requests.ConnectionError:
+                    time.sleep(0.05)
+                    continue
+                scraped.clear()
+                scraped.update({(s.name, frozenset(s.labels.items())): s.value
+                                for f in text_string_to_metric_families(text)
+                                for s in f.samples})
+                if scraped.get(delivered) == 1 and scraped.get(
+                        ("gateway_outbox_pending", frozenset())) == 0:
+                    return
+                time.sleep(0.05)
+        finally:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    stopper = threading.Thread(target=scrape_then_stop)
+    stopper.start()
+    with caplog.at_level(logging.INFO, logger="gateway.delivery"):
+        assert run_worker_process(worker_settings, metrics_port=port) == 0
+    stopper.join()
+    assert scraped.get(delivered) == 1, scraped
+    assert scraped[("gateway_database_up", frozenset())] == 1
+    lines = {c.centre_id for c in plan.centres} | {API}
+    closed = {dict(labels)["centre"] for (name, labels), value in scraped.items()
+              if name == "gateway_centre_state" and ("state", "closed") in labels
+              and value == 1}
+    assert closed == lines
+    assert f"worker metrics on http://127.0.0.1:{port}/metrics" in [
+        r.getMessage() for r in caplog.records if r.name == "gateway.delivery"]
+    # the worker fed the api breaker of the shared database
+    health = app.extensions["gateway"].centre_health
+    assert health.states() == {API: "closed"}
 
 
 @pytest.mark.usefixtures("restore_signals")
