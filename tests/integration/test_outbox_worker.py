@@ -400,7 +400,10 @@ def test_the_worker_process_delivers_until_sigterm(
     """``python -m gateway worker`` in this process: it delivers what the app stored,
     then SIGTERM stops it and it returns 0."""
     worker_settings = settings.replace(assistance_url=centre.url, delivery=FAST)
-    key = post(make_app(settings=worker_settings), vehicle_headers)
+    # stored by an app without a centre (and so without a delivery thread of its own):
+    # only the worker under test delivers, so SIGTERM comes after its handler is set
+    # (an app delivering first sent it before, to whatever handler was there: a hang)
+    key = post(make_app(settings=settings), vehicle_headers)
 
     def stop_when_delivered() -> None:
         try:
