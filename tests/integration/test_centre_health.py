@@ -124,6 +124,20 @@ def test_a_database_error_means_every_line_is_tried_and_is_logged(
         health.states()
 
 
+def test_record_safely_never_raises_and_says_which_line(
+    health: CentreHealth, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE centre_health RENAME TO centre_health_away"))
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="gateway.centre_health"):
+        health.record_safely(LINE, ok=False, reason="dial failed")
+        health.record_safely("", ok=False, reason="no line: nothing recorded")
+    [record] = [r for r in caplog.records if r.name == "gateway.centre_health"]
+    assert record.getMessage() == f"could not record centre health for {LINE}"
+    assert record.exc_info is not None
+
+
 @pytest.fixture
 def pg_proxy() -> Iterator[tuple[str, TcpProxy]]:
     url = postgres_url()

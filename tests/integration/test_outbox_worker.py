@@ -30,7 +30,7 @@ from gateway.delivery import (
     outbox,
     run_worker_process,
 )
-from gateway.errors import TransientUpstreamError
+from gateway.errors import PermanentUpstreamError, TransientUpstreamError
 from gateway.metrics import Metrics
 from gateway.store import as_utc
 from tests.conftest import Clock
@@ -100,6 +100,7 @@ def test_run_once_delivers_what_is_due_and_says_how_many(
     assert set(centre.incidents) == set(keys)
     assert worker.pending() == 0
     assert worker.run_once() == 0
+    assert worker.counters.values["delivered"] == 3
 
 
 def test_run_once_claims_four_rows_per_delivery_slot(
@@ -312,6 +313,22 @@ def test_a_refused_row_keeps_the_error_at_most_300_characters(
     assert row["delivered_at"] is None and row["leased_until"] is None
 
 
+def test_a_refusal_keeps_its_text_at_most_300_characters(
+    outbox_app: Flask, vehicle_headers: dict[str, str]
+) -> None:
+    class Refused:
+        def send_incident(self, payload: Any, *, idempotency_key: str) -> int:
+            raise PermanentUpstreamError("r" * 299 + "st", status=422)
+
+    key = post(outbox_app, vehicle_headers)
+    svc = outbox_app.extensions["gateway"]
+    worker = OutboxWorker(svc.store, Refused(), policy=FAST, clock=svc.clock)
+    assert [worker.deliver(r) for r in worker.claim(1)] == ["failed"]
+    row = rows(outbox_app)[key]
+    assert (row["status"], row["last_status"], row["last_error"]) == (
+        "failed", 422, "r" * 299 + "s")
+
+
 def test_a_delivered_row_records_when_and_no_error(
     outbox_app: Flask, centre: FakeAssistanceCentre, vehicle_headers: dict[str, str],
     clock: Clock,
@@ -342,6 +359,87 @@ def test_a_lost_lease_is_logged_with_the_incident_and_when(
         f"delivery of {key}: lease lost before an attempt; the row is another worker's")
     assert a.counters.values["lease_lost"] == 1
     assert b.deliver(row_b) == "delivered"
+
+
+# -- the address lookup before a delivery (the geocoder's port: lookup(lat, lon)) --------
+
+
+class Geocoder:
+    def __init__(self, answer: Any = None, error: Exception | None = None) -> None:
+        self.answer = answer
+        self.error = error
+        self.asked: list[tuple[Any, Any]] = []
+
+    def lookup(self, lat: Any, lon: Any) -> Any:
+        self.asked.append((lat, lon))
+        if self.error is not None:
+            raise self.error
+        return self.answer
+
+
+def geocoded_worker(app: Flask, geocoder: Geocoder) -> OutboxWorker:
+    svc = app.extensions["gateway"]
+    client_worker = built_worker(app)
+    return OutboxWorker(svc.store, client_worker.sink, policy=FAST, clock=svc.clock,
+                        geocoder=geocoder)
+
+
+ADDRESS = {"road": "Vesterbrogade 1", "city": "Copenhagen", "country_code": "DK"}
+
+
+def test_a_payload_that_has_its_address_is_not_looked_up_again(
+    outbox_app: Flask, centre: FakeAssistanceCentre, vehicle_headers: dict[str, str]
+) -> None:
+    key = post(outbox_app, vehicle_headers)
+    geocoder = Geocoder(ADDRESS)
+    worker = geocoded_worker(outbox_app, geocoder)
+    (row,) = worker.claim(1)
+    assert worker.with_address(row)["address"] == ADDRESS
+    assert len(geocoder.asked) == 1
+    assert address_of(outbox_app.extensions["gateway"].store, key) == ADDRESS
+    stored = {**row, "payload": rows(outbox_app)[key]["payload"]}  # a later pass's row
+    assert worker.with_address(stored)["address"] == ADDRESS
+    assert len(geocoder.asked) == 1
+
+
+@pytest.mark.parametrize("location", [{"lat": 55.6761, "lon": None},
+                                      {"lat": None, "lon": 12.5683},
+                                      {"lat": "55.6", "lon": "12.5"}, None])
+def test_no_lookup_without_a_position_in_numbers(
+    outbox_app: Flask, vehicle_headers: dict[str, str], location: Any
+) -> None:
+    geocoder = Geocoder(ADDRESS)
+    worker = geocoded_worker(outbox_app, geocoder)
+    post(outbox_app, vehicle_headers)
+    (row,) = worker.claim(1)
+    payload = {**row["payload"], "location": location}
+    assert worker.with_address({**row, "payload": payload}) == payload
+    assert geocoder.asked == []
+
+
+@pytest.mark.parametrize("payload", ["not an object", ["a", "list"], None])
+def test_a_payload_that_is_not_an_object_is_delivered_as_it_is(
+    outbox_app: Flask, vehicle_headers: dict[str, str], payload: Any
+) -> None:
+    geocoder = Geocoder(ADDRESS)
+    worker = geocoded_worker(outbox_app, geocoder)
+    post(outbox_app, vehicle_headers)
+    (row,) = worker.claim(1)
+    assert worker.with_address({**row, "payload": payload}) == payload
+    assert geocoder.asked == []
+
+
+def test_a_geocoder_that_raises_is_logged_and_the_incident_delivered_without_address(
+    outbox_app: Flask, centre: FakeAssistanceCentre, vehicle_headers: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    key = post(outbox_app, vehicle_headers)
+    worker = geocoded_worker(outbox_app, Geocoder(error=RuntimeError("a bug")))
+    with caplog.at_level(logging.ERROR, logger="gateway.delivery"):
+        assert [worker.deliver(r) for r in worker.claim(1)] == ["delivered"]
+    [record] = [r for r in caplog.records if r.name == "gateway.delivery"]
+    assert record.getMessage() == "address lookup failed" and record.exc_info is not None
+    assert "address" not in centre.incidents[key]
 
 
 # -- build_worker and the worker process ---------------------------------------------
