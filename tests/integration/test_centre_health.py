@@ -47,6 +47,60 @@ def open_line(health: CentreHealth, key: str = LINE) -> None:
         health.record(key, ok=False, reason="dial failed")
 
 
+def row_of(store: Store, key: str) -> dict[str, Any]:
+    with store.engine.connect() as conn:
+        return dict(conn.execute(sa.select(centre_health)
+                                 .where(centre_health.c.key == key)).one()._mapping)
+
+
+def test_what_record_logs_and_keeps(health: CentreHealth, store: Store,
+                                    caplog: pytest.LogCaptureFixture) -> None:
+    """Warnings only when a line changes for the worse (open, and every failure while
+    open) or comes back; the reason is kept (200 characters), and a closed line keeps no
+    open time or probe."""
+
+    def logged() -> list[str]:
+        found = [r.getMessage() for r in caplog.records if r.name == "gateway.centre_health"]
+        caplog.clear()
+        return found
+
+    with caplog.at_level(logging.WARNING, logger="gateway.centre_health"):
+        health.record(LINE, ok=True, reason="first answer")  # new and fine: nothing to say
+        assert logged() == []
+        health.record(LINE, ok=False, reason="dial busy")
+        health.record(LINE, ok=False, reason="dial busy")
+        assert logged() == []
+        health.record(LINE, ok=False, reason="dial failed")
+        assert logged() == [f"centre {LINE} known unreachable (dial failed)"]
+        row = row_of(store, LINE)
+        assert (row["state"], row["failures"], row["last_reason"]) == ("open", 3, "dial failed")
+        assert row["opened_at"] is not None
+        health.record(LINE, ok=False, reason="x" * 201)
+        assert logged() == [f"centre {LINE} known unreachable ({'x' * 201})"]
+        assert row_of(store, LINE)["last_reason"] == "x" * 200
+        health.record(LINE, ok=True, reason="y" * 199 + "zz")
+        assert logged() == [f"centre {LINE} reachable again ({'y' * 199 + 'zz'})"]
+        row = row_of(store, LINE)
+        assert (row["state"], row["failures"], row["last_reason"]) == (
+            "closed", 0, "y" * 199 + "z")
+        assert row["opened_at"] is None and row["probe_until"] is None
+        health.record(LINE, ok=True, reason="dial answered")  # closed already: quiet
+        assert logged() == []
+
+
+def test_record_in_the_callers_transaction(health: CentreHealth, store: Store) -> None:
+    """The step writer feeds a line's outcome in the transaction of the step."""
+    open_line(health)
+    with store.begin() as conn:
+        health.record(LINE, ok=True, reason="dial answered", conn=conn)
+        assert state(store, LINE) == "open"  # not committed yet (another connection)
+    assert state(store, LINE) == "closed"
+    with store.begin() as conn:
+        for _ in range(3):
+            health.record(LINE, ok=False, reason="dial failed", conn=conn)
+    assert state(store, LINE) == "open"
+
+
 def test_a_closed_line_is_never_probed(health: CentreHealth, store: Store,
                                        clock: Clock) -> None:
     health.record(LINE, ok=False, reason="dial failed")
@@ -153,7 +207,8 @@ def test_a_database_that_stops_answering_costs_a_call_at_most_its_deadline(
     pg_store: Store, pg_proxy: tuple[str, TcpProxy], clock: Clock
 ) -> None:
     """Behind a proxy that stops forwarding: unreachable() (the call path) answers
-    "nothing known down" within its 0.3 s default; states() fails within its 2 s."""
+    "nothing known down" within its 0.3 s default; states() and record() fail within
+    their 2 s."""
     url, proxy = pg_proxy
     stores = [Store.from_url(url, suspect_s=0.0) for _ in range(2)]
     try:
@@ -167,6 +222,10 @@ def test_a_database_that_stops_answering_costs_a_call_at_most_its_deadline(
         started = time.monotonic()
         with pytest.raises(StoreError):
             reads.states()
+        assert 1.9 < time.monotonic() - started < 2.9
+        started = time.monotonic()
+        with pytest.raises(StoreError):
+            calls.record(LINE, ok=False, reason="dial failed")
         assert 1.9 < time.monotonic() - started < 2.9
     finally:
         for s in stores:
