@@ -148,14 +148,25 @@ def test_only_the_master_removes_the_workers_metrics_directory() -> None:
         monkeypatch.setenv("GATEWAY_TWILIO_AUTH_TOKEN", AUTH_TOKEN)
         monkeypatch.setenv("GATEWAY_DATABASE_URL", "postgresql://gateway@127.0.0.1:1/gateway")
         monkeypatch.setattr(serving, "GatewayServer", ForkedServer)
-        for in_worker in (True, False):  # a worker exits, then the master
-            os.environ[serving.MULTIPROC_ENV] = ""
-            ForkedServer.in_worker = in_worker
-            with pytest.raises(SystemExit):
-                cli._serve(args)
-            monkeypatch.setattr(os, "getpid", REAL_GETPID)
+        try:
+            for in_worker in (True, False):  # a worker exits, then the master
+                os.environ[serving.MULTIPROC_ENV] = ""
+                ForkedServer.in_worker = in_worker
+                with pytest.raises(SystemExit):
+                    cli._serve(args)
+                os.getpid = REAL_GETPID
+        finally:
+            # plainly, not through monkeypatch: undoing a monkeypatch.setattr made after
+            # run() replaced os.getpid put the fake back for the rest of the session,
+            # and a later test's os.kill(os.getpid(), SIGTERM) went to another process
+            os.getpid = REAL_GETPID
     assert os.environ.get(serving.MULTIPROC_ENV) == before  # later tests' gateways
     worker_dir, master_dir = map(Path, ForkedServer.seen)
     assert worker_dir.is_dir(), "a worker's exit removed the directory the others write to"
     worker_dir.rmdir()
     assert not master_dir.exists()
+
+
+def test_the_metrics_directory_test_leaves_os_getpid_as_it_found_it() -> None:
+    test_only_the_master_removes_the_workers_metrics_directory()
+    assert os.getpid is REAL_GETPID
