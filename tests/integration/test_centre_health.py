@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 from gateway.centre_health import API, CentreHealth, centre_health
 from gateway.errors import StoreError
-from gateway.store import Store
+from gateway.store import Store, as_utc
 from tests.conftest import Clock, postgres_url
 from tests.support.proxy import TcpProxy, proxied_url
 
@@ -99,6 +99,82 @@ def test_record_in_the_callers_transaction(health: CentreHealth, store: Store) -
         for _ in range(3):
             health.record(LINE, ok=False, reason="dial failed", conn=conn)
     assert state(store, LINE) == "open"
+
+
+def test_the_defaults_three_failures_open_for_30_s_probe_for_60_s(store: Store,
+                                                                 clock: Clock) -> None:
+    health = CentreHealth(store, centre_ids=[LINE], clock=clock)
+    health.record(LINE, ok=False, reason="dial failed")
+    health.record(LINE, ok=False, reason="dial failed")
+    assert health.unreachable() == set()
+    health.record(LINE, ok=False, reason="dial failed")
+    assert health.unreachable() == {LINE}
+    clock.advance(30)
+    assert health.unreachable() == set()  # this caller probes; its dial never reports
+    clock.advance(60)
+    assert health.unreachable() == set()  # claimed again
+
+
+def test_the_metrics_list_every_line_given(store: Store, clock: Clock) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from gateway.metrics import Metrics
+
+    health = CentreHealth(store, centre_ids=[LINE, OTHER], clock=clock)
+    metrics = Metrics()
+    metrics.watch_database(store, health=health, clock=clock)
+    listed = {s.labels["centre"] for f in text_string_to_metric_families(
+        metrics.render().decode()) for s in f.samples if s.name == "gateway_centre_open"}
+    assert listed == {LINE, OTHER, API}
+
+
+def test_a_failure_while_open_does_not_push_the_probe_back(
+    health: CentreHealth, store: Store, clock: Clock
+) -> None:
+    open_line(health)
+    opened = row_of(store, LINE)["opened_at"]
+    clock.advance(20)
+    health.record(LINE, ok=False, reason="a late dial outcome")
+    assert row_of(store, LINE)["opened_at"] == opened
+    clock.advance(10)
+    assert health.unreachable() == set()  # probed 30 s after it opened, not after the last
+
+
+def test_one_lines_failure_leaves_another_lines_probe_alone(
+    health: CentreHealth, store: Store, clock: Clock
+) -> None:
+    open_line(health, LINE)
+    clock.advance(30)
+    assert health.unreachable() == set()  # LINE's probe is out
+    health.record(OTHER, ok=False, reason="dial busy")  # below the threshold
+    assert state(store, LINE) == "half_open" and state(store, OTHER) == "closed"
+
+
+def test_a_failed_probe_opens_the_line_again_from_now(
+    health: CentreHealth, store: Store, clock: Clock
+) -> None:
+    open_line(health)
+    clock.advance(30)
+    assert health.unreachable() == set()
+    clock.advance(5)
+    health.record(LINE, ok=False, reason="probe: dial failed")
+    row = row_of(store, LINE)
+    assert row["state"] == "open" and row["probe_until"] is None
+    assert as_utc(row["opened_at"]) == as_utc(row["updated_at"])
+    assert as_utc(row["opened_at"]).timestamp() == clock.now  # type: ignore[union-attr]
+    clock.advance(29)
+    assert health.unreachable() == {LINE}
+    clock.advance(1)
+    assert health.unreachable() == set()
+
+
+def test_every_outcome_stamps_the_row(health: CentreHealth, store: Store,
+                                      clock: Clock) -> None:
+    for ok in (False, True, False):
+        clock.advance(7)
+        health.record(LINE, ok=ok, reason="dial")
+        stamped = as_utc(row_of(store, LINE)["updated_at"])
+        assert stamped is not None and stamped.timestamp() == clock.now
 
 
 def test_a_closed_line_is_never_probed(health: CentreHealth, store: Store,
