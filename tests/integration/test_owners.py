@@ -163,7 +163,23 @@ def test_three_wrong_lock_and_a_fourth_correct_is_refused(
     fourth = registry.verify_pin(VIN, PIN, actor=IVR)
     assert fourth.outcome == "locked" and not fourth.ok
     assert fourth.locked_until == third.locked_until
+    assert fourth.failures == 3
     assert actions(registry)[-4:] == ["pin_wrong", "pin_wrong", "pin_wrong", "pin_locked"]
+    trail = registry.audit_for(VIN)
+    assert trail[-1].detail == {"failures": 3, "locked_until": third.locked_until.isoformat()}
+    assert trail[-2].detail == {"failures": 3, "max_failures": 3,
+                                "locked_until": third.locked_until.isoformat()}
+    assert trail[-3].detail == {"failures": 2, "max_failures": 3}
+
+
+def test_a_lock_is_logged_with_the_car_and_the_count(
+    registry: Vehicles, car: Vehicle, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="gateway.owners"):
+        for _ in range(3):
+            registry.verify_pin(VIN, WRONG, actor=IVR)
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"vehicle {VIN} locked after 3 wrong PIN attempts"]
 
 
 def test_lock_lifts_after_fifteen_minutes(
@@ -283,6 +299,9 @@ def test_unlock_needs_a_reason(registry: Vehicles, car: Vehicle, reason: str | N
     with pytest.raises(UnknownVehicleError) as unknown:
         registry.set_pin("YV1ZW72U5N0000000", PIN, actor="admin:ops-1")
     assert unknown.value.vin == "YV1ZW72U5N0000000"
+    with pytest.raises(UnknownVehicleError) as unknown:
+        registry.verify_pin("YV1ZW72U5N0000000", PIN, actor=IVR)
+    assert unknown.value.vin == "YV1ZW72U5N0000000"
 
 
 def test_a_new_pin_updates_the_vehicle(registry: Vehicles, car: Vehicle, clock: Clock) -> None:
@@ -314,7 +333,7 @@ def test_policy_is_configurable(store: Store, clock: Clock) -> None:
 def test_vehicle_without_pin(registry: Vehicles) -> None:
     register(registry, pin=None)
     check = registry.verify_pin(VIN, PIN, actor=IVR)
-    assert check.outcome == "not_set"
+    assert (check.outcome, check.failures, check.locked_until) == ("not_set", 0, None)
     assert registry.lockout_state(VIN) == (0, None)
     registry.set_pin(VIN, PIN, actor=AGENT)
     assert registry.verify_pin(VIN, PIN, actor=IVR).ok
@@ -557,13 +576,16 @@ def test_database_errors_surface_as_store_error(tmp_path: Path, clock: Clock) ->
 
 
 def test_damaged_pin_hash_is_a_store_error_and_counts_the_attempt(
-    registry: Vehicles, store: Store, car: Vehicle
+    registry: Vehicles, store: Store, car: Vehicle, caplog: pytest.LogCaptureFixture
 ) -> None:
     with store.engine.begin() as conn:
         conn.execute(vehicles.update().values(pin_hash="garbage"))
-    with pytest.raises(StoreError):
+    with caplog.at_level(logging.ERROR, logger="gateway.owners"), \
+            pytest.raises(StoreError, match="^stored PIN hash is unreadable$"):
         registry.verify_pin(VIN, PIN, actor=IVR)
     assert registry.lockout_state(VIN)[0] == 1
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [
+        f"stored PIN hash of vehicle {VIN} is unreadable"]
 
 
 def test_lockout_row_is_created_when_missing(registry: Vehicles, store: Store,
