@@ -426,3 +426,55 @@ def test_postgres_queue(pg_store: Store, car: FakeCarCommands, client: VehicleCo
     clock.advance(400)  # leases and the 300 s budget have run out: expired, not sent
     assert queue.run_once() == 30
     assert len(car.commands) == sent_before and queue.pending() == []
+
+
+# -- a request sends its own row: claim_key and send_now -------------------------------
+
+
+def test_claim_key_leases_only_its_row(queue: CommandQueue, clock: Clock) -> None:
+    mine = handback(queue, call_sid="CAmine")
+    other = handback(queue, call_sid="CAother")
+    clock.advance(5)
+    claimed = queue.claim_key(mine["key"])
+    assert claimed is not None and claimed["id"] == mine["id"]
+    assert claimed["lease_token"] is not None and claimed["attempts"] == 1
+    now = dt.datetime.fromtimestamp(clock(), tz=dt.UTC)
+    assert claimed["updated_at"] == now == claimed["next_attempt_at"]
+    assert claimed["lease_until"] == now + dt.timedelta(seconds=10)
+    untouched = queue.get(other["key"])
+    assert untouched is not None and untouched["lease_token"] is None
+    assert untouched["attempts"] == 0 and untouched["updated_at"] == other["updated_at"]
+    assert queue.claim_key(mine["key"]) is None  # leased: not twice
+    clock.advance(10)
+    assert queue.claim_key(mine["key"]) is None  # the lease ends after, not at, 10 s
+    clock.advance(0.5)
+    again = queue.claim_key(mine["key"])  # an expired lease is taken over
+    assert again is not None and again["lease_token"] != claimed["lease_token"]
+
+
+def test_send_now_waits_for_the_sender_holding_the_row(
+        queue: CommandQueue, car: FakeCarCommands) -> None:
+    row = handback(queue)
+    held = queue.claim_key(row["key"])
+    assert held is not None
+    worker = threading.Timer(0.2, queue.handle, args=(held,))
+    started = time.monotonic()
+    worker.start()
+    try:
+        done = queue.send_now(row["key"], wait_s=5.0)
+    finally:
+        worker.join()
+    assert time.monotonic() - started < 1.0  # polled, not slept past the outcome
+    assert done is not None and done["status"] == "confirmed"
+    assert len(car.commands) == 1  # the holder sent it; send_now did not
+
+
+def test_send_now_gives_up_waiting_after_wait_s(queue: CommandQueue,
+                                                car: FakeCarCommands) -> None:
+    row = handback(queue)
+    assert queue.claim_key(row["key"]) is not None  # a sender that never finishes
+    started = time.monotonic()
+    waited = queue.send_now(row["key"], wait_s=0.3)
+    assert 0.3 <= time.monotonic() - started < 2.0
+    assert waited is not None and waited["status"] == "pending" and car.commands == []
+    assert queue.send_now("no-such-key", wait_s=0.3) is None
