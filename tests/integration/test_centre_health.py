@@ -168,6 +168,19 @@ def test_a_failed_probe_opens_the_line_again_from_now(
     assert health.unreachable() == set()
 
 
+def test_a_probe_answered_closes_the_line_and_clears_the_probe(
+    health: CentreHealth, store: Store, clock: Clock
+) -> None:
+    open_line(health)
+    clock.advance(30)
+    assert health.unreachable() == set()
+    assert row_of(store, LINE)["probe_until"] is not None
+    health.record(LINE, ok=True, reason="probe: dial answered")
+    row = row_of(store, LINE)
+    assert (row["state"], row["failures"], row["opened_at"], row["probe_until"]) == (
+        "closed", 0, None, None)
+
+
 def test_every_outcome_stamps_the_row(health: CentreHealth, store: Store,
                                       clock: Clock) -> None:
     for ok in (False, True, False):
