@@ -299,10 +299,13 @@ def test_a_database_that_stops_answering_costs_a_call_at_most_its_deadline(
     "nothing known down" within its 0.3 s default; states() and record() fail within
     their 2 s."""
     url, proxy = pg_proxy
-    stores = [Store.from_url(url, suspect_s=0.0) for _ in range(2)]
+    # one store each: a timed-out connection is shut down, and a new one through the
+    # proxy would fail on libpq's 2 s connect_timeout instead of the deadline
+    stores = [Store.from_url(url, suspect_s=0.0) for _ in range(3)]
     try:
-        calls, reads = (CentreHealth(s, centre_ids=[LINE], clock=clock) for s in stores)
-        calls.record(LINE, ok=False, reason="dial failed")
+        calls, reads, writes = (CentreHealth(s, centre_ids=[LINE], clock=clock)
+                                for s in stores)
+        writes.record(LINE, ok=False, reason="dial failed")  # each with a pooled connection
         assert calls.unreachable() == set() and reads.states() == {LINE: "closed"}
         proxy.mode = "blackhole"
         started = time.monotonic()
@@ -314,7 +317,7 @@ def test_a_database_that_stops_answering_costs_a_call_at_most_its_deadline(
         assert 1.9 < time.monotonic() - started < 2.9
         started = time.monotonic()
         with pytest.raises(StoreError):
-            calls.record(LINE, ok=False, reason="dial failed")
+            writes.record(LINE, ok=False, reason="dial failed")
         assert 1.9 < time.monotonic() - started < 2.9
     finally:
         for s in stores:
