@@ -136,6 +136,8 @@ def create_app(
         except GatewayError as exc:  # the emergency path still serves; /readyz says why
             log.error("database schema not brought up to date at start-up: %s", exc)
             problems["database"] = str(exc)
+        else:
+            store.warm_voice_reads()
     if plan is _UNSET:
         plan = load_plan_or_none(settings, problems)
     if locator is _UNSET:

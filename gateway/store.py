@@ -367,6 +367,20 @@ class Store:
             raise StoreError(f"unreadable lookup rows: {type(exc).__name__}") from exc
         return VoiceLookup(steps=found, incident=incident)
 
+    def warm_voice_reads(self, *, timeout_s: float = 2.0) -> None:
+        """Run each shape of the voice read once (start-up): the first call of a process
+        then finds its statement compiled, a deadline thread and a connection open,
+        instead of paying for them inside its 0.3 s deadline.  Never raises."""
+        since = utcnow()
+        shapes = ((("voice",), ("crash", "sos", "on_call")), (("voice",), ("on_call",)),
+                  (("dial-result:0", "accept:0"), ()), (("emergency-result:0",), ()))
+        try:
+            for steps, types in shapes:
+                self.voice_lookup(call_sid="CAwarm-up", steps=steps, msisdn="+0" if types
+                                  else None, since=since, types=types, timeout_s=timeout_s)
+        except StoreError as exc:
+            log.warning("voice reads not warmed up at start: %s", exc)
+
     def call_step(self, call_sid: str, step: str, *,
                   timeout_s: float = 2.0) -> dict[str, Any] | None:
         query = sa.select(call_steps).where(call_steps.c.call_sid == call_sid,

@@ -384,3 +384,17 @@ def test_eight_serving_threads_and_the_step_writer_read_without_refusals(
     assert skipped == []
     with svc.store.begin() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(call_steps)).scalar() == 320
+
+
+def test_start_up_warms_each_voice_read_and_a_failure_only_warns(
+        make_app: Any, caplog: pytest.LogCaptureFixture) -> None:
+    from gateway.store import _VOICE_QUERIES
+
+    _VOICE_QUERIES.clear()
+    store = make_app().extensions["gateway"].store
+    assert {(1, 3), (1, 1), (2, 0), (1, 0)} <= set(_VOICE_QUERIES)
+    assert store.deadline._alive >= 1  # a deadline thread is there for the first call
+    broken = Store.from_url("sqlite:////nonexistent-directory/gateway.sqlite3")
+    caplog.set_level("WARNING", logger="gateway.store")
+    broken.warm_voice_reads(timeout_s=0.5)
+    assert any("not warmed up" in r.getMessage() for r in caplog.records)
