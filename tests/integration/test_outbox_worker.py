@@ -8,11 +8,13 @@ import dataclasses
 import datetime as dt
 import logging
 import os
+import re
 import signal
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -342,6 +344,46 @@ def test_a_delivered_row_records_when_and_no_error(
     assert as_utc(row["delivered_at"]) == dt.datetime.fromtimestamp(clock.now, tz=dt.UTC)
 
 
+def test_each_failed_attempt_is_logged_counted_and_fed_to_the_breaker(
+    outbox_app: Flask, centre: FakeAssistanceCentre, vehicle_headers: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    key = post(outbox_app, vehicle_headers)
+    svc = outbox_app.extensions["gateway"]
+    metrics = Metrics()
+    worker = OutboxWorker(svc.store, built_worker(outbox_app).sink, metrics=metrics,
+                          health=svc.centre_health, clock=svc.clock,
+                          policy=dataclasses.replace(FAST, budget_s=0.2))
+    centre.mode = "503"
+    with caplog.at_level(logging.WARNING, logger="gateway.delivery"):
+        assert [worker.deliver(r) for r in worker.claim(1)] == ["rescheduled"]
+    retries = [r.getMessage() for r in caplog.records if r.name == "gateway.delivery"]
+    assert len(retries) >= 2, retries
+    for message in retries:
+        assert re.fullmatch(rf"delivery of {key} failed \(assistance centre answered HTTP "
+                            r"503: .*\); retrying in 0\.0[1-5]s", message), message
+    failures = ("gateway_delivery_failures_total", frozenset({("kind", "transient")}))
+    assert samples(metrics)[failures] == len(centre.requests) == len(retries) + 1
+    assert svc.centre_health.states()[API] == "open"
+    centre.mode = "400"
+    svc.clock.advance(FAST.backoff_max_s)
+    assert [worker.deliver(r) for r in worker.claim(1)] == ["failed"]
+    permanent = ("gateway_delivery_failures_total", frozenset({("kind", "permanent")}))
+    assert samples(metrics)[permanent] == 1
+
+
+def test_a_stopping_worker_makes_its_attempt_and_no_second(
+    outbox_app: Flask, centre: FakeAssistanceCentre, vehicle_headers: dict[str, str]
+) -> None:
+    key = post(outbox_app, vehicle_headers)
+    worker = built_worker(outbox_app)
+    centre.mode = "503"
+    worker.stop()  # stopping: the attempt under way is made, no retry after it
+    assert [worker.deliver(r) for r in worker.claim(1)] == ["rescheduled"]
+    assert len(centre.requests) == 1
+    assert rows(outbox_app)[key]["attempts"] == 1
+
+
 def test_a_lost_lease_is_logged_with_the_incident_and_when(
     outbox_app: Flask, centre: FakeAssistanceCentre, vehicle_headers: dict[str, str],
     clock: Clock, caplog: pytest.LogCaptureFixture,
@@ -569,6 +611,10 @@ def test_the_worker_process_serves_its_metrics_and_stops_on_sigint(
     assert closed == lines
     assert f"worker metrics on http://127.0.0.1:{port}/metrics" in [
         r.getMessage() for r in caplog.records if r.name == "gateway.delivery"]
+    # listening on the loopback address only (/proc/net/tcp: address:port in hex)
+    listening = [line.split()[1] for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+                 if line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "0A"]
+    assert listening == [f"0100007F:{port:04X}"], listening
     # the worker fed the api breaker of the shared database
     health = app.extensions["gateway"].centre_health
     assert health.states() == {API: "closed"}
@@ -597,3 +643,4 @@ def test_the_worker_process_with_its_metrics_port_taken_exits_2(
                                       metrics_port=port) == 2
     [record] = [r for r in caplog.records if r.name == "gateway.delivery"]
     assert record.getMessage().startswith(f"worker metrics: cannot listen on 127.0.0.1:{port} (")
+    assert "Address already in use" in record.getMessage()
