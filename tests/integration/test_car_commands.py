@@ -613,3 +613,39 @@ def test_no_command_service_sends_nothing(store: Store, registry: Vehicles,
                        r"configured \(GATEWAY_VEHICLE_COMMAND_URL\)"):
         service.reactivate(VIN, actor=IVR, pin=PIN)
     assert rows(store) == [] and _actions(registry) == before  # not even a PIN check
+
+
+def test_immobilising_an_immobilised_car_keeps_the_first_reference(
+        service: CarCommands, registry: Vehicles, clock: Clock) -> None:
+    registry.immobilise(VIN, actor="agent:first", authority_reference="P-0")
+    first_at = _vehicle(registry).immobilised_at
+    clock.advance(60)
+    sent = service.immobilise(VIN, actor=AGENT, authority_reference="P-1")
+    assert sent.status == "confirmed"
+    vehicle = _vehicle(registry)
+    assert (vehicle.immobilised_by, vehicle.immobilised_reference, vehicle.immobilised_at) == (
+        "agent:first", "P-0", first_at)
+    assert registry.audit_for(VIN)[-1].detail["changed"] is False
+
+
+def test_a_second_confirmation_of_one_reactivation_changes_nothing(
+        service: CarCommands, registry: Vehicles, car: FakeCarCommands, clock: Clock) -> None:
+    registry.immobilise(VIN, actor=AGENT, authority_reference="P-1")
+    car.mode = "reject"
+    rejected = _reactivate(service)
+    car.mode = "up"
+    retried = _reactivate(service)
+    assert (rejected.status, retried.status) == ("failed", "sent")
+    late = service.command_result(VIN, key=str(rejected.row["key"]), command_id=None,
+                                  ok=True, detail=None)  # it did execute after all
+    assert late is not None and late["status"] == "confirmed"
+    reactivated = _vehicle(registry)
+    assert not reactivated.immobilised
+    clock.advance(60)
+    service.command_result(VIN, key=str(retried.row["key"]), command_id=None, ok=True,
+                           detail=None)
+    again = _vehicle(registry)
+    assert (again.reactivated_at, again.updated_at) == (reactivated.reactivated_at,
+                                                        reactivated.updated_at)
+    entry = registry.audit_for(VIN)[-1]
+    assert (entry.action, entry.detail["changed"]) == ("reactivate", False)
