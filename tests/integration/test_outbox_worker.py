@@ -352,8 +352,7 @@ def test_each_failed_attempt_is_logged_counted_and_fed_to_the_breaker(
     svc = outbox_app.extensions["gateway"]
     metrics = Metrics()
     worker = OutboxWorker(svc.store, built_worker(outbox_app).sink, metrics=metrics,
-                          health=svc.centre_health, clock=svc.clock,
-                          policy=dataclasses.replace(FAST, budget_s=0.2))
+                          health=svc.centre_health, clock=svc.clock, policy=FAST)
     centre.mode = "503"
     with caplog.at_level(logging.WARNING, logger="gateway.delivery"):
         assert [worker.deliver(r) for r in worker.claim(1)] == ["rescheduled"]
@@ -367,9 +366,57 @@ def test_each_failed_attempt_is_logged_counted_and_fed_to_the_breaker(
     assert svc.centre_health.states()[API] == "open"
     centre.mode = "400"
     svc.clock.advance(FAST.backoff_max_s)
-    assert [worker.deliver(r) for r in worker.claim(1)] == ["failed"]
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="gateway.delivery"):
+        assert [worker.deliver(r) for r in worker.claim(1)] == ["failed"]
+    [refused] = [r.getMessage() for r in caplog.records if r.name == "gateway.delivery"]
+    assert re.fullmatch(rf"incident {key} refused by the centre \(HTTP 400\): "
+                        r"assistance centre answered HTTP 400.*; not retried", refused), refused
     permanent = ("gateway_delivery_failures_total", frozenset({("kind", "permanent")}))
     assert samples(metrics)[permanent] == 1
+    outcomes = {dict(labels)["outcome"]: value for (name, labels), value
+                in samples(metrics).items() if name == "gateway_deliveries_total"}
+    assert outcomes == {"rescheduled": 1, "failed": 1}
+
+
+@pytest.mark.parametrize(("outcome", "when"), [
+    ("delivered", "before it was marked delivered"),
+    ("refused", "before its refusal was recorded"),
+    ("transient", "before it was rescheduled"),
+])
+def test_a_lease_lost_during_the_send_changes_nothing_and_is_logged(
+    outbox_app: Flask, vehicle_headers: dict[str, str], clock: Clock, outcome: str,
+    when: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A's send outlives its lease and B claims the row meanwhile: whatever A's send
+    answered, A records nothing and says so."""
+    key = post(outbox_app, vehicle_headers)
+    svc = outbox_app.extensions["gateway"]
+    b = built_worker(outbox_app)
+    taken: list[dict[str, Any]] = []
+
+    class Stalled:
+        def send_incident(self, payload: Any, *, idempotency_key: str) -> int:
+            clock.advance(FAST.lease_s + 1)
+            taken.extend(b.claim(1))
+            if outcome == "refused":
+                raise PermanentUpstreamError("HTTP 422", status=422)
+            if outcome == "transient":
+                raise TransientUpstreamError("HTTP 503")
+            return 201
+
+    a = OutboxWorker(svc.store, Stalled(), clock=svc.clock,
+                     policy=dataclasses.replace(FAST, budget_s=0.01))
+    (row_a,) = a.claim(1)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gateway.delivery"):
+        assert a.deliver(row_a) == "lost"
+    assert (f"delivery of {key}: lease lost {when}; the row is another worker's"
+            in [r.getMessage() for r in caplog.records if r.name == "gateway.delivery"])
+    row = rows(outbox_app)[key]
+    assert (row["status"], row["last_error"], row["delivered_at"]) == ("pending", None, None)
+    assert as_utc(row["leased_until"]) == taken[0]["leased_until"]  # B's lease, untouched
+    assert a.counters.values["lease_lost"] == 1
 
 
 def test_a_stopping_worker_makes_its_attempt_and_no_second(
