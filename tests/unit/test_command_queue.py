@@ -20,6 +20,8 @@ from sqlalchemy.engine import Connection
 
 from gateway.adapters.vehicle_commands import VehicleCommandClient
 from gateway.commands import CommandQueue, vehicle_commands
+from gateway.errors import PermanentUpstreamError, TransientUpstreamError
+from gateway.owners import vehicles
 from gateway.store import Store, as_utc
 from tests.conftest import Clock
 from tests.support.fake_servers import FakeCarCommands
@@ -92,13 +94,28 @@ def delay_s(row: Mapping[str, Any], clock: Clock) -> float:
 # -- settings ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad", [{"poll_s": 0}, {"budget_s": 0}, {"lease_s": 0},
-                                 {"concurrency": 0}, {"backoff_initial_s": -0.1},
-                                 {"backoff_max_s": 0.5}])
+POSITIVE = r"^poll_s, budget_s, lease_s must be positive, concurrency >= 1$"
+BACKOFF = r"^need 0 <= backoff_initial_s <= backoff_max_s$"
+
+
+@pytest.mark.parametrize(("bad", "error"), [
+    ({"poll_s": 0}, POSITIVE), ({"budget_s": 0}, POSITIVE), ({"lease_s": 0}, POSITIVE),
+    ({"concurrency": 0}, POSITIVE), ({"backoff_initial_s": -0.1}, BACKOFF),
+    ({"backoff_max_s": 0.5}, BACKOFF)])
 def test_bad_settings_are_refused(make_queue: Callable[..., CommandQueue],
-                                  bad: dict[str, Any]) -> None:
-    with pytest.raises(ValueError):
+                                  bad: dict[str, Any], error: str) -> None:
+    with pytest.raises(ValueError, match=error):
         make_queue(**bad)
+
+
+def test_the_defaults_the_app_relies_on(store: Store) -> None:
+    queue = CommandQueue(store, None)  # the app sets only the clock and poll_s
+    assert queue.poll_s == 1.0 and queue.budget == dt.timedelta(minutes=5)
+    assert queue.backoff_initial_s == 0.5 and queue.backoff_max_s == 15.0
+    assert queue.lease == dt.timedelta(seconds=30) and queue.concurrency == 4
+    assert queue.on_settled is None and queue.thread is None
+    before = time.time()
+    assert before - 1 <= queue._now().timestamp() <= time.time() + 1  # the wall clock
 
 
 def test_the_smallest_settings_are_accepted(make_queue: Callable[..., CommandQueue]) -> None:
@@ -260,6 +277,10 @@ class Answers:
 
 @pytest.mark.parametrize(("answer", "status", "error"), [
     ({"status": "EXECUTED"}, "confirmed", None),
+    ({"status": "completed"}, "confirmed", None),
+    ({"status": "succeeded"}, "confirmed", None),
+    ({"status": "success"}, "confirmed", None),
+    ({"status": "failed"}, "failed", "car rejected 'flash_lights': failed"),
     ({"status": "Refused", "message": "doors open"}, "failed",
      "car rejected 'flash_lights': doors open"),
     ({"status": "error"}, "failed", "car rejected 'flash_lights': error"),
@@ -273,9 +294,12 @@ def test_the_cars_answer_decides_the_status(make_queue: Callable[..., CommandQue
                                             clock: Clock, answer: Any, status: str,
                                             error: str | None) -> None:
     settled: list[dict[str, Any]] = []
-    queue = make_queue(commands=Answers(answer),
+    queue = make_queue(commands=Answers(TransientUpstreamError("car unreachable"), answer),
                        on_settled=lambda conn, row: settled.append(dict(row)))
-    [held] = queue.claim(1) if add(queue, "k") else []
+    add(queue, "k")
+    assert queue.run_once() == 1 and get(queue, "k")["last_error"] == "car unreachable"
+    clock.advance(5)
+    [held] = queue.claim(1)
     assert queue.handle(held) == status
     row = get(queue, "k")
     assert row["status"] == status and row["last_error"] == error
@@ -288,6 +312,8 @@ def test_the_cars_answer_decides_the_status(make_queue: Callable[..., CommandQue
         assert settled == []  # the car has not settled it yet
     else:
         assert [(r["key"], r["status"], r["vin"]) for r in settled] == [("k", status, VIN)]
+        assert settled[0]["lease_token"] is None and settled[0]["lease_until"] is None
+        assert settled[0]["updated_at"] == now_of(clock) and settled[0]["attempts"] == 2
 
 
 @pytest.mark.parametrize(("result", "reason"), [
@@ -331,11 +357,51 @@ def test_a_failure_keeps_the_rows_vin(make_queue: Callable[..., CommandQueue]) -
                                  "(GATEWAY_VEHICLE_COMMAND_URL)")
 
 
-def test_a_long_error_is_cut_to_300(make_queue: Callable[..., CommandQueue]) -> None:
-    queue = make_queue(commands=Answers(RuntimeError("x" * 500)))
+def test_a_long_error_is_cut_to_300(make_queue: Callable[..., CommandQueue],
+                                    car: FakeCarCommands) -> None:
+    queue = make_queue(commands=Answers(RuntimeError("x" * 500),
+                                        PermanentUpstreamError("y" * 500, 400)))
     add(queue, "k")
     queue.run_once()
     assert get(queue, "k")["last_error"] == ("RuntimeError: " + "x" * 500)[:300]
+    add(queue, "p")
+    queue.claim_key("p")
+    assert queue.handle(get(queue, "p")) == "failed"
+    assert get(queue, "p")["last_error"] == "y" * 300
+    car.mode = "up"
+    add(queue, "c", params={})
+    sent = make_queue().send_now("c")
+    assert sent is not None and sent["status"] == "sent"
+    failed = queue.confirm(key="c", ok=False, result={"error": "z" * 400})
+    assert failed is not None and failed["last_error"] == ("car reported failure: " + "z" * 400)[:300]
+
+
+def test_the_resolved_vin_is_kept_on_retry_and_failure(
+        make_queue: Callable[..., CommandQueue], store: Store, clock: Clock) -> None:
+    with store.begin() as conn:
+        conn.execute(vehicles.insert().values(
+            vin=OTHER_VIN, car_msisdn="+4520000001", owner_name="Test Owner", market="DK",
+            purchase_date=dt.date(2024, 1, 1), lookup_code=OTHER_VIN[-8:],
+            updated_at=dt.datetime.now(dt.UTC)))
+    commands = Answers(TransientUpstreamError("down"), PermanentUpstreamError("HTTP 404", 404))
+    queue = make_queue(commands=commands)
+    add(queue, "k", vin=None, msisdn="+4520000001")
+    queue.run_once()
+    assert get(queue, "k")["vin"] == OTHER_VIN and get(queue, "k")["status"] == "pending"
+    clock.advance(5)
+    queue.run_once()
+    row = get(queue, "k")
+    assert row["vin"] == OTHER_VIN and row["status"] == "failed" and row["last_error"] == "HTTP 404"
+    assert [s[0] for s in commands.sent] == [OTHER_VIN, OTHER_VIN]
+
+
+def test_a_failure_of_a_row_no_longer_held_is_lost(
+        make_queue: Callable[..., CommandQueue]) -> None:
+    queue = make_queue(commands=None)
+    add(queue, "k")
+    [held] = queue.claim(1)
+    assert queue.cancel("k") is True
+    assert queue.handle(held) == "lost" and get(queue, "k")["status"] == "cancelled"
 
 
 # -- which row a result settles ----------------------------------------------------------
@@ -375,6 +441,18 @@ def test_a_result_for_a_failed_or_cancelled_row(make_queue: Callable[..., Comman
     assert queue.cancel("c") is True
     assert queue.confirm(key="c", ok=True, result={}) == get(queue, "c")
     assert get(queue, "c")["status"] == "cancelled" and settled[-1] == ("k", "confirmed")
+
+
+def test_a_result_takes_the_row_from_its_sender(make_queue: Callable[..., CommandQueue],
+                                                clock: Clock) -> None:
+    queue = make_queue(commands=Answers({"status": "accepted"}))
+    add(queue, "k")
+    [held] = queue.claim(1)
+    assert held["lease_token"] is not None
+    done = queue.confirm(key="k", ok=False, result={"reason": "ignition on"})
+    assert done is not None and done["status"] == "failed"
+    assert done["lease_token"] is None and done["lease_until"] is None
+    assert done["result"] == {"reason": "ignition on"} and done["confirmed_at"] is None
 
 
 def test_a_result_is_recorded_with_the_settling_or_not_at_all(
@@ -445,6 +523,17 @@ def test_claim_takes_the_due_rows_oldest_first_up_to_the_limit(
     assert [r["key"] for r in queue.claim(4)] == ["d"]
 
 
+def test_claim_takes_over_a_lease_only_after_it_ends(queue: CommandQueue,
+                                                     clock: Clock) -> None:
+    add(queue, "k")
+    [first] = queue.claim(4)
+    clock.advance(10)  # lease_s: the lease ends after, not at, 10 s
+    assert queue.claim(4) == []
+    clock.advance(0.5)
+    [second] = queue.claim(4)
+    assert second["attempts"] == 2 and second["lease_token"] != first["lease_token"]
+
+
 def test_pending_lists_unfinished_rows_of_one_car(make_queue: Callable[..., CommandQueue],
                                                   ) -> None:
     queue = make_queue(commands=Answers({"status": "accepted"}, {"status": "done"}))
@@ -479,6 +568,18 @@ def test_expiry_boundary_and_leased_rows(make_queue: Callable[..., CommandQueue]
     assert old["status"] == "failed" and old["updated_at"] == now_of(clock)
     assert get(queue, "held")["status"] == "pending"
     assert get(queue, "young")["status"] == "pending"
+
+
+def test_an_expired_row_loses_its_stale_lease(make_queue: Callable[..., CommandQueue],
+                                              clock: Clock) -> None:
+    queue = make_queue(budget_s=60.0, lease_s=10.0)
+    add(queue, "k")
+    assert queue.claim(1)  # a worker that died holding it
+    clock.advance(61)
+    assert queue.run_once() == 1
+    row = get(queue, "k")
+    assert row["status"] == "failed" and row["lease_token"] is None
+    assert row["lease_until"] is None and row["attempts"] == 1
 
 
 # -- the worker thread -------------------------------------------------------------------
@@ -544,14 +645,39 @@ def test_stop_without_waiting_returns_at_once(store: Store,
     assert not queue.thread.is_alive() and time.monotonic() - started < 5.0
 
 
+class CountingClock:
+    """The wall clock, counting how often the queue reads it (twice a pass)."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def __call__(self) -> float:
+        self.reads += 1
+        return time.time()
+
+
+def test_an_idle_thread_polls_every_poll_s(store: Store,
+                                           client: VehicleCommandClient) -> None:
+    clock = CountingClock()
+    queue = CommandQueue(store, client, clock=clock, poll_s=0.2, lease_s=5.0)
+    queue.start_thread()
+    try:
+        time.sleep(1.0)  # about five passes of two reads, not a busy loop
+    finally:
+        queue.stop(wait_s=5.0)
+    assert 4 <= clock.reads <= 30
+
+
 def test_the_thread_outlives_a_database_outage(tmp_path: Any, client: VehicleCommandClient,
                                                car: FakeCarCommands) -> None:
     store = Store.from_url(f"sqlite:///{tmp_path}/late.sqlite3")  # no tables yet
-    queue = CommandQueue(store, client, poll_s=0.05, lease_s=5.0)
+    clock = CountingClock()
+    queue = CommandQueue(store, client, clock=clock, poll_s=0.1, lease_s=5.0)
     queue.start_thread()
     try:
-        time.sleep(0.3)  # passes fail with StoreError
+        time.sleep(0.5)  # passes fail with StoreError, and wait poll_s between them
         assert queue.thread is not None and queue.thread.is_alive()
+        assert 2 <= clock.reads <= 30
         store.create_schema()
         add(queue, "k")
         assert wait_for(lambda: get(queue, "k")["status"] == "confirmed")
