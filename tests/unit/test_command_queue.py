@@ -383,16 +383,25 @@ def test_the_resolved_vin_is_kept_on_retry_and_failure(
             vin=OTHER_VIN, car_msisdn="+4520000001", owner_name="Test Owner", market="DK",
             purchase_date=dt.date(2024, 1, 1), lookup_code=OTHER_VIN[-8:],
             updated_at=dt.datetime.now(dt.UTC)))
-    commands = Answers(TransientUpstreamError("down"), PermanentUpstreamError("HTTP 404", 404))
-    queue = make_queue(commands=commands)
-    add(queue, "k", vin=None, msisdn="+4520000001")
-    queue.run_once()
-    assert get(queue, "k")["vin"] == OTHER_VIN and get(queue, "k")["status"] == "pending"
-    clock.advance(5)
-    queue.run_once()
-    row = get(queue, "k")
-    assert row["vin"] == OTHER_VIN and row["status"] == "failed" and row["last_error"] == "HTTP 404"
-    assert [s[0] for s in commands.sent] == [OTHER_VIN, OTHER_VIN]
+    commands = Answers(TransientUpstreamError("down"), PermanentUpstreamError("HTTP 404", 404),
+                       TransientUpstreamError("still down"))
+    queue = make_queue(commands=commands, budget_s=60.0)
+    add(queue, "retried", vin=None, msisdn="+4520000001")
+    [held] = queue.claim(1)
+    assert queue.handle(held) == "pending"
+    assert get(queue, "retried")["vin"] == OTHER_VIN
+    add(queue, "refused", vin=None, msisdn="+4520000001")
+    queue.claim_key("refused")
+    assert queue.handle(get(queue, "refused")) == "failed"
+    row = get(queue, "refused")
+    assert row["vin"] == OTHER_VIN and row["last_error"] == "HTTP 404"
+    add(queue, "late", vin=None, msisdn="+4520000001")
+    clock.advance(60)  # its first attempt fails when the budget ends: given up
+    queue.claim_key("late")
+    assert queue.handle(get(queue, "late")) == "failed"
+    late = get(queue, "late")
+    assert late["vin"] == OTHER_VIN and late["last_error"].startswith("gave up after 1 attempt")
+    assert [s[0] for s in commands.sent] == [OTHER_VIN] * 3
 
 
 def test_a_failure_of_a_row_no_longer_held_is_lost(
@@ -497,6 +506,22 @@ def test_cancel_only_a_pending_row(queue: CommandQueue, car: FakeCarCommands,
     queue.run_once()
     assert queue.cancel("s") is False and get(queue, "s")["status"] == "sent"
     assert queue.claim(4) == [] and [r["key"] for r in queue.pending()] == ["s"]
+    add(queue, "x")
+    add(queue, "y")
+    assert queue.cancel("x") is True
+    assert get(queue, "x")["status"] == "cancelled" and get(queue, "y")["status"] == "pending"
+
+
+def test_claim_key_and_send_now_leave_a_finished_row_alone(queue: CommandQueue,
+                                                           car: FakeCarCommands) -> None:
+    add(queue, "k")
+    assert queue.run_once() == 1 and get(queue, "k")["status"] == "confirmed"
+    assert queue.claim_key("k") is None
+    assert get(queue, "k")["lease_token"] is None and get(queue, "k")["attempts"] == 1
+    started = time.monotonic()
+    again = queue.send_now("k")
+    assert again is not None and again["status"] == "confirmed"
+    assert time.monotonic() - started < 0.5 and len(car.commands) == 1
 
 
 def test_claim_takes_the_due_rows_oldest_first_up_to_the_limit(
@@ -686,6 +711,48 @@ def test_the_thread_outlives_a_database_outage(tmp_path: Any, client: VehicleCom
         store.dispose()
 
 
+def test_a_pass_failing_every_time_does_not_spin(store: Store,
+                                                 client: VehicleCommandClient) -> None:
+    def on_settled(conn: Connection, row: Mapping[str, Any]) -> None:
+        raise RuntimeError("the registry's update failed")
+
+    clock = CountingClock()
+    queue = CommandQueue(store, client, clock=clock, poll_s=0.1, budget_s=0.01, lease_s=5.0,
+                         on_settled=on_settled)
+    add(queue, "k")  # expires at once, and each pass's expiry is rolled back
+    time.sleep(0.05)
+    queue.start_thread()
+    try:
+        time.sleep(0.5)
+        assert queue.thread is not None and queue.thread.is_alive()
+    finally:
+        queue.stop(wait_s=5.0)
+    assert 2 <= clock.reads <= 30 and get(queue, "k")["status"] == "pending"
+
+
+def test_stop_waits_up_to_wait_s(make_queue: Callable[..., CommandQueue]) -> None:
+    release = threading.Event()
+
+    class SlowCar:
+        total_budget_s = 1.0
+
+        def send(self, vin: str, command: str, **params: Any) -> dict[str, Any]:
+            release.wait(5.0)
+            return {"status": "done"}
+
+    queue = make_queue(commands=SlowCar(), poll_s=0.05)
+    add(queue, "k")
+    queue.start_thread()
+    assert queue.thread is not None
+    time.sleep(0.2)  # the thread is in the send
+    started = time.monotonic()
+    queue.stop(wait_s=0.3)  # the send does not end in time: stop returns anyway
+    assert 0.25 <= time.monotonic() - started < 2.0 and queue.thread.is_alive()
+    threading.Timer(0.2, release.set).start()
+    queue.stop(wait_s=3.0)  # the send ends: stop returns when the thread has ended
+    assert not queue.thread.is_alive() and get(queue, "k")["status"] == "confirmed"
+
+
 def test_the_thread_outlives_a_failing_pass(store: Store, client: VehicleCommandClient,
                                             car: FakeCarCommands) -> None:
     failures = [RuntimeError("the registry's update failed")]
@@ -702,3 +769,19 @@ def test_the_thread_outlives_a_failing_pass(store: Store, client: VehicleCommand
     finally:
         queue.stop(wait_s=5.0)
     assert get(queue, "k")["attempts"] == 2 and car.requests_for("k") == 2
+
+
+# -- PostgreSQL --------------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_postgres_a_result_settles_its_key_before_a_row_id(
+        pg_store: Store, client: VehicleCommandClient, clock: Clock) -> None:
+    queue = CommandQueue(pg_store, client, clock=clock, lease_s=10.0)
+    first = add(queue, "handback:first")
+    second = add(queue, str(first["id"]))  # a key that reads like the first row's id
+    done = queue.confirm(key=str(first["id"]), ok=True, result={"n": 2})
+    assert done is not None and done["id"] == second["id"] and done["status"] == "confirmed"
+    assert get(queue, "handback:first")["status"] == "pending"
+    assert queue.claim_key("handback:first") is not None
+    assert queue.cancel(str(first["id"])) is False  # confirmed already
