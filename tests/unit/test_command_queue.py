@@ -294,12 +294,19 @@ def test_the_cars_answer_decides_the_status(make_queue: Callable[..., CommandQue
                                             clock: Clock, answer: Any, status: str,
                                             error: str | None) -> None:
     settled: list[dict[str, Any]] = []
+
+    def on_settled(conn: Connection, row: Mapping[str, Any]) -> None:
+        inside = conn.execute(sa.select(vehicle_commands.c.status)
+                              .where(vehicle_commands.c.key == row["key"])).scalar_one()
+        settled.append({**row, "inside": inside})  # called in the transaction that settles
+
     queue = make_queue(commands=Answers(TransientUpstreamError("car unreachable"), answer),
-                       on_settled=lambda conn, row: settled.append(dict(row)))
+                       on_settled=on_settled)
     add(queue, "k")
     assert queue.run_once() == 1 and get(queue, "k")["last_error"] == "car unreachable"
     clock.advance(5)
     [held] = queue.claim(1)
+    clock.advance(1)  # the answer comes a second later
     assert queue.handle(held) == status
     row = get(queue, "k")
     assert row["status"] == status and row["last_error"] == error
@@ -311,7 +318,8 @@ def test_the_cars_answer_decides_the_status(make_queue: Callable[..., CommandQue
     if status == "sent":
         assert settled == []  # the car has not settled it yet
     else:
-        assert [(r["key"], r["status"], r["vin"]) for r in settled] == [("k", status, VIN)]
+        assert [(r["key"], r["status"], r["inside"], r["vin"]) for r in settled] == [
+            ("k", status, status, VIN)]
         assert settled[0]["lease_token"] is None and settled[0]["lease_until"] is None
         assert settled[0]["updated_at"] == now_of(clock) and settled[0]["attempts"] == 2
 
