@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 import requests
@@ -271,6 +271,61 @@ def test_run_once_delivers_at_most_concurrency_at_a_time_on_its_own_threads(
     assert all(name.startswith("deliver_") for name in sink.threads), sink.threads
 
 
+def test_claimed_rows_come_earliest_due_first(
+    outbox_app: Flask, vehicle_headers: dict[str, str], clock: Clock
+) -> None:
+    first = post(outbox_app, vehicle_headers)
+    svc = outbox_app.extensions["gateway"]
+    worker = OutboxWorker(svc.store, Refusing("HTTP 503"), clock=svc.clock,
+                          policy=dataclasses.replace(FAST, budget_s=0.01))
+    assert [worker.deliver(r) for r in worker.claim(1)] == ["rescheduled"]  # due later
+    second = post(outbox_app, vehicle_headers)
+    clock.advance(FAST.backoff_max_s)
+    assert [r["incident_id"] for r in worker.claim(10)] == [second, first]
+
+
+def test_a_row_the_worker_cannot_read_fails_each_pass_once_per_poll(
+    outbox_app: Flask, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An outbox row with an unreadable time makes every pass fail (not a database
+    error): logged once a pass, one pass every poll_s, not in a hot loop."""
+    store = outbox_app.extensions["gateway"].store
+    with store.engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO outbox (incident_id, payload, status, created_at, next_attempt_at, "
+            "attempts) VALUES ('broken', '{}', 'pending', '0000-broken', '0000-broken', 0)"))
+    worker = built_worker(outbox_app)
+    with caplog.at_level(logging.ERROR, logger="gateway.delivery"):
+        thread = worker.start_thread()
+        try:
+            time.sleep(0.5)
+        finally:
+            worker.stop()
+            thread.join(5)
+    failed = [r for r in caplog.records if r.getMessage() == "delivery worker pass failed"]
+    assert 1 <= len(failed) <= 0.5 / FAST.poll_s + 3, len(failed)
+
+
+def test_an_address_that_cannot_be_stored_is_still_delivered_and_logged(
+    outbox_app: Flask, vehicle_headers: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    key = post(outbox_app, vehicle_headers)
+    worker = geocoded_worker(outbox_app, Geocoder(ADDRESS))
+    (row,) = worker.claim(1)
+    store = outbox_app.extensions["gateway"].store
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE outbox RENAME TO outbox_away"))
+    try:
+        with caplog.at_level(logging.WARNING, logger="gateway.delivery"):
+            assert worker.with_address(row)["address"] == ADDRESS
+    finally:
+        with store.engine.begin() as conn:
+            conn.execute(sa.text("ALTER TABLE outbox_away RENAME TO outbox"))
+    assert [r.getMessage() for r in caplog.records if r.name == "gateway.delivery"] == [
+        f"address of {key} not stored (database error: OperationalError); delivered with it"]
+    assert address_of(store, key) is None
+
+
 # -- what a pass records and logs --------------------------------------------------------
 
 
@@ -333,11 +388,14 @@ def test_a_refusal_keeps_its_text_at_most_300_characters(
 
 def test_a_delivered_row_records_when_and_no_error(
     outbox_app: Flask, centre: FakeAssistanceCentre, vehicle_headers: dict[str, str],
-    clock: Clock,
+    clock: Clock, caplog: pytest.LogCaptureFixture,
 ) -> None:
     key = post(outbox_app, vehicle_headers)
     worker = built_worker(outbox_app)
-    assert [worker.deliver(r) for r in worker.claim(1)] == ["delivered"]
+    with caplog.at_level(logging.INFO, logger="gateway.delivery"):
+        assert [worker.deliver(r) for r in worker.claim(1)] == ["delivered"]
+    assert [r.getMessage() for r in caplog.records if r.name == "gateway.delivery"] == [
+        f"incident {key} delivered (HTTP 201)"]
     row = rows(outbox_app)[key]
     assert row["status"] == "delivered" and row["last_status"] == 201
     assert row["last_error"] is None and row["leased_until"] is None
@@ -363,6 +421,8 @@ def test_each_failed_attempt_is_logged_counted_and_fed_to_the_breaker(
                             r"503: .*\); retrying in 0\.0[1-5]s", message), message
     failures = ("gateway_delivery_failures_total", frozenset({("kind", "transient")}))
     assert samples(metrics)[failures] == len(centre.requests) == len(retries) + 1
+    assert worker.counters.values["transient_failures"] == len(centre.requests)
+    assert worker.counters.values["rescheduled"] == 1
     assert svc.centre_health.states()[API] == "open"
     centre.mode = "400"
     svc.clock.advance(FAST.backoff_max_s)
@@ -428,7 +488,9 @@ def test_a_stopping_worker_makes_its_attempt_and_no_second(
     worker.stop()  # stopping: the attempt under way is made, no retry after it
     assert [worker.deliver(r) for r in worker.claim(1)] == ["rescheduled"]
     assert len(centre.requests) == 1
-    assert rows(outbox_app)[key]["attempts"] == 1
+    row = rows(outbox_app)[key]
+    assert row["attempts"] == 1
+    assert row["last_error"] == "_Stopping"  # the reason it was not retried, by its type
 
 
 def test_a_lost_lease_is_logged_with_the_incident_and_when(
@@ -573,10 +635,50 @@ def test_address_of_an_incident_without_an_outbox_row_is_none(app: Flask) -> Non
 
 @pytest.fixture
 def restore_signals() -> Iterator[None]:
+    """Harmless handlers while the test runs (run_worker_process installs its own): a
+    signal sent before the worker's handler is set, or after it returned or failed,
+    never ends or hangs the test session."""
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in handlers:
+        signal.signal(sig, lambda *_: None)
     yield
     for sig, handler in handlers.items():
         signal.signal(sig, handler)
+
+
+class Stopper(threading.Thread):
+    """Sends ``sig`` to this process once ``ready()`` (or after 20 s), and again every
+    second until the test says run_worker_process returned (``done``): a signal that
+    came before the worker's handler was set is not lost.  After 10 s of ``sig``, SIGTERM,
+    so a worker that ignores ``sig`` fails the test instead of hanging it."""
+
+    def __init__(self, sig: int, ready: Callable[[], bool]) -> None:
+        super().__init__(name="stopper")
+        self.sig, self.ready = sig, ready
+        self.done = threading.Event()
+        self.first_sent: float | None = None
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 20
+        while not self.done.is_set() and not self.ready() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.first_sent = time.monotonic()
+        while not self.done.is_set():
+            late = time.monotonic() - self.first_sent > 10
+            os.kill(os.getpid(), signal.SIGTERM if late else self.sig)
+            self.done.wait(1.0)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.done.set()
+        self.join(30)
+
+    def stopped_within(self, seconds: float) -> bool:
+        return (self.first_sent is not None
+                and time.monotonic() - self.first_sent < seconds)
 
 
 @pytest.mark.usefixtures("restore_signals")
@@ -592,22 +694,13 @@ def test_the_worker_process_delivers_until_sigterm(
     # (an app delivering first sent it before, to whatever handler was there: a hang)
     key = post(make_app(settings=settings), vehicle_headers)
 
-    def stop_when_delivered() -> None:
-        try:
-            centre.wait_for_incidents(1, timeout=20)
-            time.sleep(0.2)  # the row marked delivered
-        finally:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    stopper = threading.Thread(target=stop_when_delivered)
-    stopper.start()
-    with caplog.at_level(logging.INFO, logger="gateway.delivery"):
+    with caplog.at_level(logging.INFO, logger="gateway.delivery"), \
+            Stopper(signal.SIGTERM, lambda: len(centre.incidents) >= 1) as stopper:
         assert run_worker_process(worker_settings) == 0
-    stopper.join()
+        assert stopper.stopped_within(5)
     assert list(centre.incidents) == [key]
     messages = [r.getMessage() for r in caplog.records]
     assert "delivery worker started" in messages and "delivery worker stopped" in messages
-    assert signal.getsignal(signal.SIGINT) not in (signal.default_int_handler, None)
 
 
 @pytest.mark.usefixtures("restore_signals")
@@ -618,37 +711,27 @@ def test_the_worker_process_serves_its_metrics_and_stops_on_sigint(
     """Its metrics on their port: the delivery counted, the outbox read from the
     database, every centre line of the plan and the api key with its breaker state."""
     worker_settings = settings.replace(assistance_url=centre.url, delivery=FAST)
-    app = make_app(settings=worker_settings)
+    app = make_app(settings=settings)  # without a centre: only the worker delivers
     post(app, vehicle_headers)
     port = free_port()
     scraped: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
     delivered = ("gateway_deliveries_total", frozenset({("outcome", "delivered")}))
 
-    def scrape_then_stop() -> None:
+    def scraped_enough() -> bool:
         try:
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                try:
-                    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
-                except requests.ConnectionError:
-                    time.sleep(0.05)
-                    continue
-                scraped.clear()
-                scraped.update({(s.name, frozenset(s.labels.items())): s.value
-                                for f in text_string_to_metric_families(text)
-                                for s in f.samples})
-                if scraped.get(delivered) == 1 and scraped.get(
-                        ("gateway_outbox_pending", frozenset())) == 0:
-                    return
-                time.sleep(0.05)
-        finally:
-            os.kill(os.getpid(), signal.SIGINT)
+            text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+        except requests.ConnectionError:
+            return False
+        scraped.clear()
+        scraped.update({(s.name, frozenset(s.labels.items())): s.value
+                        for f in text_string_to_metric_families(text) for s in f.samples})
+        return scraped.get(delivered) == 1 and scraped.get(
+            ("gateway_outbox_pending", frozenset())) == 0
 
-    stopper = threading.Thread(target=scrape_then_stop)
-    stopper.start()
-    with caplog.at_level(logging.INFO, logger="gateway.delivery"):
+    with caplog.at_level(logging.INFO, logger="gateway.delivery"), \
+            Stopper(signal.SIGINT, scraped_enough) as stopper:
         assert run_worker_process(worker_settings, metrics_port=port) == 0
-    stopper.join()
+        assert stopper.stopped_within(5)  # by SIGINT, not the fallback SIGTERM
     assert scraped.get(delivered) == 1, scraped
     assert scraped[("gateway_database_up", frozenset())] == 1
     lines = {c.centre_id for c in plan.centres} | {API}
@@ -665,6 +748,19 @@ def test_the_worker_process_serves_its_metrics_and_stops_on_sigint(
     # the worker fed the api breaker of the shared database
     health = app.extensions["gateway"].centre_health
     assert health.states() == {API: "closed"}
+
+
+@pytest.mark.usefixtures("restore_signals")
+def test_the_worker_process_without_a_number_plan_still_delivers(
+    make_app: Callable[..., Flask], settings: Settings, centre: FakeAssistanceCentre,
+    vehicle_headers: dict[str, str], tmp_path: Path,
+) -> None:
+    worker_settings = settings.replace(assistance_url=centre.url, delivery=FAST)
+    key = post(make_app(settings=settings), vehicle_headers)  # only the worker delivers
+    broken = worker_settings.replace(number_plan_dir=tmp_path / "no-plan-here")
+    with Stopper(signal.SIGTERM, lambda: len(centre.incidents) >= 1):
+        assert run_worker_process(broken) == 0
+    assert list(centre.incidents) == [key]
 
 
 @pytest.mark.usefixtures("restore_signals")
