@@ -35,6 +35,7 @@ from gateway.owners.car_commands import (
 )
 from gateway.store import Store
 from tests.conftest import Clock
+from tests.support.commands import car_client, queue_builder, sqlite_store
 from tests.support.fake_servers import FakeCarCommands
 
 VIN = "WBA3A5C51CF256001"
@@ -46,10 +47,8 @@ IVR = "ivr:CAowner1"
 
 @pytest.fixture
 def store(tmp_path: Any) -> Iterator[Store]:
-    store = Store.from_url(f"sqlite:///{tmp_path}/car_commands.sqlite3")
-    store.create_schema()
-    yield store
-    store.dispose()
+    with sqlite_store(tmp_path / "car_commands.sqlite3") as store:
+        yield store
 
 
 @pytest.fixture
@@ -60,8 +59,7 @@ def car() -> Iterator[FakeCarCommands]:
 
 @pytest.fixture
 def client(car: FakeCarCommands) -> Iterator[VehicleCommandClient]:
-    with VehicleCommandClient(car.url, timeout_s=0.3, attempts=2, backoff_initial_s=0.01,
-                              backoff_max_s=0.02, total_budget_s=1.0) as c:
+    with car_client(car.url, attempts=2) as c:
         yield c
 
 
@@ -77,9 +75,7 @@ def registry(store: Store, clock: Clock) -> Vehicles:
 
 @pytest.fixture
 def queue(store: Store, client: VehicleCommandClient, clock: Clock) -> CommandQueue:
-    return CommandQueue(store, client, clock=clock, poll_s=0.05, budget_s=60.0,
-                        backoff_initial_s=1.0, backoff_max_s=4.0, lease_s=10.0,
-                        on_settled=apply_settled)
+    return queue_builder(store, client, clock)(on_settled=apply_settled)
 
 
 @pytest.fixture

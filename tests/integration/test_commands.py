@@ -24,6 +24,7 @@ from gateway.commands import CommandQueue, enqueue_command, vehicle_commands
 from gateway.owners import vehicles
 from gateway.store import Store, incidents
 from tests.conftest import Clock
+from tests.support.commands import car_client, queue_builder, sqlite_store
 from tests.support.fake_servers import FakeCarCommands
 
 VIN = "WVWZZZ1JZXW000001"
@@ -36,10 +37,8 @@ TIMEOUT = 0.3  # the adapter's per-attempt timeout in these tests
 
 @pytest.fixture
 def store(tmp_path: Any) -> Iterator[Store]:
-    store = Store.from_url(f"sqlite:///{tmp_path}/commands.sqlite3")
-    store.create_schema()
-    yield store
-    store.dispose()
+    with sqlite_store(tmp_path / "commands.sqlite3") as store:
+        yield store
 
 
 @pytest.fixture
@@ -50,23 +49,14 @@ def car() -> Iterator[FakeCarCommands]:
 
 @pytest.fixture
 def client(car: FakeCarCommands) -> Iterator[VehicleCommandClient]:
-    with VehicleCommandClient(car.url, timeout_s=TIMEOUT, attempts=2, backoff_initial_s=0.01,
-                              backoff_max_s=0.02, total_budget_s=1.0) as c:
+    with car_client(car.url, attempts=2, timeout_s=TIMEOUT) as c:
         yield c
 
 
 @pytest.fixture
 def make_queue(store: Store, client: VehicleCommandClient,
                clock: Clock) -> Callable[..., CommandQueue]:
-    def build(**overrides: Any) -> CommandQueue:
-        commands = overrides.pop("commands", client)
-        kwargs: dict[str, Any] = {"clock": clock, "poll_s": 0.05, "budget_s": 60.0,
-                                  "backoff_initial_s": 1.0, "backoff_max_s": 4.0,
-                                  "lease_s": 10.0}
-        kwargs.update(overrides)
-        return CommandQueue(store, commands, **kwargs)
-
-    return build
+    return queue_builder(store, client, clock)
 
 
 @pytest.fixture
