@@ -86,28 +86,26 @@ def _write(node: TwiML, parts: list[str]) -> None:
     parts.append(f"</{node.name}>")
 
 
+#: ElementTree's escaping, in its order ("&" first); str.translate was 20 times slower
+_TEXT_ESCAPES = (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"))
+_ATTRIBUTE_ESCAPES = (*_TEXT_ESCAPES, ('"', "&quot;"), ("\r", "&#13;"), ("\n", "&#10;"),
+                      ("\t", "&#09;"))
+
+
 def _escape_text(text: object) -> str:
     if not isinstance(text, str):  # what ElementTree refuses too
         raise TypeError(f"cannot serialize {text!r} (type {type(text).__name__})")
-    if "&" in text:
-        text = text.replace("&", "&amp;")
-    if "<" in text:
-        text = text.replace("<", "&lt;")
-    if ">" in text:
-        text = text.replace(">", "&gt;")
-    return text
+    return _escaped(text, _TEXT_ESCAPES)
 
 
 def _escape_attribute(text: str) -> str:
-    text = _escape_text(text)
-    if '"' in text:
-        text = text.replace('"', "&quot;")
-    if "\r" in text:
-        text = text.replace("\r", "&#13;")
-    if "\n" in text:
-        text = text.replace("\n", "&#10;")
-    if "\t" in text:
-        text = text.replace("\t", "&#09;")
+    return _escaped(text, _ATTRIBUTE_ESCAPES)
+
+
+def _escaped(text: str, escapes: tuple[tuple[str, str], ...]) -> str:
+    for char, entity in escapes:
+        if char in text:
+            text = text.replace(char, entity)
     return text
 
 
