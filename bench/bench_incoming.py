@@ -69,7 +69,7 @@ sys.path.insert(0, str(ROOT))
 import requests
 
 from tests.support.events import crash_event
-from tests.support.server import free_port, running_gateway
+from tests.support.server import free_port, running_gateway, stop_process
 from tests.support.twilio import AUTH_TOKEN, call_params, signature
 
 PATH = "/twilio/voice"
@@ -245,12 +245,7 @@ def running_baseline(tmp: pathlib.Path) -> Iterator[tuple[str, int]]:
             time.sleep(0.1)
         yield base, process.pid
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
         log.close()
 
 

@@ -73,6 +73,10 @@ import urllib.request
 import uuid
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.support.server import stop_process
+
 TOKEN = "bench-memory-auth-token-0123456789"
 
 WORKER = r'''
@@ -274,12 +278,7 @@ def served(kind: str, env: dict[str, str], cwd: pathlib.Path, workers: int,
         time.sleep(0.5)  # steps written after the answer
         mems = [smaps(pid) for pid in children(p.pid)]
     finally:
-        p.terminate()
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        stop_process(p, timeout=30)
         log.close()
     built = [float(m.group(1)) for m in re.finditer(r"worker \d+ ready in ([\d.]+) s",
                                                      pathlib.Path(log.name).read_text())]

@@ -28,6 +28,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from tests.support.server import stop_process
+
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "deploy" / "nginx" / "assist-gateway.conf.template"
 SLOW_SOURCE = "127.0.0.2"
@@ -175,9 +177,4 @@ http {{
                 time.sleep(0.05)
         yield nginx
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
