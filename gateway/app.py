@@ -272,6 +272,23 @@ def _request_hooks(app: Flask, metrics: Any) -> None:
         logs.clear_request()
 
 
+def stop_background(app: Flask, *, timeout_s: float = 5.0) -> None:
+    """Write out the queued voice steps and stop the app's background threads (what a
+    thread had leased is retried once its lease ends).  Never raises."""
+    svc: Services = app.extensions["gateway"]
+    for name in ("worker", "notifier", "command_queue"):
+        part = getattr(svc, name, None)
+        if part is not None:
+            try:
+                part.stop()
+            except Exception:  # shutting down: log and go on
+                log.exception("could not stop the %s", name)
+    if svc.steps is not None:
+        if not svc.steps.flush(timeout=timeout_s):
+            log.error("voice steps still queued after %.1f s at shutdown", timeout_s)
+        svc.steps.stop(timeout=1.0)
+
+
 def services() -> Services:
     from flask import current_app
 

@@ -261,18 +261,9 @@ class WorkerApp:
         background threads (what a thread had leased is retried once its lease ends)."""
         if self._app is None:
             return
-        svc = self._app.extensions["gateway"]
-        for name in ("worker", "notifier", "command_queue"):
-            part = getattr(svc, name, None)
-            if part is not None:
-                try:
-                    part.stop()
-                except Exception:  # shutting down: log and go on
-                    log.exception("could not stop the %s", name)
-        if svc.steps is not None:
-            if not svc.steps.flush(timeout=timeout_s):
-                log.error("voice steps still queued after %.1f s at shutdown", timeout_s)
-            svc.steps.stop(timeout=1.0)
+        from gateway.app import stop_background
+
+        stop_background(self._app, timeout_s=timeout_s)
 
 
 # -- gunicorn ---------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from gateway.app import create_app
+from gateway.app import create_app, stop_background
 from gateway.config import Settings
 from gateway.plan import NumberPlan, load_plan
 from gateway.store import Store
@@ -58,14 +58,22 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def make_app(settings: Settings, plan: NumberPlan, clock: Clock) -> Callable[..., Flask]:
+def make_app(settings: Settings, plan: NumberPlan,
+             clock: Clock) -> Iterator[Callable[..., Flask]]:
+    """Builds apps; their background threads are stopped after the test (as serve's
+    shutdown does), so none outlives its test."""
+    built: list[Flask] = []
+
     def build(**overrides: Any) -> Flask:
         app_settings = overrides.pop("settings", settings)
         kwargs: dict[str, Any] = {"plan": plan, "locator": BoxLocator(NORDIC_BOXES), "clock": clock}
         kwargs.update(overrides)
-        return create_app(app_settings, **kwargs)
+        built.append(create_app(app_settings, **kwargs))
+        return built[-1]
 
-    return build
+    yield build
+    for app in built:
+        stop_background(app, timeout_s=2.0)
 
 
 @pytest.fixture
