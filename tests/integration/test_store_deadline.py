@@ -400,3 +400,14 @@ def test_start_up_warms_each_voice_read_and_a_failure_only_warns(
     caplog.set_level("WARNING", logger="gateway.store")
     broken.warm_voice_reads(timeout_s=0.5)
     assert any("not warmed up" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.postgres
+def test_warming_up_against_a_database_that_hangs_only_warns_and_ends_in_time(
+        proxied: Store, proxy: TcpProxy, caplog: pytest.LogCaptureFixture) -> None:
+    proxy.mode = "blackhole"  # connections accepted, nothing answered
+    caplog.set_level("WARNING", logger="gateway.store")
+    started = time.monotonic()
+    proxied.warm_voice_reads(timeout_s=0.3)
+    assert time.monotonic() - started < 1.5  # one missed deadline, then failing fast
+    assert any("not warmed up" in r.getMessage() for r in caplog.records)
