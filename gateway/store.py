@@ -660,14 +660,9 @@ def write_step(conn: Connection, *, call_sid: str, step: str, incident_id: str |
                twiml: str, detail: Mapping[str, Any], decision: Mapping[str, Any] | None,
                now: dt.datetime) -> bool:
     """The call_steps row and, if it is new, its routing decision; True if new."""
-    created = insert_ignore(conn, call_steps, {
-        "call_sid": call_sid, "step": step, "incident_id": incident_id, "created_at": now,
-        "twiml": twiml, "detail": dict(detail)})
-    if created and decision is not None:
-        insert_ignore(conn, routing_decisions, {
-            "call_sid": call_sid, "step": step, "incident_id": incident_id,
-            "created_at": now, **decision})
-    return created
+    return write_steps(conn, [{"call_sid": call_sid, "step": step, "incident_id": incident_id,
+                               "twiml": twiml, "detail": detail, "decision": decision}],
+                       now=now)[0]
 
 
 #: modules that define tables on ``metadata`` besides this one
