@@ -645,3 +645,15 @@ def test_a_second_confirmation_of_one_reactivation_changes_nothing(
                                                         reactivated.updated_at)
     entry = registry.audit_for(VIN)[-1]
     assert (entry.action, entry.detail["changed"]) == ("reactivate", False)
+
+
+def test_a_car_that_hangs_leaves_the_request_pending_in_bounded_time(
+        service: CarCommands, registry: Vehicles, car: FakeCarCommands,
+        queue: CommandQueue) -> None:
+    car.mode = "hang"  # takes the request, never answers
+    started = time.monotonic()
+    result = service.immobilise(VIN, actor=AGENT, authority_reference="POL-9")
+    assert time.monotonic() - started < 3.0  # the client's 1 s budget, not the car's silence
+    assert result.status == "pending" and not _vehicle(registry).immobilised
+    row = queue.get(str(result.row["key"]))
+    assert row is not None and row["status"] == "pending" and row["last_error"]
