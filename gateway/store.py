@@ -181,6 +181,9 @@ class Store:
                                          name="db-background")
         #: steps this process wrote or read with their TwiML (a stored step never changes)
         self.known_steps = KnownSteps(known_steps)
+        #: the voice read on a SQLite file: on the request thread, few columns
+        #: (gateway.sqlite_reads says why); None: through within() like the rest
+        self.sqlite_reads = _sqlite_reads_for(engine)
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> Store:
@@ -243,6 +246,8 @@ class Store:
         self.within(lambda conn: conn.execute(sa.text("SELECT 1")), timeout_s=timeout_s)
 
     def dispose(self) -> None:
+        if self.sqlite_reads is not None:
+            self.sqlite_reads.close()
         self.engine.dispose()
 
     # -- incidents --------------------------------------------------------------------
@@ -337,7 +342,6 @@ class Store:
             return VoiceLookup(steps={}, incident=None)
         n_steps = len(step_names) if want_steps else 0
         n_types = len(types) if want_incident else 0
-        query = _voice_query(n_steps, n_types)
         params: dict[str, Any] = {}
         if want_steps:
             params["vl_call_sid"] = call_sid
@@ -346,6 +350,9 @@ class Store:
             params["vl_msisdn"] = msisdn
             params["vl_since"] = since
             params.update((f"vl_type_{i}", kind) for i, kind in enumerate(types))
+        if self.sqlite_reads is not None:
+            return self._packed_voice_lookup(call_sid, n_steps, n_types, params, timeout_s)
+        query = _voice_query(n_steps, n_types)
         rows = self.within(lambda conn: conn.execute(query, params).all(), timeout_s=timeout_s,
                            single_read=True)
         found: dict[str, Mapping[str, Any]] = {}
@@ -362,6 +369,29 @@ class Store:
                 if incident is None and data.get("i_id") is not None:
                     incident = {key[2:]: value for key, value in data.items()
                                 if key.startswith("i_")}
+        except Exception as exc:  # the voice path catches one type
+            log.exception("could not read the voice lookup's rows")
+            raise StoreError(f"unreadable lookup rows: {type(exc).__name__}") from exc
+        return VoiceLookup(steps=found, incident=incident)
+
+    def _packed_voice_lookup(self, call_sid: str, n_steps: int, n_types: int,
+                             params: dict[str, Any], timeout_s: float) -> VoiceLookup:
+        """voice_lookup on a SQLite file: the same statement with each side's row packed
+        into one JSON text, run on this thread (:mod:`gateway.sqlite_reads`)."""
+        assert self.sqlite_reads is not None
+        packed = _packed_voice_query(self.engine.dialect, n_steps, n_types)
+        rows = self.sqlite_reads.fetch(packed.sql, packed.parameters(params),
+                                       timeout_s=timeout_s)
+        found: dict[str, Mapping[str, Any]] = {}
+        incident: dict[str, Any] | None = None
+        try:
+            for step_text, incident_text in rows:
+                if step_text is not None:
+                    step = packed.decode(step_text)
+                    found[step["step"]] = step
+                    self.known_steps.put(call_sid, step)
+                if incident is None and incident_text is not None:
+                    incident = packed.decode(incident_text)
         except Exception as exc:  # the voice path catches one type
             log.exception("could not read the voice lookup's rows")
             raise StoreError(f"unreadable lookup rows: {type(exc).__name__}") from exc
@@ -533,26 +563,33 @@ class KnownSteps:
 #: voice_lookup's statements by (number of step names, number of incident types): built
 #: once from bound parameters, so each call skips building the statement and SQLAlchemy
 #: finds its compiled form by the statement's memoized cache key
-_VOICE_QUERIES: dict[tuple[int, int], sa.Select[Any]] = {}
+_VOICE_QUERIES: dict[tuple[int, int, bool], sa.Select[Any]] = {}
 
 
-def _voice_query(n_steps: int, n_types: int) -> sa.Select[Any]:
+def _voice_query(n_steps: int, n_types: int, *, packed: bool = False) -> sa.Select[Any]:
     """The one statement: a one-row anchor, outer-joined to the call's stored steps
     (``n_steps`` names; 0: none) and to the caller's newest incident (``n_types`` types;
-    0: none).  Parameters: vl_call_sid, vl_step_<i>, vl_msisdn, vl_since, vl_type_<i>."""
-    key = (n_steps, n_types)
+    0: none).  Parameters: vl_call_sid, vl_step_<i>, vl_msisdn, vl_since, vl_type_<i>.
+
+    ``packed``: two columns, ``s`` and ``i``, each side's row as one JSON text (NULL when
+    that side found nothing; see :func:`_packed_voice_query`)."""
+    key = (n_steps, n_types, packed)
     query = _VOICE_QUERIES.get(key)
     if query is not None:
         return query
     anchor = sa.select(sa.literal_column("1").label("one")).subquery("anchor")
     source: sa.FromClause = anchor
-    columns: list[Any] = [anchor.c.one]
+    columns: list[Any] = [] if packed else [anchor.c.one]
     if n_steps:
         names = [sa.bindparam(f"vl_step_{i}", type_=call_steps.c.step.type)
                  for i in range(n_steps)]
         source = source.outerjoin(call_steps, sa.and_(
             call_steps.c.call_sid == sa.bindparam("vl_call_sid"), call_steps.c.step.in_(names)))
-        columns += [call_steps.c[name].label(f"s_{name}") for name in STEP_FIELDS]
+        step_columns = [call_steps.c[name] for name in STEP_FIELDS]
+        columns += ([_json_row(step_columns, call_steps.c.step).label("s")] if packed else
+                    [column.label(f"s_{column.name}") for column in step_columns])
+    elif packed:
+        columns.append(sa.null().label("s"))
     if n_types:
         kinds = [sa.bindparam(f"vl_type_{i}", type_=incidents.c.type.type)
                  for i in range(n_types)]
@@ -567,10 +604,102 @@ def _voice_query(n_steps: int, n_types: int) -> sa.Select[Any]:
             .limit(1)
             .subquery("newest"))
         source = source.outerjoin(newest, sa.true())
-        columns += [column.label(f"i_{column.name}") for column in newest.c]
+        columns += ([_json_row(list(newest.c), newest.c.id).label("i")] if packed else
+                    [column.label(f"i_{column.name}") for column in newest.c])
+    elif packed:
+        columns.append(sa.null().label("i"))
     query = sa.select(*columns).select_from(source)
     _VOICE_QUERIES[key] = query
     return query
+
+
+def _sqlite_reads_for(engine: Engine) -> Any:
+    """A :class:`~gateway.sqlite_reads.SqliteReads` for a SQLite file given by a plain
+    URL; None for anything else (PostgreSQL, in memory, URL options)."""
+    url = engine.url
+    if engine.dialect.name != "sqlite" or url.query or url.database in (None, "", ":memory:"):
+        return None
+    from gateway.sqlite_reads import SqliteReads
+
+    return SqliteReads(url.database)
+
+
+#: incidents' REAL columns travel through quote(), which SQLite renders so the text
+#: reads back as the same double (json_object keeps 15 significant digits only)
+_REAL = tuple(c.name for c in incidents.c if isinstance(c.type, sa.Float))
+
+
+@dataclass(frozen=True)
+class _PackedQuery:
+    sql: str
+    #: the parameter names in the order of the statement's placeholders
+    order: tuple[str, ...]
+    #: the statement's own bound values (the preferred types, the LIMIT)
+    constants: Mapping[str, Any]
+    #: the dialect's conversion of a datetime parameter and of each packed column
+    since: Callable[[Any], Any]
+    processors: Mapping[str, Callable[[Any], Any]]
+
+    def parameters(self, given: Mapping[str, Any]) -> list[Any]:
+        values = {**self.constants, **given}
+        if "vl_since" in given:
+            values["vl_since"] = self.since(given["vl_since"])
+        return [values[name] for name in self.order]
+
+    def decode(self, text: str) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(text)
+        for name in _REAL:
+            if name in data:
+                value = data[name]
+                data[name] = None if value is None or value == "NULL" else float(value)
+        for name, process in self.processors.items():
+            if name in data:
+                data[name] = process(data[name])
+        for name, value in data.items():
+            if isinstance(value, dt.datetime):
+                data[name] = as_utc(value)
+        return data
+
+
+_PACKED_QUERIES: dict[tuple[int, int], _PackedQuery] = {}
+
+
+def _json_row(columns: Sequence[Any], present: Any) -> Any:
+    """SQLite: ``columns`` as one JSON object (REAL values through quote()), or NULL
+    when ``present`` is NULL (the outer join found nothing)."""
+    pairs: list[Any] = []
+    for column in columns:
+        pairs += [sa.literal_column(f"'{column.name}'"),
+                  sa.func.quote(column) if column.name in _REAL else column]
+    return sa.case((present.is_not(None), sa.func.json_object(*pairs)), else_=sa.null())
+
+
+def _packed_voice_query(dialect: Any, n_steps: int, n_types: int) -> _PackedQuery:
+    """:func:`_voice_query` packed, compiled once for SQLite's named parameters, with
+    the dialect's conversions of its datetime parameter and of each packed column."""
+    key = (n_steps, n_types)
+    packed = _PACKED_QUERIES.get(key)
+    if packed is not None:
+        return packed
+    from sqlalchemy.dialects import sqlite
+
+    # positional (qmark) parameters: with named ones the sqlite3 module looks each name
+    # up with the GIL released, which under load costs a context switch per parameter
+    compiled = _voice_query(n_steps, n_types, packed=True).compile(dialect=sqlite.dialect())
+    processors = {}
+    for column in (*incidents.c, *call_steps.c):
+        process = column.type.dialect_impl(dialect).result_processor(dialect, None)
+        if process is not None and column.name not in _REAL:
+            processors[column.name] = process
+    bind = TS.dialect_impl(dialect).bind_processor(dialect)
+    packed = _PackedQuery(
+        sql=str(compiled),
+        order=tuple(compiled.positiontup or ()),
+        constants={k: v for k, v in compiled.params.items() if not k.startswith("vl_")},
+        since=bind if bind is not None else (lambda value: value),
+        processors=processors)
+    _PACKED_QUERIES[key] = packed
+    return packed
 
 
 def insert_ignore(conn: Connection, table: sa.Table, values: Mapping[str, Any]) -> bool:
@@ -636,10 +765,14 @@ def write_steps(conn: Connection, steps: Sequence[Mapping[str, Any]], *,
     if not steps:
         return []
     dialect = conn.dialect.name
-    inserted = {(row[0], row[1]) for row in conn.execute(
-        _insert_many(dialect, call_steps, returning_key=True),
-        [{"call_sid": s["call_sid"], "step": s["step"], "incident_id": s["incident_id"],
-          "created_at": now, "twiml": s["twiml"], "detail": dict(s["detail"])} for s in steps])}
+    rows = [{"call_sid": s["call_sid"], "step": s["step"], "incident_id": s["incident_id"],
+             "created_at": now, "twiml": s["twiml"], "detail": dict(s["detail"])}
+            for s in steps]
+    if dialect == "sqlite":
+        inserted = _insert_steps_sqlite(conn, rows)
+    else:
+        inserted = {(row[0], row[1]) for row in conn.execute(
+            _insert_many(dialect, call_steps, returning_key=True), rows)}
     news: list[bool] = []
     decisions: list[dict[str, Any]] = []
     for s in steps:
@@ -651,9 +784,113 @@ def write_steps(conn: Connection, steps: Sequence[Mapping[str, Any]], *,
             decisions.append({"call_sid": s["call_sid"], "step": s["step"],
                               "incident_id": s["incident_id"], "created_at": now,
                               "number": None, "centre_id": None, **s["decision"]})
-    if decisions:
+    if decisions and dialect == "sqlite":
+        _insert_rows_sqlite(conn, routing_decisions, decisions)
+    elif decisions:
         conn.execute(_insert_many(dialect, routing_decisions, returning_key=False), decisions)
     return news
+
+
+#: rows per multi-row INSERT on SQLite (9 columns x 100 stays under SQLite's historic
+#: limit of 999 parameters)
+_SQLITE_ROWS = 100
+
+
+def _insert_rows_sqlite(conn: Connection, table: sa.Table, rows: Sequence[Mapping[str, Any]]
+                        ) -> None:
+    """INSERT ... VALUES (...), (...) ON CONFLICT DO NOTHING: one statement per
+    ``_SQLITE_ROWS`` rows, each row with the keys of the first.  An executemany would
+    run one statement per row, and the sqlite3 module releases the GIL around each
+    step and reset of each: under load a batch of 70 steps cost ~9 GIL releases per
+    step, each a context switch to a serving thread and back.  (SQLAlchemy batches an
+    executemany so only with RETURNING, or without ON CONFLICT; and building
+    ``insert().values([...])`` per batch cost ~130 µs a row.)"""
+    if not rows:
+        return
+    keys = tuple(rows[0])
+    group, order, processors = _sqlite_insert_shape(conn.dialect, table, keys)
+    for start in range(0, len(rows), _SQLITE_ROWS):
+        chunk = rows[start:start + _SQLITE_ROWS]
+        values: list[Any] = []
+        for row in chunk:
+            if row.keys() != rows[0].keys():
+                raise StoreError(f"rows of {table.name} with different columns in one batch")
+            for name, process in zip(order, processors, strict=True):
+                value = row[name]
+                values.append(process(value) if process is not None else value)
+        conn.exec_driver_sql(group.format(", ".join([group.values] * len(chunk))),
+                             tuple(values))
+
+
+@dataclass(frozen=True)
+class _InsertText:
+    """An INSERT's text with its VALUES group left as a ``{}`` to fill in."""
+
+    text: str
+    values: str
+
+    def format(self, groups: str) -> str:
+        return self.text.replace("{}", groups)
+
+
+_SQLITE_INSERTS: dict[tuple[str, tuple[str, ...]], tuple[_InsertText, tuple[str, ...],
+                                                          tuple[Any, ...]]] = {}
+
+
+def _sqlite_insert_shape(dialect: Any, table: sa.Table, keys: tuple[str, ...]
+                         ) -> tuple[_InsertText, tuple[str, ...], tuple[Any, ...]]:
+    """The single-row insert-or-ignore of ``keys`` as SQLAlchemy compiles it for
+    SQLite, split around its VALUES group; the parameter order; each parameter's
+    bind processor (JSON to text, datetimes to SQLite's format)."""
+    cache_key = (table.name, keys)
+    shape = _SQLITE_INSERTS.get(cache_key)
+    if shape is not None:
+        return shape
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    compiled = sqlite_insert(table).on_conflict_do_nothing().compile(
+        dialect=dialect, column_keys=list(keys))
+    text = str(compiled)
+    head, tail = text.split(" VALUES ", 1)
+    values, rest = tail.split(")", 1)
+    order = tuple(compiled.positiontup or ())
+    if set(order) != set(keys) or "{" in text:
+        raise StoreError(f"unexpected insert shape for {table.name}")
+    processors = tuple(table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
+                       for name in order)
+    shape = (_InsertText(f"{head} VALUES {{}}{rest}", values + ")"), order, processors)
+    _SQLITE_INSERTS[cache_key] = shape
+    return shape
+
+
+def _insert_steps_sqlite(conn: Connection, rows: Sequence[Mapping[str, Any]]
+                         ) -> set[tuple[str, str]]:
+    """The call_steps rows, insert-or-ignore; the (call_sid, step) keys this inserted.
+
+    Without RETURNING (one fetched row per step, each with GIL releases per column):
+    the write lock is taken first (BEGIN IMMEDIATE, unless this transaction already
+    wrote and so holds it), then one statement reads which keys exist, packed into one
+    JSON text, and one inserts the rest.  With the lock held nobody can insert a key
+    between the two (SQLite has one writer at a time)."""
+    dbapi = conn.connection.dbapi_connection
+    if dbapi is not None and not getattr(dbapi, "in_transaction", True):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    call_sids = sorted({row["call_sid"] for row in rows})
+    existing: set[tuple[str, str]] = set()
+    for start in range(0, len(call_sids), 500):
+        packed = conn.execute(
+            sa.select(sa.func.json_group_array(sa.func.json_array(call_steps.c.call_sid,
+                                                                   call_steps.c.step)))
+            .where(call_steps.c.call_sid.in_(call_sids[start:start + 500]))).scalar()
+        existing.update((sid, step) for sid, step in json.loads(packed or "[]"))
+    _insert_rows_sqlite(conn, call_steps, rows)
+    inserted: set[tuple[str, str]] = set()
+    for row in rows:
+        key = (row["call_sid"], row["step"])
+        if key not in existing:
+            inserted.add(key)
+            existing.add(key)  # a repeat later in the batch is not inserted
+    return inserted
 
 
 def write_step(conn: Connection, *, call_sid: str, step: str, incident_id: str | None,

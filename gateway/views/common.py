@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Self, TypeVar
@@ -72,10 +73,27 @@ def action_url(endpoint: str, state: UrlState | Mapping[str, str] | None = None,
 _QUERY_SAFE = "!$'()*,/:;?@"
 
 
+#: text that urlencode(..., safe=_QUERY_SAFE) leaves as it is: ASCII letters, digits,
+#: "_.-~" (always safe) and _QUERY_SAFE
+_UNQUOTED = re.compile(r"[A-Za-z0-9_.\-~!$'()*,/:;?@]*\Z")
+
+
 def encode_query(params: Mapping[str, Any]) -> str:
-    """``?a=1&b=2`` as url_for appends it (values of None left out); "" for none."""
-    items = [(key, value) for key, value in params.items() if value is not None]
-    return "?" + urlencode(items, safe=_QUERY_SAFE) if items else ""
+    """``?a=1&b=2`` as url_for appends it (values of None left out); "" for none.
+
+    The text urlencode(items, safe=_QUERY_SAFE) writes, without its per-character
+    quoting for keys and values that need none (a plan's ids, countries, numbers):
+    that was ~50 µs of every answer."""
+    parts = []
+    for key, value in params.items():
+        if value is None:
+            continue
+        text = value if isinstance(value, str) else str(value) if isinstance(value, int) else ""
+        if not (text or value == "") or not _UNQUOTED.match(key) or not _UNQUOTED.match(text):
+            parts.append(urlencode([(key, value)], safe=_QUERY_SAFE))
+        else:
+            parts.append(f"{key}={text}")
+    return "?" + "&".join(parts) if parts else ""
 
 
 def endpoint_url(endpoint: str) -> str | None:

@@ -38,3 +38,17 @@ def test_paths_are_per_script_root_and_routes_with_path_variables_use_url_for(
         assert endpoint_url("voice.status") == PUBLIC_URL + "/gw/twilio/voice/status"
         assert action_url("agent.read_vehicle", {"vin": "WVWZZZ1JZXW000001"}) == (
             PUBLIC_URL + "/gw/v1/agent/vehicles/WVWZZZ1JZXW000001")
+
+
+@settings(max_examples=300)
+@given(params=st.dictionaries(st.one_of(VALUES, st.text(max_size=5)),
+                              st.one_of(VALUES, st.text(max_size=8), st.integers(),
+                                        st.booleans(), st.none()), max_size=8))
+def test_encode_query_writes_what_urlencode_writes(params: dict[str, object]) -> None:
+    """The fast path (nothing to quote) and the quoted path give urlencode's text."""
+    from urllib.parse import urlencode
+
+    from gateway.views.common import _QUERY_SAFE
+
+    items = [(key, value) for key, value in params.items() if value is not None]
+    assert encode_query(params) == ("?" + urlencode(items, safe=_QUERY_SAFE) if items else "")

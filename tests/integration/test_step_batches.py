@@ -21,6 +21,7 @@ from gateway.centre_health import CentreHealth, centre_health
 from gateway.metrics import Metrics
 from gateway.steps import StepRecord, StepWriter
 from gateway.store import KnownSteps, Store, call_steps, routing_decisions
+from tests.support.statements import count_statements
 
 SINCE = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 
@@ -140,9 +141,7 @@ def test_a_batch_with_an_unwritable_record_drops_only_that_record(store: Store) 
 def test_a_stored_step_is_replayed_from_memory_only_when_asked(store: Store) -> None:
     writer, _ = writer_for(store)
     assert writer.write_now(record(1)) is True
-    statements: list[str] = []
-    sa.event.listen(store.engine, "before_cursor_execute",
-                    lambda _c, _cur, statement, *_: statements.append(statement))
+    statements = count_statements(store)
 
     def lookup(**kwargs: Any) -> Any:
         return store.voice_lookup(call_sid="CA1", steps=("dial-result:1", "accept:1"),
