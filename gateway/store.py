@@ -10,7 +10,9 @@ path can catch one type and carry on.
 No database on the critical path: :meth:`Store.within` runs work with a deadline
 (see :mod:`gateway.db`), :meth:`Store.voice_lookup` answers everything a voice
 webhook needs in one round trip under it, and the engine never pre-pings (a ping to a
-hung server blocks as long as the query would).
+hung server blocks as long as the query would).  On a SQLite file the voice read runs
+on the request thread instead, under a deadline of its own (:mod:`gateway.sqlite_reads`
+says why), and step batches avoid RETURNING and executemany (:func:`write_steps`).
 """
 
 from __future__ import annotations
@@ -884,13 +886,7 @@ def _insert_steps_sqlite(conn: Connection, rows: Sequence[Mapping[str, Any]]
             .where(call_steps.c.call_sid.in_(call_sids[start:start + 500]))).scalar()
         existing.update((sid, step) for sid, step in json.loads(packed or "[]"))
     _insert_rows_sqlite(conn, call_steps, rows)
-    inserted: set[tuple[str, str]] = set()
-    for row in rows:
-        key = (row["call_sid"], row["step"])
-        if key not in existing:
-            inserted.add(key)
-            existing.add(key)  # a repeat later in the batch is not inserted
-    return inserted
+    return {(row["call_sid"], row["step"]) for row in rows} - existing
 
 
 def write_step(conn: Connection, *, call_sid: str, step: str, incident_id: str | None,

@@ -224,6 +224,15 @@ class WatchedStore(Store):
     def __init__(self, url: str) -> None:
         super().__init__(Store.from_url(url).engine)
         self.threads: list[str] = []
+        reads = self.sqlite_reads  # a SQLite file's voice read, on the request thread
+        assert reads is not None
+        fetch = reads.fetch
+
+        def watched_fetch(*args: Any, **kwargs: Any) -> Any:
+            self.threads.append(threading.current_thread().name)
+            return fetch(*args, **kwargs)
+
+        reads.fetch = watched_fetch  # type: ignore[method-assign]
 
     def within(self, fn: Any, *, timeout_s: float) -> Any:
         self.threads.append(threading.current_thread().name)

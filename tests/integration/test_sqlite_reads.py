@@ -1,0 +1,201 @@
+"""The embedded SQLite's voice read on the request thread (gateway.sqlite_reads) and
+its step batches without RETURNING: the same answers as the SQLAlchemy path, a
+deadline that holds against a locked file and a runaway statement, and steps new
+exactly once when two writers race."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.errors import StoreError
+from gateway.sqlite_reads import SqliteReads
+from gateway.steps import StepRecord, StepWriter
+from gateway.store import Store, call_steps, incidents, routing_decisions
+from tests.conftest import PUBLIC_URL
+from tests.support.twilio import call_params, dialled_number, parse, signature
+
+SINCE = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
+
+
+@pytest.fixture
+def file_store(tmp_path: Path) -> Iterator[Store]:
+    store = Store.from_url(f"sqlite:///{tmp_path}/reads.sqlite3")
+    store.create_schema()
+    assert store.sqlite_reads is not None
+    yield store
+    store.dispose()
+
+
+def plain_twin(store: Store) -> Store:
+    """The same file read the SQLAlchemy way (through within(), all columns)."""
+    twin = Store(store.engine)
+    twin.sqlite_reads = None
+    return twin
+
+
+REALS = st.one_of(st.none(), st.floats(allow_nan=False), st.floats(-180, 180))
+JSONS = st.one_of(st.none(), st.dictionaries(st.text(max_size=5), st.one_of(
+    st.integers(), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8),
+    st.booleans(), st.none()), max_size=4))
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lat=REALS, lon=REALS, heading=REALS, accuracy=REALS, crash=JSONS, occupants=JSONS,
+       trusted=st.one_of(st.none(), st.booleans()), test_call=st.one_of(st.none(), st.booleans()),
+       text=st.text(max_size=30), micros=st.integers(0, 999_999),
+       detail=st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=3))
+def test_the_packed_read_returns_what_the_sqlalchemy_read_returns(
+        file_store: Store, lat: float | None, lon: float | None, heading: float | None,
+        accuracy: float | None, crash: Any, occupants: Any, trusted: bool | None,
+        test_call: bool | None, text: str, micros: int, detail: dict[str, str]) -> None:
+    msisdn = "+4670" + uuid.uuid4().hex[:7]
+    call_sid = "CA" + uuid.uuid4().hex
+    at = dt.datetime(2026, 11, 26, 3, 4, 5, micros, tzinfo=dt.UTC)
+    with file_store.begin() as conn:
+        conn.execute(incidents.insert().values(
+            id=str(uuid.uuid4()), event_id=call_sid, payload_sha256="0" * 64, type="crash",
+            vin="WVWZZZ1JZXW000001", msisdn=msisdn, occurred_at=at, received_at=at,
+            lat=lat, lon=lon, heading_deg=heading, accuracy_m=accuracy, trusted=trusted,
+            crash=crash, occupants=occupants, route_reason=text, emergency_number="112",
+            fallback_dial="+46000000000", status="open", msd=text or None,
+            test_call=test_call))
+    assert file_store.record_call_step(call_sid=call_sid, step="voice", incident_id=None,
+                                       twiml=f"<Response>{text}</Response>", detail=detail)
+    kwargs: dict[str, Any] = {"call_sid": call_sid, "steps": ("voice", "accept:1"),
+                              "msisdn": msisdn, "since": SINCE, "types": ("crash", "sos"),
+                              "timeout_s": 2.0}
+    packed = file_store.voice_lookup(**kwargs)
+    plain = plain_twin(file_store).voice_lookup(**kwargs)
+    assert packed.incident == plain.incident
+    assert packed.steps == plain.steps
+    assert packed.incident is not None and set(packed.steps) == {"voice"}
+    for name, value in (("lat", lat), ("lon", lon), ("heading_deg", heading),
+                        ("accuracy_m", accuracy)):  # exact: quote() reads back the double
+        assert packed.incident[name] == value
+    assert packed.incident["received_at"] == at
+
+
+def test_nothing_found_is_no_incident_and_no_step(file_store: Store) -> None:
+    found = file_store.voice_lookup(call_sid="CAnone", steps=("voice",), msisdn="+46700000000",
+                                    since=SINCE, types=("crash",), timeout_s=2.0)
+    assert found.incident is None and found.steps == {}
+
+
+def lock_exclusively(store: Store) -> sqlite3.Connection:
+    """Another connection holding the file's exclusive lock (WAL readers wait too); the
+    store's own connections are closed first, as exclusive mode needs the file alone."""
+    assert store.sqlite_reads is not None
+    store.dispose()
+    holder = sqlite3.connect(store.sqlite_reads.path, isolation_level=None, timeout=5)
+    holder.execute("PRAGMA locking_mode = EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("DELETE FROM call_steps WHERE call_sid = 'nobody'")
+    return holder
+
+
+def test_a_locked_file_fails_the_read_within_its_deadline_then_reads_again(
+        file_store: Store) -> None:
+    assert file_store.sqlite_reads is not None
+    holder = lock_exclusively(file_store)
+    started = time.monotonic()
+    with pytest.raises(StoreError):
+        file_store.voice_lookup(call_sid="CA1", steps=("voice",), msisdn="+46700000000",
+                                since=SINCE, types=("crash",), timeout_s=0.3)
+    assert 0.25 < time.monotonic() - started < 1.0
+    holder.execute("ROLLBACK")
+    holder.close()
+    found = file_store.voice_lookup(call_sid="CA1", steps=("voice",), msisdn="+46700000000",
+                                    since=SINCE, types=("crash",), timeout_s=0.3)
+    assert found.incident is None
+
+
+def test_a_statement_running_past_its_deadline_is_interrupted(tmp_path: Path) -> None:
+    reads = SqliteReads(str(tmp_path / "any.sqlite3"), progress_ops=100)
+    # ~2.4 s of counting here: long past the deadline, short enough that a read
+    # without the deadline fails on time instead of hanging the suite
+    endless = ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c "
+               "WHERE x < 20000000) SELECT count(*) FROM c")
+    started = time.monotonic()
+    with pytest.raises(StoreError, match="did not answer within 0.10 s"):
+        reads.fetch(endless, (), timeout_s=0.1)
+    assert time.monotonic() - started < 1.0
+    assert reads.fetch("SELECT ?", (7,), timeout_s=0.1) == [(7,)]  # the connection is fine
+    with pytest.raises(StoreError):  # and it reads only
+        reads.fetch("CREATE TABLE t (x)", (), timeout_s=0.1)
+    reads.close()
+    assert reads.fetch("SELECT 1", (), timeout_s=0.1) == [(1,)]  # reopened after close()
+
+
+def test_an_sos_call_on_a_locked_database_still_dials_a_person(make_app: Any) -> None:
+    app: Flask = make_app()
+    store: Store = app.extensions["gateway"].store
+    assert store.sqlite_reads is not None
+    params = call_params("CAlocked", "+4915112345678")
+    holder = lock_exclusively(store)
+    try:
+        started = time.monotonic()
+        response = app.test_client().post(  # not Twilio.post: it waits for the step write
+            "/twilio/voice", data=params,
+            headers={"X-Twilio-Signature": signature(PUBLIC_URL + "/twilio/voice", params)})
+        elapsed = time.monotonic() - started
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert response.status_code == 200
+    assert dialled_number(parse(response.data)) == "+442079460100"  # eu-primary
+    assert elapsed < 1.5  # the 0.3 s read deadline, not the 2 s busy timeout of writes
+
+
+def step(n: int, call_sid: str) -> StepRecord:
+    return StepRecord(call_sid=call_sid, step=f"dial-result:{n}", incident_id=None,
+                      twiml=f"<Response>{n}</Response>", detail={"n": n},
+                      decision={"target": "centre", "number": "+4610000000",
+                                "centre_id": "eu-primary", "reason": f"attempt {n}"})
+
+
+def test_two_writers_racing_on_one_file_make_each_step_new_exactly_once(
+        tmp_path: Path) -> None:
+    """Two processes' writers (two engines) write overlapping batches at once: with the
+    write lock taken before the existing keys are read, each step is new once."""
+    url = f"sqlite:///{tmp_path}/race.sqlite3"
+    first = Store.from_url(url)
+    first.create_schema()
+    second = Store.from_url(url)
+    writers = [StepWriter(store, autostart=False) for store in (first, second)]
+    sids = [f"CA{i:03d}" for i in range(40)]
+    news: list[list[bool]] = [[], []]
+    barrier = threading.Barrier(2)
+
+    def write(index: int) -> None:
+        barrier.wait(timeout=5)
+        order = sids if index == 0 else list(reversed(sids))
+        for start in range(0, len(order), 8):
+            batch = [step(n, sid) for sid in order[start:start + 8] for n in (1, 2)]
+            news[index] += writers[index].write_batch(batch)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sum(news[0]) + sum(news[1]) == 80  # 40 calls x 2 steps, each new once
+    with first.begin() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(call_steps)).scalar() == 80
+        assert conn.execute(
+            sa.select(sa.func.count()).select_from(routing_decisions)).scalar() == 80
+    for store in (first, second):
+        store.dispose()
