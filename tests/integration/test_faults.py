@@ -232,11 +232,11 @@ class WatchedStore(Store):
             self.threads.append(threading.current_thread().name)
             return fetch(*args, **kwargs)
 
-        reads.fetch = watched_fetch  # type: ignore[method-assign]
+        reads.fetch = watched_fetch
 
-    def within(self, fn: Any, *, timeout_s: float) -> Any:
+    def within(self, fn: Any, *, timeout_s: float, **kwargs: Any) -> Any:
         self.threads.append(threading.current_thread().name)
-        return super().within(fn, timeout_s=timeout_s)
+        return super().within(fn, timeout_s=timeout_s, **kwargs)
 
     def begin(self) -> Any:
         self.threads.append(threading.current_thread().name)
