@@ -6,14 +6,19 @@ Run by hand (needs ``wrk``: ``apt-get install -y wrk``):
     .venv/bin/python bench/bench_incoming.py [--duration 10] [--connections 8]
         [--no-postgres] [--postgres-url postgresql://postgres@127.0.0.1:5432/test]
 
-Both servers run in their own process with the same WSGI server and settings
-(waitress, 8 threads, on 127.0.0.1):
+Both servers run in their own process with the same WSGI server and settings, one
+process of 8 threads on 127.0.0.1, under each of (``--server``, default both):
+
+- gunicorn (gthread), as ``serve`` runs on POSIX (gateway.serving's settings): ours is
+  ``GATEWAY_SERVER=gunicorn``, the baseline bench/_serving_baselines.py ``twiml``;
+- waitress, as ``serve --server waitress`` runs (and on Windows): the baseline is
+  bench/_twiml_baseline.py.
 
 - ours: ``python -m gateway serve --no-worker`` (tests/support/server.py), on the
   default embedded SQLite in a temp dir, then (if the server answers) on PostgreSQL in
   a private database ``bench_incoming`` created and dropped here;
-- baseline: bench/_twiml_baseline.py, one Flask route that checks X-Twilio-Signature
-  with twilio's RequestValidator and answers <Say> + <Dial><Number>.
+- baseline: one Flask route that checks X-Twilio-Signature with twilio's
+  RequestValidator and answers <Say> + <Dial><Number>.
 
 The load is wrk (C, keep-alive, fixed connections, fixed duration) driven by a Lua
 script that cycles through requests signed beforehand in Python (wrk's LuaJIT has no
@@ -34,8 +39,9 @@ when the run ended and how long the drain took (that work is not in ours' req/s)
 also counts ours' answers made without the database read (the read missed its 0.3 s
 deadline, or the database was then "suspect"): fast, but not the normal answer.
 
-Each run also reads the server process's CPU time (/proc, all threads; ours' until its
-step queue drained) per request: on a machine shared with other work, req/s depends on
+Each run also reads the server's CPU time (/proc, all threads of the process and of its
+children, so a gunicorn master and its worker; ours' until its step queue drained) per
+request: on a machine shared with other work, req/s depends on
 how much CPU the scheduler gives each side, CPU per request much less so.  Its ratio
 baseline/ours is what req/s would be on a machine where both are CPU-bound.
 """
@@ -150,7 +156,8 @@ def machine() -> str:
     from importlib.metadata import version
 
     return (f"nproc {os.cpu_count()}, {cpu}, Python {platform.python_version()}, "
-            f"{platform.system()} {platform.release()}; {wrk}; waitress {version('waitress')}, "
+            f"{platform.system()} {platform.release()}; {wrk}; gunicorn {version('gunicorn')}, "
+            f"waitress {version('waitress')}, "
             f"Flask {version('flask')}, twilio {version('twilio')}, "
             f"SQLAlchemy {version('sqlalchemy')}, "
             f"SQLite {sqlite3.sqlite_version}")
@@ -196,9 +203,18 @@ class Result:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all its threads (Linux /proc)."""
-    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of a process and its live children (a gunicorn master and
+    its workers), all their threads (Linux /proc)."""
+    pids = [pid]
+    with contextlib.suppress(OSError):
+        pids += [int(child) for child in
+                 pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    total = 0
+    for one in pids:
+        with contextlib.suppress(OSError):
+            fields = pathlib.Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def wrk(url: str, lua: pathlib.Path, requests_file: pathlib.Path, *, duration: float,
@@ -224,20 +240,23 @@ def wrk(url: str, lua: pathlib.Path, requests_file: pathlib.Path, *, duration: f
 
 
 @contextlib.contextmanager
-def running_baseline(tmp: pathlib.Path) -> Iterator[tuple[str, int]]:
-    """The baseline's (base URL, pid)."""
+def running_baseline(tmp: pathlib.Path, server: str) -> Iterator[tuple[str, int]]:
+    """The baseline's (base URL, pid) under ``server`` (gunicorn or waitress)."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {**os.environ, "GATEWAY_TWILIO_AUTH_TOKEN": AUTH_TOKEN, "GATEWAY_PUBLIC_URL": base}
-    log = (tmp / "baseline.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "_twiml_baseline.py"), "--port", str(port),
-         "--threads", str(THREADS)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    log = (tmp / f"baseline-{server}.log").open("wb")
+    command = ([str(ROOT / "bench" / "_twiml_baseline.py"), "--port", str(port),
+                "--threads", str(THREADS)] if server == "waitress" else
+               [str(ROOT / "bench" / "_serving_baselines.py"), "twiml", "--port", str(port),
+                "--public-url", base, "--workers", "1", "--threads", str(THREADS)])
+    process = subprocess.Popen([sys.executable, *command], env=env, stdout=log,
+                               stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30
         while True:
             if process.poll() is not None:
-                raise RuntimeError((tmp / "baseline.log").read_text())
+                raise RuntimeError((tmp / f"baseline-{server}.log").read_text())
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
                 break
             if time.monotonic() > deadline:
@@ -319,6 +338,7 @@ def drop_postgres(admin_url: str) -> None:
 
 @dataclass
 class Row:
+    server: str
     backend: str
     scenario: str
     baseline: list[Result]
@@ -344,15 +364,14 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def run_backend(name: str, tmp: pathlib.Path, baseline_server: tuple[str, int],
+def run_backend(server: str, name: str, tmp: pathlib.Path, baseline_server: tuple[str, int],
                 lua: pathlib.Path, a: argparse.Namespace, **env: str) -> list[Row]:
     baseline, baseline_pid = baseline_server
     rows: list[Row] = []
-    work = tmp / name
+    work = tmp / f"{server}-{name}"
     work.mkdir()
-    # waitress, one process of THREADS threads, like the baseline, whatever serve's default
-    # (the variables are read by serve where it can choose its server; ignored before)
-    extra: dict[str, Any] = {"GATEWAY_SERVER": "waitress", "GATEWAY_WORKERS": "1",
+    # one process of THREADS threads under the baseline's server
+    extra: dict[str, Any] = {"GATEWAY_SERVER": server, "GATEWAY_WORKERS": "1",
                              "GATEWAY_THREADS": str(THREADS), **env}
     with running_gateway(work, "--no-worker", **extra) as gw:
         ours = gw.base_url
@@ -395,7 +414,7 @@ def run_backend(name: str, tmp: pathlib.Path, baseline_server: tuple[str, int],
                 wrk(url, lua, warm, duration=a.warmup, connections=a.connections,
                     threads=a.wrk_threads, lines=warm_lines)
             drain(ours)
-            row = Row(name, scenario, [], [], [], [])
+            row = Row(server, name, scenario, [], [], [], [])
             for r in range(a.rounds):  # baseline, ours, baseline, ours, ...
                 lines = (0, a.wrk_threads) if same is not None else (r * count, (r + 1) * count)
                 for who, base in (("baseline", baseline), ("ours", ours)):
@@ -417,7 +436,7 @@ def run_backend(name: str, tmp: pathlib.Path, baseline_server: tuple[str, int],
                     getattr(row, who).append(result)
                     if who == "ours":
                         row.skipped += skipped_reads(gw.log_path, offset)
-                print(f"  {name:10} {scenario:7} round {r + 1}: baseline "
+                print(f"  {server:8} {name:10} {scenario:7} round {r + 1}: baseline "
                       f"{row.baseline[-1].rps:6.0f} req/s, ours {row.ours[-1].rps:6.0f} req/s "
                       f"({row.ours[-1].rps / row.baseline[-1].rps:.2f}x)", flush=True)
             rows.append(row)
@@ -450,35 +469,39 @@ def main() -> None:
     ap.add_argument("--postgres-url", default=os.environ.get(
         "GATEWAY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"))
     ap.add_argument("--no-postgres", action="store_true")
+    ap.add_argument("--server", choices=("both", "gunicorn", "waitress"), default="both",
+                    help="gunicorn: as serve runs on POSIX; waitress: serve --server waitress")
     a = ap.parse_args()
+    servers = ("gunicorn", "waitress") if a.server == "both" else (a.server,)
     if shutil.which("wrk") is None:
         sys.exit("wrk not found: apt-get install -y wrk")
 
     print(machine())
     print(f"wrk: {a.connections} connections, {a.wrk_threads} threads, {a.rounds} x "
           f"{a.duration:g} s per server and scenario (alternating) after {a.warmup:g} s "
-          f"warm-up; servers: waitress, {THREADS} threads, 127.0.0.1; load average "
-          f"{loadavg()}", flush=True)
+          f"warm-up; servers: {', '.join(servers)}, one process of {THREADS} threads, "
+          f"127.0.0.1; load average {loadavg()}", flush=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench-incoming-"))
     lua = tmp / "signed.lua"
     lua.write_text(WRK_LUA)
     rows: list[Row] = []
     try:
-        with running_baseline(tmp) as baseline:
-            rows += run_backend("sqlite", tmp, baseline, lua, a)
-            pg = None if a.no_postgres else postgres_url(a.postgres_url)
-            if pg is not None:
-                try:
-                    rows += run_backend("postgresql", tmp, baseline, lua, a,
-                                        GATEWAY_DATABASE_URL=pg)
-                finally:
-                    drop_postgres(a.postgres_url)
+        for server in servers:
+            with running_baseline(tmp, server) as baseline:
+                rows += run_backend(server, "sqlite", tmp, baseline, lua, a)
+                pg = None if a.no_postgres else postgres_url(a.postgres_url)
+                if pg is not None:
+                    try:
+                        rows += run_backend(server, "postgresql", tmp, baseline, lua, a,
+                                            GATEWAY_DATABASE_URL=pg)
+                    finally:
+                        drop_postgres(a.postgres_url)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     goals = {"fresh": 0.5, "replay": 0.85, "crash": 0.5}
     print(f"\nload average at the end {loadavg()}; medians of {a.rounds} runs:")
-    print(f"{'database':10} {'scenario':8} {'server':8} {'req/s':>7} {'p50 ms':>7} "
+    print(f"{'server':8} {'database':10} {'scenario':8} {'who':8} {'req/s':>7} {'p50 ms':>7} "
           f"{'p99 ms':>7} {'CPU us':>7}   ours/baseline req/s (goal); per round; CPU ratio")
     for row in rows:
         for who in ("baseline", "ours"):
@@ -495,7 +518,7 @@ def main() -> None:
                         f"steps queued at end <= {max(row.queued):.0f}, drained in "
                         f"<= {max(row.drain_s):.1f} s; answers without the database read: "
                         f"{row.skipped}")
-            print(f"{row.backend:10} {row.scenario:8} {who:8} "
+            print(f"{row.server:8} {row.backend:10} {row.scenario:8} {who:8} "
                   f"{median([r.rps for r in results]):7.0f} "
                   f"{median([r.p50_ms for r in results]):7.2f} "
                   f"{median([r.p99_ms for r in results]):7.2f} "

@@ -387,13 +387,14 @@ class Store:
         found: dict[str, Mapping[str, Any]] = {}
         incident: dict[str, Any] | None = None
         try:
-            for step_text, incident_text in rows:
-                if step_text is not None:
-                    step = packed.decode(step_text)
+            for (text,) in rows:
+                step, found_incident = json.loads(text)
+                if step is not None:
+                    packed.convert(step)
                     found[step["step"]] = step
                     self.known_steps.put(call_sid, step)
-                if incident is None and incident_text is not None:
-                    incident = packed.decode(incident_text)
+                if incident is None and found_incident is not None:
+                    incident = packed.convert(found_incident)
         except Exception as exc:  # the voice path catches one type
             log.exception("could not read the voice lookup's rows")
             raise StoreError(f"unreadable lookup rows: {type(exc).__name__}") from exc
@@ -532,6 +533,11 @@ class Store:
 
 #: what voice_lookup returns of each stored step (and the step name itself)
 STEP_FIELDS = ("step", "twiml", "detail", "incident_id", "created_at")
+#: what voice_lookup returns of the caller's incident: what the caller's leg routes by
+#: (gateway.views.call_steps.arrival_of, the roadside entitlement's VIN); the agent's
+#: whisper reads the whole incident by its id
+INCIDENT_FIELDS = ("id", "type", "vin", "status", "received_at", "home_country",
+                   "route_country", "route_reason", "test_call")
 
 
 class KnownSteps:
@@ -573,8 +579,8 @@ def _voice_query(n_steps: int, n_types: int, *, packed: bool = False) -> sa.Sele
     (``n_steps`` names; 0: none) and to the caller's newest incident (``n_types`` types;
     0: none).  Parameters: vl_call_sid, vl_step_<i>, vl_msisdn, vl_since, vl_type_<i>.
 
-    ``packed``: two columns, ``s`` and ``i``, each side's row as one JSON text (NULL when
-    that side found nothing; see :func:`_packed_voice_query`)."""
+    ``packed``: one column, a JSON array of the step's row and the incident's, each a
+    JSON object or null when that side found nothing (:func:`_packed_voice_query`)."""
     key = (n_steps, n_types, packed)
     query = _VOICE_QUERIES.get(key)
     if query is not None:
@@ -599,7 +605,7 @@ def _voice_query(n_steps: int, n_types: int, *, packed: bool = False) -> sa.Sele
         constants = [sa.literal(kind, incidents.c.type.type) for kind in PREFERRED_TYPES]
         preferred = sa.case((incidents.c.type.in_(constants), 0), else_=1)
         newest = (
-            sa.select(incidents)
+            sa.select(*(incidents.c[name] for name in INCIDENT_FIELDS))
             .where(incidents.c.msisdn == sa.bindparam("vl_msisdn"), incidents.c.type.in_(kinds),
                    incidents.c.received_at >= sa.bindparam("vl_since"))
             .order_by(preferred, incidents.c.received_at.desc(), incidents.c.id)
@@ -610,6 +616,8 @@ def _voice_query(n_steps: int, n_types: int, *, packed: bool = False) -> sa.Sele
                     [column.label(f"i_{column.name}") for column in newest.c])
     elif packed:
         columns.append(sa.null().label("i"))
+    if packed:  # one column: each column fetched costs the sqlite3 module a GIL release
+        columns = [sa.func.json_array(*columns).label("si")]
     query = sa.select(*columns).select_from(source)
     _VOICE_QUERIES[key] = query
     return query
@@ -626,9 +634,6 @@ def _sqlite_reads_for(engine: Engine) -> Any:
     return SqliteReads(url.database)
 
 
-#: incidents' REAL columns travel through quote(), which SQLite renders so the text
-#: reads back as the same double (json_object keeps 15 significant digits only)
-_REAL = tuple(c.name for c in incidents.c if isinstance(c.type, sa.Float))
 
 
 @dataclass(frozen=True)
@@ -648,12 +653,8 @@ class _PackedQuery:
             values["vl_since"] = self.since(given["vl_since"])
         return [values[name] for name in self.order]
 
-    def decode(self, text: str) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads(text)
-        for name in _REAL:
-            if name in data:
-                value = data[name]
-                data[name] = None if value is None or value == "NULL" else float(value)
+    def convert(self, data: dict[str, Any]) -> dict[str, Any]:
+        """A packed row's values as the dialect reads its columns (in place)."""
         for name, process in self.processors.items():
             if name in data:
                 data[name] = process(data[name])
@@ -667,18 +668,21 @@ _PACKED_QUERIES: dict[tuple[int, int], _PackedQuery] = {}
 
 
 def _json_row(columns: Sequence[Any], present: Any) -> Any:
-    """SQLite: ``columns`` as one JSON object (REAL values through quote()), or NULL
-    when ``present`` is NULL (the outer join found nothing)."""
+    """SQLite: ``columns`` as one JSON object, or NULL when ``present`` is NULL (the
+    outer join found nothing).  No REAL column may be packed: json_object writes 15
+    significant digits, which does not always read back as the same double."""
     pairs: list[Any] = []
     for column in columns:
-        pairs += [sa.literal_column(f"'{column.name}'"),
-                  sa.func.quote(column) if column.name in _REAL else column]
+        if isinstance(column.type, sa.Float):
+            raise StoreError(f"a REAL column cannot be packed exactly: {column.name}")
+        pairs += [sa.literal_column(f"'{column.name}'"), column]
     return sa.case((present.is_not(None), sa.func.json_object(*pairs)), else_=sa.null())
 
 
 def _packed_voice_query(dialect: Any, n_steps: int, n_types: int) -> _PackedQuery:
-    """:func:`_voice_query` packed, compiled once for SQLite's named parameters, with
-    the dialect's conversions of its datetime parameter and of each packed column."""
+    """:func:`_voice_query` packed, compiled once for SQLite (positional parameters),
+    with the dialect's conversions of its datetime parameter and of each packed column
+    (the step's and the incident's fields share one table of them: their names differ)."""
     key = (n_steps, n_types)
     packed = _PACKED_QUERIES.get(key)
     if packed is not None:
@@ -689,9 +693,10 @@ def _packed_voice_query(dialect: Any, n_steps: int, n_types: int) -> _PackedQuer
     # up with the GIL released, which under load costs a context switch per parameter
     compiled = _voice_query(n_steps, n_types, packed=True).compile(dialect=sqlite.dialect())
     processors = {}
-    for column in (*incidents.c, *call_steps.c):
+    for column in (*(incidents.c[n] for n in INCIDENT_FIELDS),
+                   *(call_steps.c[n] for n in STEP_FIELDS)):
         process = column.type.dialect_impl(dialect).result_processor(dialect, None)
-        if process is not None and column.name not in _REAL:
+        if process is not None:
             processors[column.name] = process
     bind = TS.dialect_impl(dialect).bind_processor(dialect)
     packed = _PackedQuery(

@@ -83,10 +83,18 @@ def test_the_packed_read_returns_what_the_sqlalchemy_read_returns(
     assert packed.incident == plain.incident
     assert packed.steps == plain.steps
     assert packed.incident is not None and set(packed.steps) == {"voice"}
-    for name, value in (("lat", lat), ("lon", lon), ("heading_deg", heading),
-                        ("accuracy_m", accuracy)):  # exact: quote() reads back the double
-        assert packed.incident[name] == value
     assert packed.incident["received_at"] == at
+    assert packed.incident["test_call"] is test_call
+    assert packed.incident["route_reason"] == text
+    assert packed.steps["voice"]["detail"] == detail
+
+
+def test_a_real_column_is_never_packed() -> None:
+    """json_object writes a REAL with 15 significant digits: not always the same double."""
+    from gateway.store import _json_row
+
+    with pytest.raises(StoreError, match="lat"):
+        _json_row([incidents.c.id, incidents.c.lat], incidents.c.id)
 
 
 def test_nothing_found_is_no_incident_and_no_step(file_store: Store) -> None:

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 from gateway.centre_health import API, CentreHealth
 from gateway.errors import StoreError
-from gateway.store import Store, call_steps, incidents, make_engine
+from gateway.store import INCIDENT_FIELDS, Store, call_steps, incidents, make_engine
 from tests.conftest import postgres_url
 from tests.support.proxy import TcpProxy, proxied_url
 from tests.support.statements import count_statements
@@ -270,7 +270,8 @@ def test_voice_lookup_prefers_crash_and_sos_newest_first_whatever_the_status(
     found = lookup(any_store, timeout_s=2.0)
     assert found.incident["id"] == crash
     assert found.incident["status"] == "closed"
-    assert found.incident["crash"] == {"delta_v": 30}
+    assert found.incident["route_reason"] == "gnss"
+    assert set(found.incident) == set(INCIDENT_FIELDS)  # what the caller's leg routes by
     assert found.incident["received_at"] == NOW - dt.timedelta(minutes=30)
     assert lookup(any_store, types=("on_call",), timeout_s=2.0).incident["id"] == on_call
     assert lookup(any_store, since=NOW, timeout_s=2.0).incident is None
