@@ -113,6 +113,17 @@ class DeadlineRunner:
         with self._lock:
             return self._busy
 
+    @property
+    def suspect(self) -> bool:
+        """A deadline was missed lately: calls fail fast (or one probes)."""
+        with self._lock:
+            return self._suspect_until is not None
+
+    def missed(self) -> None:
+        """A deadline was missed by work done elsewhere (a read on the request thread,
+        gateway.pg_reads): fail fast for ``suspect_s``, then probe, as after our own."""
+        self._timed_out(probe=False)
+
     def run(self, fn: Callable[[Job], T], *, timeout_s: float) -> T:
         """``fn(job)`` on a worker thread; its result, its exception, or StoreError."""
         deadline = time.monotonic() + timeout_s

@@ -21,6 +21,7 @@ import datetime as dt
 import json
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -186,6 +187,9 @@ class Store:
         #: the voice read on a SQLite file: on the request thread, few columns
         #: (gateway.sqlite_reads says why); None: through within() like the rest
         self.sqlite_reads = _sqlite_reads_for(engine)
+        #: the voice read on PostgreSQL: on the request thread when it has a connection
+        #: (gateway.pg_reads); through within() otherwise
+        self.pg_reads = _pg_reads_for(engine)
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> Store:
@@ -250,6 +254,8 @@ class Store:
     def dispose(self) -> None:
         if self.sqlite_reads is not None:
             self.sqlite_reads.close()
+        if self.pg_reads is not None:
+            self.pg_reads.close()
         self.engine.dispose()
 
     # -- incidents --------------------------------------------------------------------
@@ -354,8 +360,23 @@ class Store:
             params.update((f"vl_type_{i}", kind) for i, kind in enumerate(types))
         if self.sqlite_reads is not None:
             return self._packed_voice_lookup(call_sid, n_steps, n_types, params, timeout_s)
+        started = time.monotonic()
+        if self.pg_reads is not None and not self.deadline.suspect:
+            from gateway.pg_reads import NotReady, ReadTimeout
+
+            try:
+                return self._packed_voice_lookup(call_sid, n_steps, n_types, params,
+                                                 timeout_s)
+            except NotReady:
+                pass  # no connection on this thread yet: the deadline thread reads
+            except ReadTimeout:
+                self.deadline.missed()  # fail fast for a while, as a missed hand-off does
+                raise
+            except StoreError as exc:  # the connection broke: read the other way, in time
+                log.warning("voice read on this thread failed (%s); reading again", exc)
         query = _voice_query(n_steps, n_types)
-        rows = self.within(lambda conn: conn.execute(query, params).all(), timeout_s=timeout_s,
+        rows = self.within(lambda conn: conn.execute(query, params).all(),
+                           timeout_s=max(0.0, timeout_s - (time.monotonic() - started)),
                            single_read=True)
         found: dict[str, Mapping[str, Any]] = {}
         incident: dict[str, Any] | None = None
@@ -378,16 +399,23 @@ class Store:
 
     def _packed_voice_lookup(self, call_sid: str, n_steps: int, n_types: int,
                              params: dict[str, Any], timeout_s: float) -> VoiceLookup:
-        """voice_lookup on a SQLite file: the same statement with each side's row packed
-        into one JSON text, run on this thread (:mod:`gateway.sqlite_reads`)."""
-        assert self.sqlite_reads is not None
+        """voice_lookup on this thread: the same statement with each side's row packed
+        into one JSON text (:mod:`gateway.sqlite_reads`, :mod:`gateway.pg_reads`)."""
         packed = _packed_voice_query(self.engine.dialect, n_steps, n_types)
-        rows = self.sqlite_reads.fetch(packed.sql, packed.parameters(params),
-                                       timeout_s=timeout_s)
+        texts: list[Any]
+        if self.sqlite_reads is not None:
+            texts = [row[0] for row in self.sqlite_reads.fetch(
+                packed.sql, packed.parameters(params), timeout_s=timeout_s)]
+        else:
+            assert self.pg_reads is not None
+            texts = self.pg_reads.fetch_text(
+                f"voice_{n_steps}_{n_types}", packed.sql,
+                [None if v is None else str(v) for v in packed.parameters(params)],
+                timeout_s=timeout_s)
         found: dict[str, Mapping[str, Any]] = {}
         incident: dict[str, Any] | None = None
         try:
-            for (text,) in rows:
+            for text in texts:
                 step, found_incident = json.loads(text)
                 if step is not None:
                     packed.convert(step)
@@ -571,16 +599,17 @@ class KnownSteps:
 #: voice_lookup's statements by (number of step names, number of incident types): built
 #: once from bound parameters, so each call skips building the statement and SQLAlchemy
 #: finds its compiled form by the statement's memoized cache key
-_VOICE_QUERIES: dict[tuple[int, int, bool], sa.Select[Any]] = {}
+_VOICE_QUERIES: dict[tuple[int, int, str], sa.Select[Any]] = {}
 
 
-def _voice_query(n_steps: int, n_types: int, *, packed: bool = False) -> sa.Select[Any]:
+def _voice_query(n_steps: int, n_types: int, *, packed: str = "") -> sa.Select[Any]:
     """The one statement: a one-row anchor, outer-joined to the call's stored steps
     (``n_steps`` names; 0: none) and to the caller's newest incident (``n_types`` types;
     0: none).  Parameters: vl_call_sid, vl_step_<i>, vl_msisdn, vl_since, vl_type_<i>.
 
-    ``packed``: one column, a JSON array of the step's row and the incident's, each a
-    JSON object or null when that side found nothing (:func:`_packed_voice_query`)."""
+    ``packed`` (a dialect name, "sqlite" or "postgresql"): one column, a JSON array of
+    the step's row and the incident's, each a JSON object or null when that side found
+    nothing (:func:`_packed_voice_query`)."""
     key = (n_steps, n_types, packed)
     query = _VOICE_QUERIES.get(key)
     if query is not None:
@@ -594,7 +623,7 @@ def _voice_query(n_steps: int, n_types: int, *, packed: bool = False) -> sa.Sele
         source = source.outerjoin(call_steps, sa.and_(
             call_steps.c.call_sid == sa.bindparam("vl_call_sid"), call_steps.c.step.in_(names)))
         step_columns = [call_steps.c[name] for name in STEP_FIELDS]
-        columns += ([_json_row(step_columns, call_steps.c.step).label("s")] if packed else
+        columns += ([_json_row(step_columns, call_steps.c.step, packed).label("s")] if packed else
                     [column.label(f"s_{column.name}") for column in step_columns])
     elif packed:
         columns.append(sa.null().label("s"))
@@ -612,12 +641,13 @@ def _voice_query(n_steps: int, n_types: int, *, packed: bool = False) -> sa.Sele
             .limit(1)
             .subquery("newest"))
         source = source.outerjoin(newest, sa.true())
-        columns += ([_json_row(list(newest.c), newest.c.id).label("i")] if packed else
+        columns += ([_json_row(list(newest.c), newest.c.id, packed).label("i")] if packed else
                     [column.label(f"i_{column.name}") for column in newest.c])
     elif packed:
         columns.append(sa.null().label("i"))
     if packed:  # one column: each column fetched costs the sqlite3 module a GIL release
-        columns = [sa.func.json_array(*columns).label("si")]
+        array = sa.func.json_array if packed == "sqlite" else sa.func.json_build_array
+        columns = [array(*columns).label("si")]
     query = sa.select(*columns).select_from(source)
     _VOICE_QUERIES[key] = query
     return query
@@ -664,49 +694,97 @@ class _PackedQuery:
         return data
 
 
-_PACKED_QUERIES: dict[tuple[int, int], _PackedQuery] = {}
+_PACKED_QUERIES: dict[tuple[str, int, int], _PackedQuery] = {}
 
 
-def _json_row(columns: Sequence[Any], present: Any) -> Any:
-    """SQLite: ``columns`` as one JSON object, or NULL when ``present`` is NULL (the
-    outer join found nothing).  No REAL column may be packed: json_object writes 15
-    significant digits, which does not always read back as the same double."""
+def _json_row(columns: Sequence[Any], present: Any, dialect: str = "sqlite") -> Any:
+    """``columns`` as one JSON object, or NULL when ``present`` is NULL (the outer join
+    found nothing).  No REAL column may be packed: SQLite's json_object writes 15
+    significant digits, which do not always read back as the same double."""
     pairs: list[Any] = []
     for column in columns:
         if isinstance(column.type, sa.Float):
             raise StoreError(f"a REAL column cannot be packed exactly: {column.name}")
         pairs += [sa.literal_column(f"'{column.name}'"), column]
-    return sa.case((present.is_not(None), sa.func.json_object(*pairs)), else_=sa.null())
+    build = sa.func.json_object if dialect == "sqlite" else sa.func.json_build_object
+    return sa.case((present.is_not(None), build(*pairs)), else_=sa.null())
 
 
 def _packed_voice_query(dialect: Any, n_steps: int, n_types: int) -> _PackedQuery:
-    """:func:`_voice_query` packed, compiled once for SQLite (positional parameters),
-    with the dialect's conversions of its datetime parameter and of each packed column
-    (the step's and the incident's fields share one table of them: their names differ)."""
-    key = (n_steps, n_types)
+    """:func:`_voice_query` packed for ``dialect`` (SQLite or PostgreSQL), compiled once
+    with positional parameters, with the conversions of its datetime parameter and of
+    each packed field (the step's and the incident's share one table: their names
+    differ).
+
+    SQLite: the dialect's own result processors (text to datetime, JSON text, 0/1),
+    and ``?`` placeholders (with named ones the sqlite3 module looks each name up with
+    the GIL released: a context switch per parameter under load).  PostgreSQL:
+    ``$n`` placeholders for a prepared statement, text parameters, and JSON that
+    already carries numbers, booleans and objects: only timestamps need reading."""
+    key = (dialect.name, n_steps, n_types)
     packed = _PACKED_QUERIES.get(key)
     if packed is not None:
         return packed
-    from sqlalchemy.dialects import sqlite
+    fields = (*(incidents.c[n] for n in INCIDENT_FIELDS), *(call_steps.c[n] for n in STEP_FIELDS))
+    processors: dict[str, Callable[[Any], Any]] = {}
+    if dialect.name == "sqlite":
+        from sqlalchemy.dialects import sqlite
 
-    # positional (qmark) parameters: with named ones the sqlite3 module looks each name
-    # up with the GIL released, which under load costs a context switch per parameter
-    compiled = _voice_query(n_steps, n_types, packed=True).compile(dialect=sqlite.dialect())
-    processors = {}
-    for column in (*(incidents.c[n] for n in INCIDENT_FIELDS),
-                   *(call_steps.c[n] for n in STEP_FIELDS)):
-        process = column.type.dialect_impl(dialect).result_processor(dialect, None)
-        if process is not None:
-            processors[column.name] = process
-    bind = TS.dialect_impl(dialect).bind_processor(dialect)
+        compiled = _voice_query(n_steps, n_types, packed="sqlite").compile(
+            dialect=sqlite.dialect())
+        for column in fields:
+            process = column.type.dialect_impl(dialect).result_processor(dialect, None)
+            if process is not None:
+                processors[column.name] = process
+        bind = TS.dialect_impl(dialect).bind_processor(dialect)
+        since: Callable[[Any], Any] = bind if bind is not None else (lambda value: value)
+    else:
+        from sqlalchemy.dialects import postgresql
+
+        pg_dialect: Any = postgresql.dialect(paramstyle="numeric_dollar")  # type: ignore[no-untyped-call]
+        compiled = _voice_query(n_steps, n_types, packed="postgresql").compile(
+            dialect=pg_dialect)
+        for column in fields:
+            if isinstance(column.type, sa.DateTime):
+                processors[column.name] = _iso_datetime
+        since = _iso_text
     packed = _PackedQuery(
         sql=str(compiled),
         order=tuple(compiled.positiontup or ()),
         constants={k: v for k, v in compiled.params.items() if not k.startswith("vl_")},
-        since=bind if bind is not None else (lambda value: value),
+        since=since,
         processors=processors)
     _PACKED_QUERIES[key] = packed
     return packed
+
+
+def _iso_datetime(value: Any) -> Any:
+    return dt.datetime.fromisoformat(value) if isinstance(value, str) else value
+
+
+def _iso_text(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, dt.datetime) else value
+
+
+def _pg_reads_for(engine: Engine) -> Any:
+    """A :class:`~gateway.pg_reads.PgReads` over ``engine``'s own connection settings
+    (each connection taken from its pool and detached), or None if not PostgreSQL."""
+    if engine.dialect.name != "postgresql":
+        return None
+    from gateway.pg_reads import PgReads
+
+    def connect() -> Any:
+        fairy = engine.raw_connection()
+        try:
+            conn: Any = fairy.driver_connection
+            fairy.detach()  # ours now: the pool forgets it (and its slot)
+            conn.autocommit = True
+            return conn
+        except BaseException:
+            fairy.close()
+            raise
+
+    return PgReads(connect)
 
 
 def insert_ignore(conn: Connection, table: sa.Table, values: Mapping[str, Any]) -> bool:

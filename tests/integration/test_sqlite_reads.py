@@ -207,3 +207,36 @@ def test_two_writers_racing_on_one_file_make_each_step_new_exactly_once(
             sa.select(sa.func.count()).select_from(routing_decisions)).scalar() == 80
     for store in (first, second):
         store.dispose()
+
+
+def test_the_read_runs_on_the_calling_thread_in_one_statement_of_one_column(
+        file_store: Store) -> None:
+    """No hand-off to a deadline thread, and one packed column (each column fetched is a
+    GIL release in CPython 3.11's sqlite3, a context switch under load)."""
+    from tests.support.statements import count_statements
+
+    seen = count_statements(file_store)
+    for _ in range(3):
+        file_store.voice_lookup(call_sid="CA1", steps=("voice", "accept:1"),
+                                msisdn="+46700000000", since=SINCE,
+                                types=("crash", "sos"), timeout_s=0.3)
+    assert file_store.deadline._alive == 0  # no deadline thread was ever started
+    assert len(seen) == 3 and all(s.lstrip().upper().startswith("SELECT json_array(".upper())
+                                  for s in seen)
+    from gateway.store import _packed_voice_query
+
+    sql = _packed_voice_query(file_store.engine.dialect, 2, 2).sql
+    assert "?" in sql and ":vl_" not in sql  # positional parameters
+
+
+@pytest.mark.parametrize(("url", "reads"), [
+    ("sqlite:///{tmp}/a.sqlite3", True),
+    ("sqlite:///{tmp}/a.sqlite3?timeout=5", False),  # URL options: SQLAlchemy's path
+    ("sqlite://", False),
+    ("sqlite:///:memory:", False),
+])
+def test_only_a_plain_sqlite_file_reads_on_the_request_thread(tmp_path: Path, url: str,
+                                                              reads: bool) -> None:
+    store = Store.from_url(url.format(tmp=tmp_path))
+    assert (store.sqlite_reads is not None) is reads
+    store.dispose()

@@ -1,0 +1,201 @@
+"""The voice read on PostgreSQL on the request thread (gateway.pg_reads): the same answers
+as the SQLAlchemy read, a hard deadline against a server that accepts TCP and never
+answers (TcpProxy), fail-fast after a miss, a broken connection read again the other
+way, and connections never opened on the request thread."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.errors import StoreError
+from gateway.store import Store, incidents
+from tests.conftest import postgres_url
+from tests.support.proxy import TcpProxy, proxied_url
+
+pytestmark = pytest.mark.postgres
+
+SINCE = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
+MSISDN = "+46701234567"
+
+
+def ready(store: Store, timeout: float = 5.0) -> None:
+    """Wait until the opener has a connection ready for the next thread that reads."""
+    assert store.pg_reads is not None
+    store.pg_reads._want()
+    deadline = time.monotonic() + timeout
+    while store.pg_reads._ready.qsize() == 0:
+        assert time.monotonic() < deadline, "no voice-read connection opened"
+        time.sleep(0.01)
+
+
+def lookup(store: Store, timeout_s: float = 0.3, **overrides: Any) -> Any:
+    kwargs: dict[str, Any] = {"call_sid": "CA1", "steps": ("voice",), "msisdn": MSISDN,
+                              "since": SINCE, "types": ("crash", "sos", "on_call"),
+                              "timeout_s": timeout_s}
+    kwargs.update(overrides)
+    return store.voice_lookup(**kwargs)
+
+
+def on_this_thread(store: Store) -> bool:
+    assert store.pg_reads is not None
+    conn = getattr(store.pg_reads._local, "conn", None)
+    return conn is not None and not conn.closed
+
+
+@pytest.fixture
+def proxy(pg_store: Store) -> Iterator[TcpProxy]:
+    url = sa.engine.make_url(postgres_url() or "")
+    with TcpProxy(url.host or "127.0.0.1", url.port or 5432) as running:
+        yield running
+
+
+@pytest.fixture
+def proxied(proxy: TcpProxy) -> Iterator[Store]:
+    store = Store.from_url(proxied_url(postgres_url() or "", proxy), suspect_s=0.5)
+    yield store
+    proxy.mode = "forward"
+    store.dispose()
+
+
+def test_the_first_read_of_a_thread_goes_the_old_way_and_a_connection_is_opened_meanwhile(
+        pg_store: Store) -> None:
+    assert pg_store.pg_reads is not None
+    assert lookup(pg_store).incident is None  # no connection yet: through the deadline thread
+    assert not on_this_thread(pg_store)
+    ready(pg_store)
+    assert lookup(pg_store).incident is None
+    assert on_this_thread(pg_store)  # this thread now keeps one
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["crash", "sos", "on_call"]), text=st.text(max_size=30),
+       micros=st.integers(0, 999_999), test_call=st.one_of(st.none(), st.booleans()),
+       home=st.one_of(st.none(), st.sampled_from(["SE", "DE"])),
+       detail=st.dictionaries(st.text(max_size=5), st.one_of(st.text(max_size=5),
+                                                             st.integers(), st.booleans()),
+                              max_size=3))
+def test_the_packed_read_returns_what_the_sqlalchemy_read_returns(
+        pg_store: Store, kind: str, text: str, micros: int, test_call: bool | None,
+        home: str | None, detail: dict[str, Any]) -> None:
+    text = text.replace("\x00", "")  # PostgreSQL text holds no NUL
+    detail = {k.replace("\x00", ""): v.replace("\x00", "") if isinstance(v, str) else v
+              for k, v in detail.items()}
+    ready(pg_store)
+    msisdn = "+4670" + uuid.uuid4().hex[:7]
+    call_sid = "CA" + uuid.uuid4().hex
+    at = dt.datetime(2026, 11, 26, 3, 4, 5, micros, tzinfo=dt.UTC)
+    with pg_store.begin() as conn:
+        conn.execute(incidents.insert().values(
+            id=str(uuid.uuid4()), event_id=call_sid, payload_sha256="0" * 64, type=kind,
+            vin="WVWZZZ1JZXW000001", msisdn=msisdn, occurred_at=at, received_at=at,
+            lat=59.3, lon=18.0, home_country=home, route_country="SE", route_reason=text,
+            emergency_number="112", fallback_dial="+46000000000", status="open",
+            test_call=test_call))
+    assert pg_store.record_call_step(call_sid=call_sid, step="voice", incident_id=None,
+                                     twiml=f"<Response>{text}</Response>", detail=detail)
+    kwargs: dict[str, Any] = {"call_sid": call_sid, "steps": ("voice", "accept:1"),
+                              "msisdn": msisdn, "types": ("crash", "sos", "on_call"),
+                              "timeout_s": 2.0}
+    packed = lookup(pg_store, **kwargs)
+    assert on_this_thread(pg_store)  # it was the request-thread read
+    plain = Store(pg_store.engine)  # the SQLAlchemy read of the same database
+    plain.pg_reads = None
+    expected = lookup(plain, **kwargs)
+    assert packed.incident == expected.incident
+    assert packed.steps == expected.steps
+    assert packed.incident["received_at"] == at and packed.incident["type"] == kind
+    assert packed.steps["voice"]["detail"] == detail
+
+
+def test_a_server_that_hangs_costs_the_read_its_deadline_then_reads_fail_fast(
+        proxied: Store, proxy: TcpProxy) -> None:
+    proxied.create_schema()
+    ready(proxied)
+    lookup(proxied)
+    assert on_this_thread(proxied)
+    proxy.mode = "blackhole"
+    started = time.monotonic()
+    with pytest.raises(StoreError, match="did not answer within 0.30 s"):
+        lookup(proxied)
+    assert time.monotonic() - started < 0.3 + 0.1
+    assert not on_this_thread(proxied)  # the stuck connection was dropped
+    started = time.monotonic()
+    with pytest.raises(StoreError, match="suspect"):
+        lookup(proxied)  # the database is suspect now: no second wait
+    assert time.monotonic() - started < 0.05
+
+
+def test_twenty_threads_with_their_own_connections_on_a_server_that_hangs(
+        proxied: Store, proxy: TcpProxy) -> None:
+    proxied.create_schema()
+    assert proxied.pg_reads is not None
+    proxied.pg_reads.spare = 20
+    ready(proxied)
+    deadline = time.monotonic() + 5
+    while proxied.pg_reads._ready.qsize() < 20:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    barrier = threading.Barrier(20)
+    took: list[float] = []
+    lock = threading.Lock()
+
+    def call() -> None:
+        assert lookup(proxied).incident is None  # forwarding: each thread takes a connection
+        barrier.wait(timeout=5)
+        if threading.current_thread().name == "caller-0":
+            proxy.mode = "blackhole"
+        barrier.wait(timeout=5)
+        started = time.monotonic()
+        try:
+            lookup(proxied)
+        except StoreError:
+            pass
+        with lock:
+            took.append(time.monotonic() - started)
+
+    threads = [threading.Thread(target=call, name=f"caller-{i}") for i in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert len(took) == 20 and max(took) < 0.3 + 0.2
+
+
+def test_a_connection_the_server_closed_is_read_again_the_other_way(pg_store: Store) -> None:
+    ready(pg_store)
+    lookup(pg_store)
+    assert on_this_thread(pg_store) and pg_store.pg_reads is not None
+    pid = pg_store.pg_reads._local.conn.info.backend_pid
+    with pg_store.begin() as conn:
+        conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    found = lookup(pg_store, timeout_s=2.0)  # answered: the deadline thread read it
+    assert found.incident is None and found.steps == {}
+    assert not on_this_thread(pg_store)
+
+
+def test_connections_are_opened_by_the_opener_never_by_a_request_thread(
+        pg_store: Store) -> None:
+    assert pg_store.pg_reads is not None
+    opened_on: list[str] = []
+    connect = pg_store.pg_reads.connect
+
+    def watched() -> Any:
+        opened_on.append(threading.current_thread().name)
+        return connect()
+
+    pg_store.pg_reads.connect = watched
+    for _ in range(3):
+        lookup(pg_store)
+        ready(pg_store)
+    assert opened_on and set(opened_on) == {"db-voice-opener"}
