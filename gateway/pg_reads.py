@@ -58,7 +58,6 @@ class PgReads:
         self._local = threading.local()
         self._ready: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._open: list[Any] = []
         self._wanted = threading.Event()
         self._closed = False
         self._opener: threading.Thread | None = None
@@ -134,7 +133,11 @@ class PgReads:
         local = self._local
         conn = getattr(local, "conn", None)
         if conn is not None and not conn.closed:
-            return conn
+            if not self._closed:
+                return conn
+            self._drop(conn)  # closed since: each thread finishes its own connection
+        if self._closed:
+            raise NotReady
         try:
             conn = self._ready.get_nowait()
         except queue.Empty:
@@ -145,11 +148,9 @@ class PgReads:
         return conn
 
     def _drop(self, conn: Any) -> None:
+        """Finish ``conn`` (this thread's): no round trip, the server may hang."""
         self._local.conn = None
-        with self._lock:
-            if conn in self._open:
-                self._open.remove(conn)
-        with contextlib.suppress(Exception):  # no round trip: the server may hang
+        with contextlib.suppress(Exception):
             conn.pgconn.finish()
         self._want()
 
@@ -159,7 +160,7 @@ class PgReads:
         self._wanted.set()
         if self._opener is None:
             with self._lock:
-                if self._opener is None:
+                if self._opener is None and not self._closed:
                     self._opener = threading.Thread(target=self._open_spares,
                                                     name="db-voice-opener", daemon=True)
                     self._opener.start()
@@ -176,19 +177,25 @@ class PgReads:
                     log.warning("voice-read connection not opened: %s", type(exc).__name__)
                     time.sleep(1.0)  # the database is down: do not spin
                     break
-                with self._lock:
-                    if self._closed:
-                        conn.close()
-                        return
-                    self._open.append(conn)
                 self._ready.put(conn)
+        self._finish_spares()
 
-    def close(self) -> None:
-        """Close every connection; stop the opener."""
-        with self._lock:
-            self._closed = True
-            conns, self._open = self._open, []
-        self._wanted.set()
-        for conn in conns:
+    def _finish_spares(self) -> None:
+        while True:
+            try:
+                conn = self._ready.get_nowait()
+            except queue.Empty:
+                return
             with contextlib.suppress(Exception):
                 conn.pgconn.finish()
+
+    def close(self) -> None:
+        """Stop opening connections and finish the idle ones and this thread's; every
+        other thread finishes its own at its next read (never one thread finishing a
+        connection another may be using: libpq frees it)."""
+        self._closed = True
+        self._wanted.set()
+        self._finish_spares()
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            self._drop(conn)

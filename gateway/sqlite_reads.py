@@ -32,6 +32,7 @@ that accepts TCP and never answers, keeps the deadline threads.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import sqlite3
 import threading
@@ -53,7 +54,6 @@ class SqliteReads:
         self.trace: Callable[[str], None] | None = None
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._open: list[sqlite3.Connection] = []
         #: bumped by close(): a thread's connection of an older generation is reopened
         self._generation = itertools.count(1)
         self._current = next(self._generation)
@@ -78,7 +78,11 @@ class SqliteReads:
     def _connection(self, timeout_s: float) -> sqlite3.Connection:
         local = self._local
         conn: sqlite3.Connection | None = getattr(local, "conn", None)
-        if conn is None or local.generation != self._current:
+        if conn is not None and local.generation != self._current:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()  # closed since: each thread closes its own
+            conn = local.conn = None
+        if conn is None:
             conn = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None,
                                    check_same_thread=False)
             try:
@@ -89,8 +93,6 @@ class SqliteReads:
             except sqlite3.Error:
                 conn.close()
                 raise
-            with self._lock:
-                self._open.append(conn)
             local.conn, local.generation, local.busy_ms = conn, self._current, None
         busy_ms = max(1, int(timeout_s * 1000))
         if local.busy_ms != busy_ms:  # the lock wait is the read's deadline
@@ -103,12 +105,13 @@ class SqliteReads:
         return int(time.monotonic() > self._local.deadline)
 
     def close(self) -> None:
-        """Close every connection; a later read opens a new one."""
+        """Close this thread's connection now; every other thread closes its own at its
+        next read, which opens a new one (never one thread closing a connection another
+        may be using)."""
         with self._lock:
             self._current = next(self._generation)
-            conns, self._open = self._open, []
-        for conn in conns:
-            try:
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
                 conn.close()
-            except sqlite3.Error:
-                pass

@@ -199,3 +199,29 @@ def test_connections_are_opened_by_the_opener_never_by_a_request_thread(
         lookup(pg_store)
         ready(pg_store)
     assert opened_on and set(opened_on) == {"db-voice-opener"}
+
+
+def test_close_leaves_another_threads_connection_to_that_thread(pg_store: Store) -> None:
+    assert pg_store.pg_reads is not None
+    ready(pg_store)
+    owned: list[Any] = []
+    go_on = threading.Event()
+
+    def reader() -> None:
+        lookup(pg_store)
+        owned.append(pg_store.pg_reads._local.conn)
+        go_on.wait(timeout=5)
+        assert lookup(pg_store).incident is None  # after close(): the deadline thread read
+        owned.append(getattr(pg_store.pg_reads._local, "conn", None))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while not owned:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    pg_store.pg_reads.close()  # from another thread: not finished under the reader
+    assert not owned[0].closed
+    go_on.set()
+    thread.join(timeout=5)
+    assert owned[1] is None and owned[0].closed  # the reader finished its own

@@ -240,3 +240,29 @@ def test_only_a_plain_sqlite_file_reads_on_the_request_thread(tmp_path: Path, ur
     store = Store.from_url(url.format(tmp=tmp_path))
     assert (store.sqlite_reads is not None) is reads
     store.dispose()
+
+
+def test_close_never_closes_a_connection_another_thread_owns(tmp_path: Path) -> None:
+    """Each thread closes its own connection at its next read after close()."""
+    reads = SqliteReads(str(tmp_path / "own.sqlite3"))
+    owned: list[Any] = []
+    go_on = threading.Event()
+
+    def reader() -> None:
+        reads.fetch("SELECT 1", (), timeout_s=1.0)
+        owned.append(reads._local.conn)
+        go_on.wait(timeout=5)
+        reads.fetch("SELECT 1", (), timeout_s=1.0)  # after close(): its own, anew
+        owned.append(reads._local.conn)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    while not owned:
+        time.sleep(0.01)
+    reads.close()  # from another thread
+    assert owned[0].execute("SELECT 2").fetchall() == [(2,)]  # still open: not ours
+    go_on.set()
+    thread.join(timeout=5)
+    assert owned[1] is not owned[0]
+    with pytest.raises(sqlite3.ProgrammingError):  # the owner closed the old one
+        owned[0].execute("SELECT 3")
