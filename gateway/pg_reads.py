@@ -35,6 +35,12 @@ from gateway.errors import StoreError
 log = logging.getLogger(__name__)
 
 
+#: libpq's PGRES_COMMAND_OK and PGRES_TUPLES_OK (ExecStatusType; psycopg.pq.ExecStatus
+#: has the same values, but this module does not import psycopg: an optional dependency,
+#: reached through the connections SQLAlchemy opens)
+_OK = (1, 2)
+
+
 class NotReady(Exception):
     """This thread has no open connection yet: read another way this time."""
 
@@ -95,8 +101,6 @@ class PgReads:
 
     def _results(self, pg: Any, deadline: float) -> Any:
         """Send what is queued, then read every result of one command; the last."""
-        from psycopg import pq
-
         while pg.flush():  # 1: more to send (the socket buffer was full)
             self._wait(pg.socket, deadline, write=True)
         last = None
@@ -107,7 +111,7 @@ class PgReads:
             result = pg.get_result()
             if result is None:
                 break
-            if result.status not in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK):
+            if result.status not in _OK:
                 message = (result.error_message or b"").decode(errors="replace").strip()
                 raise StoreError(f"database error: {message[:200]}")
             last = result
