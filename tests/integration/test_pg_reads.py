@@ -225,3 +225,111 @@ def test_close_leaves_another_threads_connection_to_that_thread(pg_store: Store)
     go_on.set()
     thread.join(timeout=5)
     assert owned[1] is None and owned[0].closed  # the reader finished its own
+
+
+def test_waiting_for_a_server_that_hangs_takes_no_cpu_and_finishes_the_connection(
+        proxied: Store, proxy: TcpProxy) -> None:
+    """The read sleeps in poll() until its deadline (no busy loop), and the connection it
+    gives up is finished at once, not left to the garbage collector."""
+    proxied.create_schema()
+    ready(proxied)
+    lookup(proxied)
+    assert proxied.pg_reads is not None
+    conn = proxied.pg_reads._local.conn
+    proxy.mode = "blackhole"
+    cpu = time.thread_time()
+    with pytest.raises(StoreError):
+        lookup(proxied, timeout_s=0.5)
+    assert time.thread_time() - cpu < 0.1  # a busy loop would burn most of the 0.5 s
+    assert conn.closed
+
+
+def test_a_failed_connect_is_counted_and_the_opener_tries_again(pg_store: Store) -> None:
+    assert pg_store.pg_reads is not None
+    reads = pg_store.pg_reads
+    connect = reads.connect
+    calls: list[int] = []
+
+    def flaky() -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("connection refused")
+        return connect()
+
+    reads.connect = flaky
+    lookup(pg_store)  # no connection yet: read the other way, and ask the opener
+    deadline = time.monotonic() + 3
+    while reads.failures == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert reads.failures == 1
+    ready(pg_store, timeout=5.0)  # the opener is still there and opens one now
+    assert reads._opener is not None and reads._opener.daemon  # never holds the exit
+
+
+def test_the_opener_keeps_exactly_its_spares(pg_store: Store) -> None:
+    assert pg_store.pg_reads is not None
+    pg_store.pg_reads.spare = 2
+    ready(pg_store)
+    time.sleep(0.5)  # let it settle
+    assert pg_store.pg_reads._ready.qsize() == 2
+
+
+def test_close_finishes_the_callers_own_connection(pg_store: Store) -> None:
+    ready(pg_store)
+    lookup(pg_store)
+    assert pg_store.pg_reads is not None and on_this_thread(pg_store)
+    conn = pg_store.pg_reads._local.conn
+    pg_store.pg_reads.close()
+    assert conn.closed and pg_store.pg_reads._ready.qsize() == 0
+
+
+def test_a_statement_the_server_refuses_is_a_store_error_with_its_reason(
+        pg_store: Store) -> None:
+    assert pg_store.pg_reads is not None
+    ready(pg_store)
+    lookup(pg_store)  # this thread takes a connection
+    with pytest.raises(StoreError, match="database error: .*division by zero"):
+        pg_store.pg_reads.fetch_text("zero", "SELECT (1 / $1::int)::text", ["0"],
+                                     timeout_s=2.0)
+    assert not on_this_thread(pg_store)  # dropped: its state is not trusted after an error
+
+
+class FullBuffer:
+    """A pq connection whose send buffer is full twice (flush() answers 1) before the
+    result arrives: the read waits for the socket to be writable, not readable."""
+
+    def __init__(self, sock: Any) -> None:
+        self.socket = sock.fileno()
+        self.flushes = 0
+
+    def flush(self) -> int:
+        self.flushes += 1
+        return 1 if self.flushes <= 2 else 0
+
+    def is_busy(self) -> int:
+        return 0
+
+    def consume_input(self) -> None:
+        pass
+
+    def get_result(self) -> Any:
+        if self.flushes == 3:
+            self.flushes += 1
+            return type("Result", (), {"status": 2})()
+        return None
+
+
+def test_a_full_send_buffer_waits_until_the_socket_is_writable() -> None:
+    import socket
+
+    from gateway.pg_reads import PgReads
+
+    ours, theirs = socket.socketpair()  # writable, never readable: nobody sends to us
+    try:
+        pg = FullBuffer(ours)
+        result = PgReads._results(PgReads(lambda: None), pg, time.monotonic() + 1.0)
+        assert result.status == 2 and pg.flushes == 4
+    finally:
+        ours.close()
+        theirs.close()

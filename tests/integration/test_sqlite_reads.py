@@ -142,8 +142,10 @@ def test_a_statement_running_past_its_deadline_is_interrupted(tmp_path: Path) ->
         reads.fetch(endless, (), timeout_s=0.1)
     assert time.monotonic() - started < 1.0
     assert reads.fetch("SELECT ?", (7,), timeout_s=0.1) == [(7,)]  # the connection is fine
-    with pytest.raises(StoreError):  # and it reads only
+    with pytest.raises(StoreError, match="OperationalError.*readonly"):  # it reads only
         reads.fetch("CREATE TABLE t (x)", (), timeout_s=0.1)
+    with pytest.raises(StoreError, match="database error: ProgrammingError"):
+        reads.fetch("SELECT ?", (), timeout_s=0.1)  # a parameter missing
     reads.close()
     assert reads.fetch("SELECT 1", (), timeout_s=0.1) == [(1,)]  # reopened after close()
 
@@ -266,3 +268,54 @@ def test_close_never_closes_a_connection_another_thread_owns(tmp_path: Path) -> 
     assert owned[1] is not owned[0]
     with pytest.raises(sqlite3.ProgrammingError):  # the owner closed the old one
         owned[0].execute("SELECT 3")
+
+
+def test_a_long_statement_within_its_deadline_is_not_interrupted(tmp_path: Path) -> None:
+    """The progress handler runs (every 100 VM steps here) and lets a statement that is
+    long but within its deadline finish."""
+    reads = SqliteReads(str(tmp_path / "long.sqlite3"), progress_ops=100)
+    counted = ("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c "
+               "WHERE x < 20000) SELECT count(*) FROM c")
+    assert reads.fetch(counted, (), timeout_s=5.0) == [(20000,)]
+
+
+TABLE_READ = "SELECT count(*) FROM call_steps"  # a read that needs the file's lock
+
+
+def test_the_lock_wait_follows_each_reads_deadline_on_one_connection(
+        file_store: Store) -> None:
+    """One thread, one connection: a 2 s read, then a 0.2 s one, waits 0.2 s for a lock
+    (its busy timeout is set again), and the PRAGMA runs only when the deadline changes."""
+    reads = file_store.sqlite_reads
+    assert reads is not None
+    seen: list[str] = []
+    reads.trace = seen.append
+    for _ in range(3):
+        reads.fetch("SELECT 1", (), timeout_s=2.0)
+    assert sum("busy_timeout" in s for s in seen) == 1  # once, not once per read
+    holder = lock_exclusively(file_store)  # closes this thread's connection first
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="database is locked"):
+            reads.fetch(TABLE_READ, (), timeout_s=1.0)  # a new connection: 1 s wait
+        assert time.monotonic() - started > 0.9
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="database is locked"):
+            reads.fetch(TABLE_READ, (), timeout_s=0.2)
+        assert time.monotonic() - started < 0.6
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
+def test_every_close_reaches_the_connections_opened_since_the_last(tmp_path: Path) -> None:
+    reads = SqliteReads(str(tmp_path / "twice.sqlite3"))
+    conns = []
+    for _ in range(3):
+        reads.fetch("SELECT 1", (), timeout_s=1.0)
+        conns.append(reads._local.conn)
+        reads.close()
+    assert len({id(c) for c in conns}) == 3
+    for conn in conns:
+        with pytest.raises(sqlite3.ProgrammingError):
+            conn.execute("SELECT 1")
