@@ -252,7 +252,7 @@ def test_a_failed_connect_is_counted_and_the_opener_tries_again(pg_store: Store)
 
     def flaky() -> Any:
         calls.append(1)
-        if len(calls) == 1:
+        if len(calls) <= 2:
             raise OSError("connection refused")
         return connect()
 
@@ -262,7 +262,12 @@ def test_a_failed_connect_is_counted_and_the_opener_tries_again(pg_store: Store)
     while reads.failures == 0:
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    assert reads.failures == 1
+    reads._want()  # asked again after its pause: it tries again, fails, is asked again
+    deadline = time.monotonic() + 3
+    while reads.failures < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert reads.failures == 2
     ready(pg_store, timeout=5.0)  # the opener is still there and opens one now
     assert reads._opener is not None and reads._opener.daemon  # never holds the exit
 
@@ -289,10 +294,12 @@ def test_a_statement_the_server_refuses_is_a_store_error_with_its_reason(
     assert pg_store.pg_reads is not None
     ready(pg_store)
     lookup(pg_store)  # this thread takes a connection
+    conn = pg_store.pg_reads._local.conn
     with pytest.raises(StoreError, match="database error: .*division by zero"):
         pg_store.pg_reads.fetch_text("zero", "SELECT (1 / $1::int)::text", ["0"],
                                      timeout_s=2.0)
     assert not on_this_thread(pg_store)  # dropped: its state is not trusted after an error
+    assert conn.closed  # and finished at once
 
 
 class FullBuffer:
@@ -333,3 +340,13 @@ def test_a_full_send_buffer_waits_until_the_socket_is_writable() -> None:
     finally:
         ours.close()
         theirs.close()
+
+
+def test_fetch_text_returns_each_rows_first_column_as_text_or_none(pg_store: Store) -> None:
+    assert pg_store.pg_reads is not None
+    ready(pg_store)
+    lookup(pg_store)  # this thread takes a connection
+    rows = pg_store.pg_reads.fetch_text(
+        "rows", "SELECT v, 'other' FROM (VALUES ($1::text), (NULL), ('b')) AS t(v)", ["a"],
+        timeout_s=2.0)
+    assert rows == ["a", None, "b"]
