@@ -35,6 +35,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from gateway.db import DeadlineRunner, Job, socket_of
 from gateway.db import make_engine as make_engine  # noqa: PLC0414 -- this module's API
 from gateway.errors import StoreError
+from gateway.pg_reads import NotReady, ReadTimeout
 
 log = logging.getLogger(__name__)
 metadata = sa.MetaData()
@@ -362,8 +363,6 @@ class Store:
             return self._packed_voice_lookup(call_sid, n_steps, n_types, params, timeout_s)
         started = time.monotonic()
         if self.pg_reads is not None and not self.deadline.suspect:
-            from gateway.pg_reads import NotReady, ReadTimeout
-
             try:
                 return self._packed_voice_lookup(call_sid, n_steps, n_types, params,
                                                  timeout_s)
@@ -378,24 +377,16 @@ class Store:
         rows = self.within(lambda conn: conn.execute(query, params).all(),
                            timeout_s=max(0.0, timeout_s - (time.monotonic() - started)),
                            single_read=True)
-        found: dict[str, Mapping[str, Any]] = {}
-        incident: dict[str, Any] | None = None
-        try:
+
+        def pairs() -> Iterator[tuple[Any, Any]]:
             for row in rows:
-                mapping = row._mapping
-                if mapping.get("s_step") is None and mapping.get("i_id") is None:
-                    continue  # the outer join's empty row: no step, no incident
                 data = _row(row) or {}
-                if data.get("s_step") is not None:
-                    found[data["s_step"]] = {name: data[f"s_{name}"] for name in STEP_FIELDS}
-                    self.known_steps.put(call_sid, found[data["s_step"]])
-                if incident is None and data.get("i_id") is not None:
-                    incident = {key[2:]: value for key, value in data.items()
-                                if key.startswith("i_")}
-        except Exception as exc:  # the voice path catches one type
-            log.exception("could not read the voice lookup's rows")
-            raise StoreError(f"unreadable lookup rows: {type(exc).__name__}") from exc
-        return VoiceLookup(steps=found, incident=incident)
+                yield ({name: data[f"s_{name}"] for name in STEP_FIELDS}
+                       if data.get("s_step") is not None else None,
+                       {key[2:]: value for key, value in data.items() if key.startswith("i_")}
+                       if data.get("i_id") is not None else None)
+
+        return self._lookup_of(call_sid, pairs())
 
     def _packed_voice_lookup(self, call_sid: str, n_steps: int, n_types: int,
                              params: dict[str, Any], timeout_s: float) -> VoiceLookup:
@@ -412,17 +403,26 @@ class Store:
                 f"voice_{n_steps}_{n_types}", packed.sql,
                 [None if v is None else str(v) for v in packed.parameters(params)],
                 timeout_s=timeout_s)
+        def pairs() -> Iterator[tuple[Any, Any]]:
+            for text in texts:
+                step, incident = json.loads(text)
+                yield (None if step is None else packed.convert(step),
+                       None if incident is None else packed.convert(incident))
+
+        return self._lookup_of(call_sid, pairs())
+
+    def _lookup_of(self, call_sid: str, pairs: Iterator[tuple[Any, Any]]) -> VoiceLookup:
+        """The lookup from each row's (step, incident), either None when that side of
+        the outer join found nothing; the steps read are remembered (KnownSteps)."""
         found: dict[str, Mapping[str, Any]] = {}
         incident: dict[str, Any] | None = None
         try:
-            for text in texts:
-                step, found_incident = json.loads(text)
+            for step, found_incident in pairs:
                 if step is not None:
-                    packed.convert(step)
                     found[step["step"]] = step
                     self.known_steps.put(call_sid, step)
                 if incident is None and found_incident is not None:
-                    incident = packed.convert(found_incident)
+                    incident = found_incident
         except Exception as exc:  # the voice path catches one type
             log.exception("could not read the voice lookup's rows")
             raise StoreError(f"unreadable lookup rows: {type(exc).__name__}") from exc
@@ -664,8 +664,6 @@ def _sqlite_reads_for(engine: Engine) -> Any:
     return SqliteReads(url.database)
 
 
-
-
 @dataclass(frozen=True)
 class _PackedQuery:
     sql: str
@@ -893,7 +891,7 @@ def _insert_rows_sqlite(conn: Connection, table: sa.Table, rows: Sequence[Mappin
     if not rows:
         return
     keys = tuple(rows[0])
-    group, order, processors = _sqlite_insert_shape(conn.dialect, table, keys)
+    (head, group, tail), order, processors = _sqlite_insert_shape(conn.dialect, table, keys)
     for start in range(0, len(rows), _SQLITE_ROWS):
         chunk = rows[start:start + _SQLITE_ROWS]
         values: list[Any] = []
@@ -903,27 +901,15 @@ def _insert_rows_sqlite(conn: Connection, table: sa.Table, rows: Sequence[Mappin
             for name, process in zip(order, processors, strict=True):
                 value = row[name]
                 values.append(process(value) if process is not None else value)
-        conn.exec_driver_sql(group.format(", ".join([group.values] * len(chunk))),
-                             tuple(values))
+        conn.exec_driver_sql(f"{head}{', '.join([group] * len(chunk))}{tail}", tuple(values))
 
 
-@dataclass(frozen=True)
-class _InsertText:
-    """An INSERT's text with its VALUES group left as a ``{}`` to fill in."""
-
-    text: str
-    values: str
-
-    def format(self, groups: str) -> str:
-        return self.text.replace("{}", groups)
+#: (text before the VALUES group, the group, text after it), parameter order, processors
+_InsertShape = tuple[tuple[str, str, str], tuple[str, ...], tuple[Any, ...]]
+_SQLITE_INSERTS: dict[tuple[str, tuple[str, ...]], _InsertShape] = {}
 
 
-_SQLITE_INSERTS: dict[tuple[str, tuple[str, ...]], tuple[_InsertText, tuple[str, ...],
-                                                          tuple[Any, ...]]] = {}
-
-
-def _sqlite_insert_shape(dialect: Any, table: sa.Table, keys: tuple[str, ...]
-                         ) -> tuple[_InsertText, tuple[str, ...], tuple[Any, ...]]:
+def _sqlite_insert_shape(dialect: Any, table: sa.Table, keys: tuple[str, ...]) -> _InsertShape:
     """The single-row insert-or-ignore of ``keys`` as SQLAlchemy compiles it for
     SQLite, split around its VALUES group; the parameter order; each parameter's
     bind processor (JSON to text, datetimes to SQLite's format)."""
@@ -939,11 +925,11 @@ def _sqlite_insert_shape(dialect: Any, table: sa.Table, keys: tuple[str, ...]
     head, tail = text.split(" VALUES ", 1)
     values, rest = tail.split(")", 1)
     order = tuple(compiled.positiontup or ())
-    if set(order) != set(keys) or "{" in text:
+    if set(order) != set(keys):
         raise StoreError(f"unexpected insert shape for {table.name}")
     processors = tuple(table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
                        for name in order)
-    shape = (_InsertText(f"{head} VALUES {{}}{rest}", values + ")"), order, processors)
+    shape = ((f"{head} VALUES ", values + ")", rest), order, processors)
     _SQLITE_INSERTS[cache_key] = shape
     return shape
 
