@@ -15,6 +15,7 @@ from gateway.config import Settings
 from gateway.plan import NumberPlan, load_plan
 from gateway.store import Store
 from tests.support.fakes import NORDIC_BOXES, BoxLocator
+from tests.support.proxy import TcpProxy, proxied_url
 from tests.support.twilio import AUTH_TOKEN, VEHICLE_TOKEN, path_of, signature
 
 PUBLIC_URL = "https://gateway.example.com"
@@ -134,4 +135,23 @@ def pg_store() -> Iterator[Store]:
     metadata.drop_all(store.engine)
     store.create_schema()
     yield store
+    store.dispose()
+
+
+@pytest.fixture
+def proxy(pg_store: Store) -> Iterator[TcpProxy]:
+    """A TcpProxy in front of the test PostgreSQL (tests/support/proxy.py)."""
+    import sqlalchemy as sa
+
+    url = sa.engine.make_url(postgres_url() or "")
+    with TcpProxy(url.host or "127.0.0.1", url.port or 5432) as running:
+        yield running
+
+
+@pytest.fixture
+def proxied(proxy: TcpProxy) -> Iterator[Store]:
+    """A store whose every connection goes through the proxy (schema already made)."""
+    store = Store.from_url(proxied_url(postgres_url() or "", proxy), suspect_s=0.5)
+    yield store
+    proxy.mode = "forward"
     store.dispose()

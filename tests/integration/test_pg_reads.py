@@ -9,7 +9,6 @@ import datetime as dt
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,8 +18,7 @@ from hypothesis import strategies as st
 
 from gateway.errors import StoreError
 from gateway.store import Store, incidents
-from tests.conftest import postgres_url
-from tests.support.proxy import TcpProxy, proxied_url
+from tests.support.proxy import TcpProxy
 
 pytestmark = pytest.mark.postgres
 
@@ -50,21 +48,6 @@ def on_this_thread(store: Store) -> bool:
     assert store.pg_reads is not None
     conn = getattr(store.pg_reads._local, "conn", None)
     return conn is not None and not conn.closed
-
-
-@pytest.fixture
-def proxy(pg_store: Store) -> Iterator[TcpProxy]:
-    url = sa.engine.make_url(postgres_url() or "")
-    with TcpProxy(url.host or "127.0.0.1", url.port or 5432) as running:
-        yield running
-
-
-@pytest.fixture
-def proxied(proxy: TcpProxy) -> Iterator[Store]:
-    store = Store.from_url(proxied_url(postgres_url() or "", proxy), suspect_s=0.5)
-    yield store
-    proxy.mode = "forward"
-    store.dispose()
 
 
 def test_the_first_read_of_a_thread_goes_the_old_way_and_a_connection_is_opened_meanwhile(

@@ -165,13 +165,6 @@ def test_the_app_has_a_step_writer_that_starts_on_first_submit(
 # -- through a database outage ---------------------------------------------------------------
 
 
-@pytest.fixture
-def proxy(pg_store: Store) -> Iterator[TcpProxy]:
-    url = sa.engine.make_url(postgres_url() or "")
-    with TcpProxy(url.host or "127.0.0.1", url.port or 5432) as running:
-        yield running
-
-
 @pytest.mark.postgres
 @pytest.mark.parametrize("outage", ["blackhole", "refuse"])
 def test_records_wait_out_an_outage_and_are_written_exactly_once(

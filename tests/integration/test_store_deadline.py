@@ -23,7 +23,7 @@ from gateway.centre_health import API, CentreHealth
 from gateway.errors import StoreError
 from gateway.store import INCIDENT_FIELDS, Store, call_steps, incidents, make_engine
 from tests.conftest import postgres_url
-from tests.support.proxy import TcpProxy, proxied_url
+from tests.support.proxy import TcpProxy
 from tests.support.statements import count_statements
 
 MSISDN = "+46701234567"
@@ -31,22 +31,6 @@ NOW = dt.datetime(2025, 3, 1, 12, 0, tzinfo=dt.UTC)
 
 
 # -- fixtures -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def proxy(pg_store: Store) -> Iterator[TcpProxy]:
-    url = sa.engine.make_url(postgres_url() or "")
-    with TcpProxy(url.host or "127.0.0.1", url.port or 5432) as running:
-        yield running
-
-
-@pytest.fixture
-def proxied(proxy: TcpProxy) -> Iterator[Store]:
-    """A store whose every connection goes through the proxy (schema already made)."""
-    store = Store.from_url(proxied_url(postgres_url() or "", proxy), suspect_s=0.5)
-    yield store
-    proxy.mode = "forward"
-    store.dispose()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
