@@ -53,6 +53,22 @@ class _Timeout(Exception):
     pass
 
 
+class _Owned:
+    """A thread's connection and the statements prepared on it, kept in that thread's
+    locals: when the thread ends (its locals go) the connection is finished, by
+    whichever thread collects them; no other thread can be using it then."""
+
+    __slots__ = ("conn", "prepared")
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.prepared: set[str] = set()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.conn.pgconn.finish()
+
+
 class PgReads:
     """One-text-column reads on PostgreSQL, each on the calling thread under a deadline;
     every failure is :class:`~gateway.errors.StoreError` (or :class:`NotReady`)."""
@@ -79,7 +95,7 @@ class PgReads:
         conn = self._connection()
         pg = conn.pgconn
         try:
-            prepared: set[str] = self._local.prepared
+            prepared = self._local.owned.prepared
             if name not in prepared:
                 pg.send_prepare(name.encode(), sql.encode())
                 self._results(pg, deadline)
@@ -135,11 +151,11 @@ class PgReads:
 
     def _connection(self) -> Any:
         local = self._local
-        conn = getattr(local, "conn", None)
-        if conn is not None and not conn.closed:
+        owned = getattr(local, "owned", None)
+        if owned is not None and not owned.conn.closed:
             if not self._closed:
-                return conn
-            self._drop(conn)  # closed since: each thread finishes its own connection
+                return owned.conn
+            self._drop(owned.conn)  # closed since: each thread finishes its own connection
         if self._closed:
             raise NotReady
         try:
@@ -147,13 +163,13 @@ class PgReads:
         except queue.Empty:
             self._want()
             raise NotReady from None
-        local.conn, local.prepared = conn, set()
+        local.owned = _Owned(conn)
         self._want()  # keep a spare ready for the next thread
         return conn
 
     def _drop(self, conn: Any) -> None:
         """Finish ``conn`` (this thread's): no round trip, the server may hang."""
-        self._local.conn = None
+        self._local.owned = None
         with contextlib.suppress(Exception):
             conn.pgconn.finish()
         self._want()
@@ -200,6 +216,6 @@ class PgReads:
         self._closed = True
         self._wanted.set()
         self._finish_spares()
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            self._drop(conn)
+        owned = getattr(self._local, "owned", None)
+        if owned is not None:
+            self._drop(owned.conn)
