@@ -18,7 +18,9 @@ from hypothesis import strategies as st
 
 from gateway.errors import StoreError
 from gateway.store import Store, incidents
+from tests.conftest import PUBLIC_URL
 from tests.support.proxy import TcpProxy
+from tests.support.twilio import call_params, dialled_number, parse, signature
 
 pytestmark = pytest.mark.postgres
 
@@ -44,9 +46,15 @@ def lookup(store: Store, timeout_s: float = 0.3, **overrides: Any) -> Any:
     return store.voice_lookup(**kwargs)
 
 
-def on_this_thread(store: Store) -> bool:
+def conn_here(store: Store) -> Any:
+    """This thread's own connection of ``store``'s reader, or None."""
     assert store.pg_reads is not None
-    conn = getattr(store.pg_reads._local, "conn", None)
+    owned = getattr(store.pg_reads._local, "owned", None)
+    return None if owned is None else owned.conn
+
+
+def on_this_thread(store: Store) -> bool:
+    conn = conn_here(store)
     return conn is not None and not conn.closed
 
 
@@ -159,7 +167,7 @@ def test_a_connection_the_server_closed_is_read_again_the_other_way(pg_store: St
     ready(pg_store)
     lookup(pg_store)
     assert on_this_thread(pg_store) and pg_store.pg_reads is not None
-    pid = pg_store.pg_reads._local.conn.info.backend_pid
+    pid = conn_here(pg_store).info.backend_pid
     with pg_store.begin() as conn:
         conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
     found = lookup(pg_store, timeout_s=2.0)  # answered: the deadline thread read it
@@ -192,10 +200,10 @@ def test_close_leaves_another_threads_connection_to_that_thread(pg_store: Store)
 
     def reader() -> None:
         lookup(pg_store)
-        owned.append(pg_store.pg_reads._local.conn)
+        owned.append(conn_here(pg_store))
         go_on.wait(timeout=5)
         assert lookup(pg_store).incident is None  # after close(): the deadline thread read
-        owned.append(getattr(pg_store.pg_reads._local, "conn", None))
+        owned.append(conn_here(pg_store))
 
     thread = threading.Thread(target=reader)
     thread.start()
@@ -218,7 +226,7 @@ def test_waiting_for_a_server_that_hangs_takes_no_cpu_and_finishes_the_connectio
     ready(proxied)
     lookup(proxied)
     assert proxied.pg_reads is not None
-    conn = proxied.pg_reads._local.conn
+    conn = conn_here(proxied)
     proxy.mode = "blackhole"
     cpu = time.thread_time()
     with pytest.raises(StoreError):
@@ -267,7 +275,7 @@ def test_close_finishes_the_callers_own_connection(pg_store: Store) -> None:
     ready(pg_store)
     lookup(pg_store)
     assert pg_store.pg_reads is not None and on_this_thread(pg_store)
-    conn = pg_store.pg_reads._local.conn
+    conn = conn_here(pg_store)
     pg_store.pg_reads.close()
     assert conn.closed and pg_store.pg_reads._ready.qsize() == 0
 
@@ -277,7 +285,7 @@ def test_a_statement_the_server_refuses_is_a_store_error_with_its_reason(
     assert pg_store.pg_reads is not None
     ready(pg_store)
     lookup(pg_store)  # this thread takes a connection
-    conn = pg_store.pg_reads._local.conn
+    conn = conn_here(pg_store)
     with pytest.raises(StoreError, match="database error: .*division by zero"):
         pg_store.pg_reads.fetch_text("zero", "SELECT (1 / $1::int)::text", ["0"],
                                      timeout_s=2.0)
@@ -333,3 +341,43 @@ def test_fetch_text_returns_each_rows_first_column_as_text_or_none(pg_store: Sto
         "rows", "SELECT v, 'other' FROM (VALUES ($1::text), (NULL), ('b')) AS t(v)", ["a"],
         timeout_s=2.0)
     assert rows == ["a", None, "b"]
+
+
+def signed_post(app: Any, params: dict[str, str]) -> Any:
+    return app.test_client().post(
+        "/twilio/voice", data=params,
+        headers={"X-Twilio-Signature": signature(PUBLIC_URL + "/twilio/voice", params)})
+
+
+def test_a_replayed_signed_request_is_answered_from_the_request_thread_read(
+        pg_store: Store, make_app: Any) -> None:
+    """The same signed webhook again, after the process forgot what it wrote: this
+    thread's PostgreSQL read finds the stored step; same TwiML, stored once.  (pg_store
+    first: the app's threads stop before its store is disposed.)"""
+    from gateway.store import KnownSteps, call_steps
+
+    app = make_app(store=pg_store)
+    svc = app.extensions["gateway"]
+    ready(pg_store)
+    params = call_params("CAreplay", "+4915112345678")
+    first = signed_post(app, params)
+    assert svc.steps.flush(timeout=5)
+    svc.store.known_steps = KnownSteps()
+    again = signed_post(app, params)
+    assert on_this_thread(pg_store)  # the request-thread read answered
+    assert again.status_code == 200 and again.data == first.data
+    assert svc.steps.flush(timeout=5)
+    with pg_store.begin() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(call_steps).where(
+            call_steps.c.call_sid == "CAreplay")).scalar() == 1
+
+
+@pytest.mark.parametrize("call_sid", ["CA'; DROP TABLE call_steps; --", "CA\u65e5\u672c",
+                                      "CA" + "f" * 300, "", "CA\x00CAother", "CA%00"])
+def test_a_malformed_callsid_still_reaches_a_person(pg_store: Store, make_app: Any,
+                                                    call_sid: str) -> None:
+    app = make_app(store=pg_store)
+    ready(pg_store)
+    response = signed_post(app, call_params(call_sid, "+4915112345678"))
+    assert response.status_code == 200
+    assert dialled_number(parse(response.data)) == "+442079460100"  # eu-primary

@@ -25,6 +25,7 @@ from gateway.sqlite_reads import SqliteReads
 from gateway.steps import StepRecord, StepWriter
 from gateway.store import Store, call_steps, incidents, routing_decisions
 from tests.conftest import PUBLIC_URL
+from tests.support.statements import count_statements
 from tests.support.twilio import call_params, dialled_number, parse, signature
 
 SINCE = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
@@ -322,3 +323,45 @@ def test_every_close_reaches_the_connections_opened_since_the_last(tmp_path: Pat
     for conn in conns:
         with pytest.raises(sqlite3.ProgrammingError):
             conn.execute("SELECT 1")
+
+
+def signed_post(app: Flask, params: dict[str, str]) -> Any:
+    return app.test_client().post(
+        "/twilio/voice", data=params,
+        headers={"X-Twilio-Signature": signature(PUBLIC_URL + "/twilio/voice", params)})
+
+
+def test_a_replayed_signed_request_is_answered_from_the_database_read(make_app: Any) -> None:
+    """The same signed webhook again, after the process forgot what it wrote (as another
+    worker would): the request-thread read finds the stored step, the TwiML is the same
+    and the step is stored once."""
+    from gateway.store import KnownSteps, call_steps
+
+    app: Flask = make_app()
+    svc = app.extensions["gateway"]
+    assert svc.store.sqlite_reads is not None
+    params = call_params("CAreplay", "+4915112345678")
+    first = signed_post(app, params)
+    assert svc.steps.flush(timeout=5)
+    svc.store.known_steps = KnownSteps()
+    seen = count_statements(svc.store)
+    again = signed_post(app, params)
+    assert again.status_code == 200 and again.data == first.data
+    assert len(seen) == 1  # answered by the one read, nothing else
+    assert svc.steps.flush(timeout=5)
+    with svc.store.begin() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(call_steps).where(
+            call_steps.c.call_sid == "CAreplay")).scalar() == 1
+
+
+MALFORMED_SIDS = ["CA'; DROP TABLE call_steps; --", "CA\u65e5\u672c\u8a9e", "CA" + "f" * 300,
+                  "", "CA\x00CAother", "CA%00", "\ud7ff"]
+
+
+@pytest.mark.parametrize("call_sid", MALFORMED_SIDS)
+def test_a_malformed_callsid_still_reaches_a_person_and_reads_nothing_else(
+        make_app: Any, call_sid: str) -> None:
+    app: Flask = make_app()
+    response = signed_post(app, call_params(call_sid, "+4915112345678"))
+    assert response.status_code == 200
+    assert dialled_number(parse(response.data)) == "+442079460100"  # eu-primary
