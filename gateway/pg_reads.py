@@ -91,6 +91,10 @@ class PgReads:
                    timeout_s: float) -> list[str | None]:
         """The first column of each row of the prepared statement ``name`` (``sql``,
         ``$n`` placeholders, text parameters), within ``timeout_s``."""
+        if any(p is not None and "\x00" in p for p in params):
+            # libpq reads a text parameter up to its first NUL: "CA\x00x" would be read
+            # as "CA" (PostgreSQL text holds no NUL; psycopg refuses it the same way)
+            raise StoreError("database error: a parameter holds a NUL character")
         deadline = time.monotonic() + timeout_s
         conn = self._connection()
         pg = conn.pgconn

@@ -381,3 +381,15 @@ def test_a_malformed_callsid_still_reaches_a_person(pg_store: Store, make_app: A
     response = signed_post(app, call_params(call_sid, "+4915112345678"))
     assert response.status_code == 200
     assert dialled_number(parse(response.data)) == "+442079460100"  # eu-primary
+
+
+def test_a_parameter_with_a_nul_is_refused_not_cut_short(pg_store: Store) -> None:
+    """libpq would read "CA\\x00CAother" as "CA": another call's steps."""
+    assert pg_store.pg_reads is not None
+    ready(pg_store)
+    lookup(pg_store)
+    with pytest.raises(StoreError, match="NUL"):
+        pg_store.pg_reads.fetch_text("nul", "SELECT $1::text", ["CA\x00CAother"],
+                                     timeout_s=2.0)
+    assert pg_store.pg_reads.fetch_text("nul", "SELECT $1::text", ["CA"],
+                                        timeout_s=2.0) == ["CA"]
