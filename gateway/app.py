@@ -276,7 +276,7 @@ def stop_background(app: Flask, *, timeout_s: float = 5.0) -> None:
     """Write out the queued voice steps and stop the app's background threads (what a
     thread had leased is retried once its lease ends).  Never raises."""
     svc: Services = app.extensions["gateway"]
-    for name in ("worker", "notifier", "command_queue"):
+    for name in ("worker", "notifier", "command_queue", "line_health"):
         part = getattr(svc, name, None)
         if part is not None:
             try:

@@ -33,6 +33,7 @@ class LineHealthCache:
         self._read_at: float | None = None
         self._lock = threading.Lock()
         self._refreshing = False
+        self._thread: threading.Thread | None = None
 
     def down(self) -> frozenset[str]:
         """The lines known down, from memory; starts a refresh if the copy is old."""
@@ -43,9 +44,17 @@ class LineHealthCache:
             if start:
                 self._refreshing = True
         if start:
-            threading.Thread(target=self._refresh_in_background, name="line-health",
-                             daemon=True).start()
+            self._thread = threading.Thread(target=self._refresh_in_background,
+                                            name="line-health", daemon=True)
+            self._thread.start()
         return self._down
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Wait for a refresh still reading the database (shutdown: nothing may read
+        after the store is closed)."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
 
     def refresh(self) -> frozenset[str]:
         """Read the lines' state now (start-up, tests); keeps the old set on failure."""

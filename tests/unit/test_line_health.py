@@ -173,3 +173,26 @@ def test_the_default_max_age_is_two_seconds(health: FakeLineHealth, clock: Clock
     cache.down()
     health.finish()
     assert health.reads == 2
+
+
+def test_stop_waits_for_a_refresh_still_reading() -> None:
+    """Shutdown: no refresh may read the database after the store is closed."""
+    import threading
+    import time
+
+    from gateway.line_health import LineHealthCache
+
+    reading = threading.Event()
+
+    class SlowHealth:
+        def unreachable(self) -> list[str]:
+            reading.set()
+            time.sleep(0.3)
+            return ["eu-primary"]
+
+    cache = LineHealthCache(SlowHealth())
+    cache.down()  # starts the refresh in the background
+    assert reading.wait(timeout=2)
+    cache.stop(timeout=2)
+    assert cache._thread is not None and not cache._thread.is_alive()
+    assert cache.down() == frozenset({"eu-primary"})  # it finished, not abandoned
