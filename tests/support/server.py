@@ -50,9 +50,16 @@ class GatewayProcess:
     def port(self) -> int:
         return int(self.base_url.rsplit(":", 1)[1])
 
-    def worker_pids(self) -> list[int]:
-        """The serving processes under this one (gunicorn's workers; none under waitress)."""
-        return children_of(self.process.pid)
+    def worker_pids(self, *, at_least: int = 0, timeout: float = 10.0) -> list[int]:
+        """The serving processes under this one (gunicorn's workers; none under waitress);
+        with ``at_least``, waits until that many are there (the master forks them one
+        after another, and the first one serving makes the gateway ready)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pids = children_of(self.process.pid)
+            if len(pids) >= at_least or time.monotonic() > deadline:
+                return pids
+            time.sleep(0.05)
 
     def raw_webhook(self, path: str, params: Mapping[str, str]) -> bytes:
         """A signed webhook as the bytes of one HTTP/1.1 request (for tests that send it
