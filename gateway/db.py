@@ -121,7 +121,7 @@ class DeadlineRunner:
 
     def missed(self) -> None:
         """A deadline was missed by work done elsewhere (a read on the request thread,
-        gateway.pg_reads): fail fast for ``suspect_s``, then probe, as after our own."""
+        gateway.store.pg_reads): fail fast for ``suspect_s``, then probe, as after our own."""
         self._timed_out(probe=False)
 
     def run(self, fn: Callable[[Job], T], *, timeout_s: float) -> T:

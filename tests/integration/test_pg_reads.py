@@ -1,4 +1,4 @@
-"""The voice read on PostgreSQL on the request thread (gateway.pg_reads): the same answers
+"""The voice read on PostgreSQL on the request thread (gateway.store.pg_reads): the same answers
 as the SQLAlchemy read, a hard deadline against a server that accepts TCP and never
 answers (TcpProxy), fail-fast after a miss, a broken connection read again the other
 way, and connections never opened on the request thread."""
@@ -321,7 +321,7 @@ class FullBuffer:
 def test_a_full_send_buffer_waits_until_the_socket_is_writable() -> None:
     import socket
 
-    from gateway.pg_reads import PgReads
+    from gateway.store.pg_reads import PgReads
 
     ours, theirs = socket.socketpair()  # writable, never readable: nobody sends to us
     try:

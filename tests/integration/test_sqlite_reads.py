@@ -1,4 +1,4 @@
-"""The embedded SQLite's voice read on the request thread (gateway.sqlite_reads) and
+"""The embedded SQLite's voice read on the request thread (gateway.store.sqlite_reads) and
 its step batches without RETURNING: the same answers as the SQLAlchemy path, a
 deadline that holds against a locked file and a runaway statement, and steps new
 exactly once when two writers race."""
@@ -21,9 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import StoreError
-from gateway.sqlite_reads import SqliteReads
 from gateway.steps import StepRecord, StepWriter
 from gateway.store import Store, call_steps, incidents, routing_decisions
+from gateway.store.sqlite_reads import SqliteReads
 from tests.conftest import PUBLIC_URL
 from tests.support.statements import count_statements
 from tests.support.twilio import call_params, dialled_number, parse, signature
@@ -92,7 +92,7 @@ def test_the_packed_read_returns_what_the_sqlalchemy_read_returns(
 
 def test_a_real_column_is_never_packed() -> None:
     """json_object writes a REAL with 15 significant digits: not always the same double."""
-    from gateway.store import _json_row
+    from gateway.store.voice_read import _json_row
 
     with pytest.raises(StoreError, match="lat"):
         _json_row([incidents.c.id, incidents.c.lat], incidents.c.id)
@@ -226,7 +226,7 @@ def test_the_read_runs_on_the_calling_thread_in_one_statement_of_one_column(
     assert file_store.deadline._alive == 0  # no deadline thread was ever started
     assert len(seen) == 3 and all(s.lstrip().upper().startswith("SELECT json_array(".upper())
                                   for s in seen)
-    from gateway.store import _packed_voice_query
+    from gateway.store.voice_read import _packed_voice_query
 
     sql = _packed_voice_query(file_store.engine.dialect, 2, 2).sql
     assert "?" in sql and ":vl_" not in sql  # positional parameters

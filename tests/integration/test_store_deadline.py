@@ -369,7 +369,7 @@ def test_eight_serving_threads_and_the_step_writer_read_without_refusals(
 
 def test_start_up_warms_each_voice_read_and_a_failure_only_warns(
         make_app: Any, caplog: pytest.LogCaptureFixture) -> None:
-    from gateway.store import _PACKED_QUERIES, _VOICE_QUERIES
+    from gateway.store.voice_read import _PACKED_QUERIES, _VOICE_QUERIES
 
     _VOICE_QUERIES.clear()
     _PACKED_QUERIES.clear()

@@ -9,7 +9,7 @@ from gateway.store import Store
 
 def count_statements(store: Store) -> list[str]:
     """The statements ``store`` runs from now on: through SQLAlchemy, and on a SQLite
-    file's voice-read connections (gateway.sqlite_reads) without their set-up PRAGMAs."""
+    file's voice-read connections (gateway.store.sqlite_reads) without their set-up PRAGMAs."""
     seen: list[str] = []
     sa.event.listen(store.engine, "before_cursor_execute",
                     lambda _c, _cur, statement, *_: seen.append(statement))
