@@ -25,13 +25,21 @@ Outcomes of one send:
 A row leaves ``pending`` once, so a command is sent again only after a transient
 failure, and then with the same key.  ``sent`` rows are never re-sent.
 
+A ``sent`` row the car has not settled ``confirm_s`` after it became ``sent`` (its
+``updated_at``: nothing else updates a ``sent`` row) -> ``failed``, "not confirmed by
+the car within N s" (the car out of coverage, its battery cut, its report lost): once,
+by whichever worker gets there first (a conditional UPDATE; ``FOR UPDATE SKIP LOCKED``
+on PostgreSQL), logged as an error per row.  The service's answer stays in ``result``,
+so a late report still finds the row by its ``command_id``: ``ok`` confirms it (failed
+-> confirmed, settled again), not ``ok`` leaves it failed.
+
 A request that cannot wait for the worker sends its row itself with
 :meth:`CommandQueue.send_now` (it leases the row, so the worker never sends it at the
 same time).  ``on_settled(conn, row)`` is called inside the transaction that moves a
-row to ``confirmed`` or ``failed`` (by a send, the car's result, or the budget), once
-per move: what waits for the car's acknowledgement (the registry's state) commits with
-it or not at all.  Params named with a leading ``_`` are the gateway's own notes on the
-row (who asked, what to record): they are never sent.
+row to ``confirmed`` or ``failed`` (by a send, the car's result, the budget, or the
+confirmation window), once per move: what waits for the car's acknowledgement (the
+registry's state) commits with it or not at all.  Params named with a leading ``_`` are
+the gateway's own notes on the row (who asked, what to record): they are never sent.
 """
 
 from __future__ import annotations
@@ -163,10 +171,13 @@ class CommandQueue:
         backoff_max_s: float = 15.0,
         lease_s: float = 30.0,
         concurrency: int = 4,
+        confirm_s: float = 300.0,
         on_settled: Settled | None = None,
     ) -> None:
         if poll_s <= 0 or budget_s <= 0 or lease_s <= 0 or concurrency < 1:
             raise ValueError("poll_s, budget_s, lease_s must be positive, concurrency >= 1")
+        if confirm_s <= 0:
+            raise ValueError("confirm_s must be positive")
         if backoff_initial_s < 0 or backoff_max_s < backoff_initial_s:
             raise ValueError("need 0 <= backoff_initial_s <= backoff_max_s")
         # one send (the adapter's own retries included) must end inside the lease
@@ -183,6 +194,8 @@ class CommandQueue:
         self.backoff_max_s = backoff_max_s
         self.lease = dt.timedelta(seconds=lease_s)
         self.concurrency = concurrency
+        #: a ``sent`` row the car has not settled this long after it was sent fails
+        self.confirm_window = dt.timedelta(seconds=confirm_s)
         self.on_settled = on_settled
         self.wake = threading.Event()
         self.stopping = threading.Event()
@@ -225,6 +238,9 @@ class CommandQueue:
         ``ok`` confirms a pending, sent or (late) failed row; not ``ok`` fails a pending
         or sent one.  A finished row is returned unchanged (a replayed result).  A row a
         worker is sending right now loses its lease token, so that worker changes nothing.
+        A row that moves between this read and this write (another instance failed it for
+        its window, a worker's send settled it) is read and decided again: the car's
+        report is never dropped for a race.
         """
         now = self._now()
         body = json.loads(json.dumps(dict(result)))
@@ -232,31 +248,36 @@ class CommandQueue:
         if key.isdigit():
             where = sa.or_(where, vehicle_commands.c.id == int(key))
         with self.store.begin() as conn:
-            found = conn.execute(sa.select(vehicle_commands).where(where)
-                                 .order_by((_KEY == key).desc()).limit(1)).first()
-            if found is None:
-                return None
-            row = _as_dict(found)
-            if ok and row["status"] in ("pending", "sent", "failed"):
-                if row["status"] == "failed":
-                    log.warning("command %s confirmed by the car after it was failed", row["key"])
-                values: dict[str, Any] = {"status": "confirmed", "confirmed_at": now,
-                                          "last_error": None}
-            elif not ok and row["status"] in ("pending", "sent"):
-                values = {"status": "failed",
-                          "last_error": f"car reported failure: {_reason(body)}"[:300]}
-            else:
-                return row
-            changed = conn.execute(vehicle_commands.update().where(
-                vehicle_commands.c.id == row["id"],
-                vehicle_commands.c.status == row["status"],
-            ).values(result=body, lease_token=None, lease_until=None, updated_at=now,
-                     **values)).rowcount
-            settled = _as_dict(conn.execute(sa.select(vehicle_commands)
-                                            .where(vehicle_commands.c.id == row["id"])).one())
-            if changed == 1:
-                self._settled(conn, settled)
-            return settled
+            # a row moves at most three times (pending, sent, failed, confirmed)
+            for _ in range(4):
+                found = conn.execute(sa.select(vehicle_commands).where(where)
+                                     .order_by((_KEY == key).desc()).limit(1)).first()
+                if found is None:
+                    return None
+                row = _as_dict(found)
+                if ok and row["status"] in ("pending", "sent", "failed"):
+                    values: dict[str, Any] = {"status": "confirmed", "confirmed_at": now,
+                                              "last_error": None}
+                elif not ok and row["status"] in ("pending", "sent"):
+                    values = {"status": "failed",
+                              "last_error": f"car reported failure: {_reason(body)}"[:300]}
+                else:
+                    return row
+                changed = conn.execute(vehicle_commands.update().where(
+                    vehicle_commands.c.id == row["id"],
+                    vehicle_commands.c.status == row["status"],
+                ).values(result=body, lease_token=None, lease_until=None, updated_at=now,
+                         **values)).rowcount
+                if changed == 1:
+                    if row["status"] == "failed":
+                        log.warning("command %s confirmed by the car after it was failed (%s)",
+                                    row["key"], row["last_error"])
+                    settled = _as_dict(conn.execute(
+                        sa.select(vehicle_commands)
+                        .where(vehicle_commands.c.id == row["id"])).one())
+                    self._settled(conn, settled)
+                    return settled
+            return row
 
     def _settled(self, conn: Connection, row: Mapping[str, Any]) -> None:
         if self.on_settled is not None and row["status"] in ("confirmed", "failed"):
@@ -427,9 +448,39 @@ class CommandQueue:
             log.error("%d vehicle command(s) expired unsent", expired)
         return int(expired)
 
+    def _expire_unconfirmed(self) -> int:
+        """Fail ``sent`` rows the car has not settled within the confirmation window.
+
+        The window counts from ``updated_at``: the moment the row became ``sent``, as no
+        statement updates a ``sent`` row but the ones that settle it.  The service's
+        answer (its ``command_id``) stays in ``result``, so a late report still finds
+        the row, and :meth:`confirm` still confirms it."""
+        now = self._now()
+        window = self.confirm_window.total_seconds()
+        error = f"not confirmed by the car within {window:g}s"
+        c = vehicle_commands.c
+        overdue = sa.and_(c.status == "sent", c.updated_at < now - self.confirm_window)
+        with self.store.begin() as conn:
+            old = sa.select(c.id).where(overdue)
+            if conn.dialect.name == "postgresql":
+                old = old.with_for_update(skip_locked=True)
+            rows = conn.execute(vehicle_commands.update().where(c.id.in_(old), overdue)
+                                .values(status="failed", lease_token=None, lease_until=None,
+                                        updated_at=now, last_error=error)
+                                .returning(*c)).all()
+            failed = [_as_dict(row) for row in rows]
+            for row in failed:
+                self._settled(conn, row)
+        for row in failed:  # after the commit: each is failed now, once
+            answer = row["result"] if isinstance(row["result"], dict) else {}
+            log.error("command %s (%s) to %s failed: %s (command_id %s)", row["key"],
+                      row["command"], row["vin"] or row["msisdn"], error,
+                      answer.get("command_id"))
+        return len(failed)
+
     def run_once(self) -> int:
         """Expire, claim and send what is due; how many rows were handled."""
-        expired = self._expire()
+        expired = self._expire() + self._expire_unconfirmed()
         rows = self.claim(self.concurrency)
         if len(rows) == 1:
             self.handle(rows[0])

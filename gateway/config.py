@@ -150,6 +150,11 @@ class Settings:
     vehicle_command_url: str | None = None
     #: seconds the car stays unlocked after a remote unlock before it relocks
     unlock_relock_s: int = 60
+    #: seconds a command the vehicle command service took (``accepted``) waits for the
+    #: car's report before it fails (audited ``<command>_failed``); a late report still
+    #: confirms it and applies the change.  An owner waiting on the phone or in the app
+    #: has given up by then, and a repeated request sends nothing while it waits.
+    command_confirm_s: int = 300
     push_url: str | None = None
     twilio_account_sid: str | None = None
     twilio_api_url: str = "https://api.twilio.com"
@@ -239,6 +244,8 @@ class Settings:
             geocoder=geocoder,
             vehicle_command_url=reader.url("GATEWAY_VEHICLE_COMMAND_URL", default=None),
             unlock_relock_s=reader.integer("GATEWAY_UNLOCK_RELOCK_S", 60),
+            command_confirm_s=reader.integer("GATEWAY_COMMAND_CONFIRM_S",
+                                             cls.command_confirm_s),
             push_url=reader.url("GATEWAY_PUSH_URL", default=None),
             twilio_account_sid=reader.text("GATEWAY_TWILIO_ACCOUNT_SID") or None,
             twilio_api_url=reader.url("GATEWAY_TWILIO_API_URL", default="https://api.twilio.com"),
@@ -251,6 +258,8 @@ class Settings:
         )
         if not 10 <= settings.unlock_relock_s <= 600:
             raise ConfigError("GATEWAY_UNLOCK_RELOCK_S: must be between 10 and 600")
+        if not 30 <= settings.command_confirm_s <= 3600:
+            raise ConfigError("GATEWAY_COMMAND_CONFIRM_S: must be between 30 and 3600 seconds")
         if not 60 <= settings.theft_escalation_s <= 86400:
             raise ConfigError("GATEWAY_THEFT_ESCALATION_S: must be between 60 and 86400 seconds")
         if not 0 < settings.notify_retry_s < settings.theft_escalation_s:

@@ -27,7 +27,12 @@ Every command that changes what the car does takes one path, :class:`CarCommands
 
 **"accepted" is not an acknowledgement.**  The vehicle command service answering
 ``accepted`` has taken the command; the car has not executed it.  The row is ``sent``,
-the registry unchanged, until the car's ``command_result``.
+the registry unchanged, until the car's ``command_result``.  A car that does not report
+within the queue's confirmation window (``GATEWAY_COMMAND_CONFIRM_S``) fails the row
+(audited ``<command>_failed``; the registry stays unchanged, and the next request of the
+episode is sent again under a new key).  Its report may still come: ``ok`` confirms the
+failed row and applies the change then, like any confirmation (:func:`apply_settled`),
+so the registry ends as the car reports; the audit shows the failure, then the change.
 
 **Unreachable** (timeouts, 429/5xx): the registry is unchanged, the row stays
 ``pending`` and the queue worker retries it with the same key until the queue's budget

@@ -163,8 +163,10 @@ def _command_answer(sent: CommandRequest, *, done: str) -> Any:
     if sent.status == "confirmed":
         return jsonify({**body, "command": command, "detail": done})
     if sent.status == "sent":
+        window = services().command_queue.confirm_window.total_seconds()
         detail = ("the vehicle command service took the command; the state changes when "
-                  "the car reports that it executed it")
+                  f"the car reports that it executed it (failed if it has not reported "
+                  f"{window:g}s after it was sent)")
     elif sent.status == "pending":
         budget = services().command_queue.budget.total_seconds()
         detail = (f"car unreachable: the state is unchanged; the command is retried for up "

@@ -35,7 +35,7 @@ from gateway.owners.car_commands import (
 )
 from gateway.store import Store
 from tests.conftest import Clock
-from tests.support.commands import car_client, queue_builder, sqlite_store
+from tests.support.commands import CONFIRM_S, car_client, queue_builder, sqlite_store
 from tests.support.fake_servers import FakeCarCommands
 
 VIN = "WBA3A5C51CF256001"
@@ -364,6 +364,117 @@ def test_accepted_waits_for_the_cars_command_result(
     assert late_no is not None and late_no["status"] == "confirmed"  # settled stays
     assert _actions(registry).count(case.action) == 1
     assert len(wire(car, name)) == 1
+
+
+UNCONFIRMED = f"not confirmed by the car within {CONFIRM_S}s"
+
+
+@ALL
+def test_a_command_the_car_never_confirms_fails_and_its_late_report_still_applies(
+        name: str, service: CarCommands, registry: Vehicles, car: FakeCarCommands,
+        queue: CommandQueue, clock: Clock) -> None:
+    case = CASES[name]
+    case.setup(registry)
+    car.mode = "up"  # taken by the command service; the car's report does not come
+    sent = case.request(service)
+    key = str(sent.row["key"])
+    assert sent.status == "sent" and not case.done(registry)
+    clock.advance(CONFIRM_S)
+    assert queue.run_once() == 0 and [c["key"] for c in service.unfinished(VIN)] == [key]
+    clock.advance(1)
+    assert queue.run_once() == 1
+    assert queue_status(service, sent) == "failed" and not case.done(registry)
+    assert service.unfinished(VIN) == []
+    entry = registry.audit_for(VIN)[-1]
+    assert (entry.action, entry.detail, entry.at) == (
+        f"{name}_failed", {"key": key, "error": UNCONFIRMED}, now_of(clock))
+
+    clock.advance(30)  # the car did execute it; its command_result comes late
+    late = service.command_result(VIN, key=None, command_id="cmd-1", ok=True, detail="done")
+    assert late is not None and late["status"] == "confirmed" and late["last_error"] is None
+    assert case.done(registry)  # the registry ends as the car reports
+    fields, detail = RECORDED[name](key)
+    vehicle = _vehicle(registry)
+    assert {k: getattr(vehicle, k) for k in fields} == fields
+    entry = registry.audit_for(VIN)[-1]
+    assert (entry.action, entry.at) == (case.action, now_of(clock))
+    assert {k: entry.detail.get(k) for k in detail} == detail
+    assert service.unfinished(VIN) == []
+
+    audit, clock_then = registry.audit_for(VIN), now_of(clock)
+    clock.advance(5)  # replays of the late report change nothing
+    for ok in (True, False, True):
+        again = service.command_result(VIN, key=key, command_id=None, ok=ok, detail="again")
+        assert again is not None and command_view(again) == command_view(late)
+    assert registry.audit_for(VIN) == audit and _vehicle(registry) == vehicle
+    assert _actions(registry).count(case.action) == 1
+    assert vehicle.updated_at <= clock_then
+    clock.advance(3600)
+    assert queue.run_once() == 0 and len(wire(car, name)) == 1  # never sent again
+
+
+def test_a_request_after_an_unconfirmed_reactivation_sends_it_again(
+        service: CarCommands, registry: Vehicles, car: FakeCarCommands, queue: CommandQueue,
+        clock: Clock) -> None:
+    """While a reactivation is ``sent`` a repeated request sends nothing; once it has
+    failed for want of the car's report the owner's next request is sent again, under a
+    new key; the late report of the first and the report of the second reactivate once."""
+    registry.immobilise(VIN, actor=AGENT, authority_reference="POL-1")
+    car.mode = "up"
+    first = _reactivate(service)
+    assert first.status == "sent"
+    clock.advance(60)
+    waiting = _reactivate(service)  # within the window: the same row, nothing sent
+    assert waiting.row["key"] == first.row["key"] and waiting.status == "sent"
+    assert len(wire(car, "reactivate")) == 1
+    clock.advance(CONFIRM_S)
+    assert queue.run_once() == 1 and queue_status(service, first) == "failed"
+    second = _reactivate(service)
+    assert second.status == "sent" and second.created
+    assert second.row["key"] == f"{first.row['key']}#{first.row['id']}"
+    assert [c["idempotency_key"] for c in wire(car, "reactivate")] == [
+        first.row["key"], second.row["key"]]
+    late = service.command_result(VIN, key=str(first.row["key"]), command_id=None, ok=True,
+                                  detail=None)
+    assert late is not None and late["status"] == "confirmed"
+    reactivated = _vehicle(registry)
+    assert not reactivated.immobilised and reactivated.reactivated_by == IVR
+    clock.advance(10)
+    done = service.command_result(VIN, key=str(second.row["key"]), command_id=None, ok=True,
+                                  detail=None)
+    assert done is not None and done["status"] == "confirmed"
+    assert _vehicle(registry) == reactivated  # reactivated once
+    assert [(e.action, e.detail.get("changed")) for e in registry.audit_for(VIN)
+            if e.action == "reactivate"] == [("reactivate", True), ("reactivate", False)]
+
+
+@pytest.mark.postgres
+def test_postgres_a_late_report_after_the_window_reactivates(
+        pg_store: Store, client: VehicleCommandClient, car: FakeCarCommands,
+        clock: Clock) -> None:
+    registry = Vehicles(pg_store, PinHasher(n=2**8), clock=clock)
+    registry.register(vin=VIN, owner_name="Owner", market="DE",
+                      purchase_date=dt.date(2024, 1, 1), actor="test", pin=PIN,
+                      owner_phone=None)
+    registry.immobilise(VIN, actor=AGENT, authority_reference="POL-1")
+    queue = queue_builder(pg_store, client, clock)(on_settled=apply_settled)
+    service = CarCommands(queue, registry, wait_s=0.3)
+    car.mode = "up"
+    sent = _reactivate(service)
+    key = str(sent.row["key"])
+    clock.advance(CONFIRM_S + 1)
+    other = queue_builder(pg_store, client, clock)(on_settled=apply_settled)
+    assert queue.run_once() + other.run_once() == 1
+    assert queue_status(service, sent) == "failed" and _vehicle(registry).immobilised
+    assert _actions(registry)[-1] == "reactivate_failed"
+    clock.advance(30)
+    late = service.command_result(VIN, key=None, command_id="cmd-1", ok=True, detail=None)
+    assert late is not None and late["status"] == "confirmed"
+    vehicle = _vehicle(registry)
+    assert not vehicle.immobilised and vehicle.reactivated_at == now_of(clock)
+    assert service.command_result(VIN, key=key, command_id=None, ok=True, detail=None) == late
+    assert _actions(registry)[-2:] == ["reactivate_failed", "reactivate"]
+    assert _vehicle(registry) == vehicle
 
 
 @ALL

@@ -9,6 +9,7 @@ hand-driven clock; the HTTP timeouts are real.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import threading
 import time
 import uuid
@@ -21,10 +22,11 @@ from flask import Flask
 
 from gateway.adapters.vehicle_commands import VehicleCommandClient
 from gateway.commands import CommandQueue, enqueue_command, vehicle_commands
+from gateway.config import Settings
 from gateway.owners import vehicles
 from gateway.store import Store, incidents
 from tests.conftest import Clock
-from tests.support.commands import car_client, queue_builder, sqlite_store
+from tests.support.commands import CONFIRM_S, car_client, queue_builder, sqlite_store
 from tests.support.fake_servers import FakeCarCommands
 
 VIN = "WVWZZZ1JZXW000001"
@@ -137,8 +139,9 @@ def test_accepted_is_sent_until_the_car_confirms(queue: CommandQueue,
     assert sent is not None and sent["status"] == "sent"
     assert sent["result"]["command_id"] == "cmd-1" and sent["confirmed_at"] is None
     assert [r["key"] for r in queue.pending()] == [row["key"]]
-    clock.advance(3600)
-    assert queue.run_once() == 0 and len(car.commands) == 1  # sent rows are not re-sent
+    clock.advance(CONFIRM_S)  # the whole confirmation window: still sent, never re-sent
+    assert queue.run_once() == 0 and len(car.commands) == 1
+    assert [r["key"] for r in queue.pending()] == [row["key"]]
 
     done = queue.confirm(key=row["key"], ok=True, result={"dialled": "112"})
     assert done is not None and done["status"] == "confirmed" and done["result"] == {
@@ -354,6 +357,222 @@ def test_unknown_msisdn_fails(queue: CommandQueue, car: FakeCarCommands) -> None
     assert car.commands == []
 
 
+# -- sent, and the car never reports: the confirmation window -----------------------------
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def any_store(request: pytest.FixtureRequest, store: Store) -> Store:
+    """The SQLite store, or the test PostgreSQL (``pg_store``)."""
+    if request.param == "sqlite":
+        return store
+    pg: Store = request.getfixturevalue("pg_store")
+    return pg
+
+
+class Settlements:
+    """An ``on_settled`` hook recording (key, status, last_error, the status the row has
+    inside the settling transaction) for each call."""
+
+    def __init__(self, hold_s: float = 0.0) -> None:
+        self.calls: list[tuple[str, str, str | None, str]] = []
+        self.hold_s = hold_s
+        self.lock = threading.Lock()
+
+    def __call__(self, conn: Any, row: Any) -> None:
+        inside = conn.execute(sa.select(vehicle_commands.c.status)
+                              .where(vehicle_commands.c.id == row["id"])).scalar_one()
+        time.sleep(self.hold_s)  # the settling transaction stays open a while
+        with self.lock:
+            self.calls.append((row["key"], row["status"], row["last_error"], inside))
+
+
+UNCONFIRMED = f"not confirmed by the car within {CONFIRM_S}s"
+
+
+def now_of(clock: Clock) -> dt.datetime:
+    return dt.datetime.fromtimestamp(clock(), tz=dt.UTC)
+
+
+def test_a_sent_command_the_car_never_confirms_fails_once_after_the_window(
+        any_store: Store, client: VehicleCommandClient, car: FakeCarCommands, clock: Clock,
+        caplog: pytest.LogCaptureFixture) -> None:
+    settled = Settlements()
+    queue = queue_builder(any_store, client, clock)(on_settled=settled)
+    car.mode = "up"  # the service takes it ("accepted"); the car never reports
+    row = handback(queue)
+    clock.advance(5)
+    assert queue.run_once() == 1
+    sent = queue.get(row["key"])
+    assert sent is not None and sent["status"] == "sent" and sent["updated_at"] == now_of(clock)
+    clock.advance(CONFIRM_S)  # the window counts from the send, not from the request
+    assert queue.run_once() == 0
+    assert queue.get(row["key"]) == sent and settled.calls == []
+    clock.advance(0.5)
+    with caplog.at_level(logging.ERROR, logger="gateway.commands"):
+        assert queue.run_once() == 1
+    failed = queue.get(row["key"])
+    assert failed is not None and failed["status"] == "failed"
+    assert failed["last_error"] == UNCONFIRMED and failed["updated_at"] == now_of(clock)
+    assert failed["result"] == sent["result"]  # the service's answer (its command_id) stays
+    assert failed["confirmed_at"] is None and failed["attempts"] == 1
+    assert failed["lease_token"] is None and failed["lease_until"] is None
+    assert settled.calls == [(row["key"], "failed", UNCONFIRMED, "failed")]
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert [r.getMessage() for r in errors] == [
+        f"command {row['key']} (dial_emergency) to {VIN} failed: {UNCONFIRMED} (command_id cmd-1)"]
+    assert queue.pending() == []
+    for _ in range(3):  # exactly once, and never sent again
+        clock.advance(600)
+        assert queue.run_once() == 0
+    assert len(settled.calls) == 1 and len(car.commands) == 1
+
+
+def test_only_sent_commands_past_their_window_fail(
+        any_store: Store, client: VehicleCommandClient, car: FakeCarCommands,
+        clock: Clock) -> None:
+    settled = Settlements()
+    queue = queue_builder(any_store, client, clock)(on_settled=settled, budget_s=1000.0)
+    car.mode = "up"
+    old = handback(queue, call_sid="CAold")
+    assert queue.run_once() == 1
+    clock.advance(60)
+    young = handback(queue, call_sid="CAyoung")
+    assert queue.run_once() == 1
+    car.mode = "confirm"
+    done = handback(queue, call_sid="CAdone")
+    assert queue.run_once() == 1
+    car.mode = "503"
+    waiting = handback(queue, call_sid="CAwaiting")
+    assert queue.run_once() == 1
+    settled.calls.clear()
+    clock.advance(CONFIRM_S - 60 + 0.5)  # old: past its window; young: half-way
+    assert queue.run_once() == 1 + 1  # old failed; waiting retried (still down)
+    statuses = {k: (queue.get(r["key"]) or {}).get("status")
+                for k, r in (("old", old), ("young", young), ("done", done),
+                             ("waiting", waiting))}
+    assert statuses == {"old": "failed", "young": "sent", "done": "confirmed",
+                        "waiting": "pending"}
+    assert settled.calls == [(old["key"], "failed", UNCONFIRMED, "failed")]
+    assert [r["key"] for r in queue.pending()] == [young["key"], waiting["key"]]
+    clock.advance(60)
+    assert queue.run_once() >= 1
+    assert (queue.get(young["key"]) or {}).get("status") == "failed"
+
+
+def test_a_late_confirmation_after_the_window_confirms_once(
+        any_store: Store, client: VehicleCommandClient, car: FakeCarCommands, clock: Clock,
+        caplog: pytest.LogCaptureFixture) -> None:
+    settled = Settlements()
+    queue = queue_builder(any_store, client, clock)(on_settled=settled)
+    car.mode = "up"
+    row = handback(queue)
+    queue.run_once()
+    clock.advance(CONFIRM_S + 1)
+    assert queue.run_once() == 1
+    failed = queue.get(row["key"])
+    assert failed is not None and failed["status"] == "failed"
+
+    clock.advance(30)
+    refused = queue.confirm(key=row["key"], ok=False, result={"error": "no network"})
+    assert refused == failed  # a failed row stays failed, with its own reason
+    with caplog.at_level(logging.WARNING, logger="gateway.commands"):
+        late = queue.confirm(key=row["key"], ok=True, result={"dialled": "112"})
+    assert late is not None and late["status"] == "confirmed" and late["last_error"] is None
+    assert late["confirmed_at"] == now_of(clock) == late["updated_at"]
+    assert late["result"] == {"dialled": "112"}
+    assert f"command {row['key']} confirmed by the car after it was failed" in caplog.text
+    assert settled.calls == [(row["key"], "failed", UNCONFIRMED, "failed"),
+                             (row["key"], "confirmed", None, "confirmed")]
+
+    clock.advance(5)  # replays of the report change nothing
+    assert queue.confirm(key=row["key"], ok=True, result={"dialled": "112"}) == late
+    assert queue.confirm(key=str(row["id"]), ok=False, result={"error": "x"}) == late
+    clock.advance(3600)
+    assert queue.run_once() == 0 and queue.get(row["key"]) == late
+    assert len(settled.calls) == 2 and len(car.commands) == 1
+
+
+def test_a_confirmation_racing_the_expiry_is_not_lost(
+        any_store: Store, client: VehicleCommandClient, car: FakeCarCommands,
+        clock: Clock) -> None:
+    """The car's report is read as ``sent``; before it is written, another instance fails
+    the row for its window.  The report still confirms it (and settles it once more)."""
+    settled = Settlements()
+    build = queue_builder(any_store, client, clock)
+    reporter, other = build(on_settled=settled), build(on_settled=settled)
+    car.mode = "up"
+    row = handback(reporter)
+    reporter.run_once()
+    clock.advance(CONFIRM_S + 1)
+    started: list[bool] = []
+    raced: list[int] = []
+
+    def expire_in_between(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if not started and statement.lstrip().upper().startswith("UPDATE VEHICLE_COMMANDS"):
+            started.append(True)  # once: other's own statements pass through
+            raced.append(other.run_once())  # its own connection, committed before ours
+
+    sa.event.listen(any_store.engine, "before_cursor_execute", expire_in_between)
+    try:
+        confirmed = reporter.confirm(key=row["key"], ok=True, result={"dialled": "112"})
+    finally:
+        sa.event.remove(any_store.engine, "before_cursor_execute", expire_in_between)
+    assert raced == [1]  # the other instance did fail it in between
+    assert confirmed is not None and confirmed["status"] == "confirmed"
+    assert confirmed["result"] == {"dialled": "112"} and confirmed["last_error"] is None
+    assert settled.calls == [(row["key"], "failed", UNCONFIRMED, "failed"),
+                             (row["key"], "confirmed", None, "confirmed")]
+    assert reporter.get(row["key"]) == confirmed
+
+
+@pytest.mark.postgres
+def test_postgres_instances_racing_fail_each_unconfirmed_command_once(
+        pg_store: Store, client: VehicleCommandClient, car: FakeCarCommands,
+        clock: Clock) -> None:
+    settled = Settlements(hold_s=0.01)  # each settling transaction holds its rows a while
+    build = queue_builder(pg_store, client, clock)
+    car.mode = "up"
+    sender = build(concurrency=20)
+    for n in range(20):
+        sender.enqueue(key=f"k{n}", command="flash_lights", vin=VIN, msisdn=None, params={})
+    assert sender.run_once() == 20
+    assert {r["status"] for r in sender.pending()} == {"sent"}
+    clock.advance(CONFIRM_S + 1)
+    workers = [build(on_settled=settled) for _ in range(3)]
+
+    # rows another transaction has locked are skipped, not waited for
+    holder = pg_store.engine.connect()
+    try:
+        with holder.begin():
+            holder.execute(sa.select(vehicle_commands).with_for_update())
+            started = time.monotonic()
+            assert workers[0].run_once() == 0
+            assert time.monotonic() - started < 1.5 and settled.calls == []
+    finally:
+        holder.close()
+
+    together = threading.Barrier(len(workers), timeout=10.0)
+    expired: list[int] = []
+    lock = threading.Lock()
+
+    def run(worker: CommandQueue) -> None:
+        together.wait()
+        n = worker.run_once()
+        with lock:
+            expired.append(n)
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sum(expired) == 20
+    assert sorted(c[0] for c in settled.calls) == sorted(f"k{n}" for n in range(20))
+    assert {c[1:] for c in settled.calls} == {("failed", UNCONFIRMED, "failed")}
+    assert sender.pending() == [] and len(car.commands) == 20
+    assert all(w.run_once() == 0 for w in workers) and len(settled.calls) == 20
+
+
 # -- wiring ------------------------------------------------------------------------------
 
 
@@ -363,6 +582,16 @@ def test_the_app_builds_the_queue(make_app: Callable[..., Flask]) -> None:
     services: Services = make_app().extensions["gateway"]
     assert isinstance(services.command_queue, CommandQueue)
     assert services.command_queue.thread is None  # started only with start_worker
+    assert services.command_queue.confirm_window == dt.timedelta(minutes=5)  # the default
+
+
+def test_the_app_takes_the_confirmation_window_from_the_settings(
+        make_app: Callable[..., Flask], settings: Settings) -> None:
+    from gateway.app import Services
+
+    app = make_app(settings=settings.replace(command_confirm_s=45))
+    services: Services = app.extensions["gateway"]
+    assert services.command_queue.confirm_window == dt.timedelta(seconds=45)
 
 
 # -- PostgreSQL --------------------------------------------------------------------------

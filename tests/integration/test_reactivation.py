@@ -21,6 +21,8 @@ from gateway.config import Settings
 from gateway.errors import PermanentUpstreamError, TransientUpstreamError
 from gateway.owners import PinHasher, Vehicles
 from tests.conftest import Twilio
+from tests.support.commands import car_client
+from tests.support.fake_servers import FakeCarCommands
 from tests.support.fakes_adapters import RecordingVehicleCommands
 from tests.support.twilio import call_params, dial_of, parse
 
@@ -155,6 +157,47 @@ def test_an_accepted_answer_is_no_acknowledgement_until_the_car_reports(
     assert report.status_code == 200 and report.json["status"] == "confirmed"
     assert state(client)["immobilised"] is False and state(client)["commands"] == []
     assert audit(app).count("reactivate") == 1
+
+
+def test_a_reactivation_the_car_never_reports_fails_and_its_late_report_reactivates(
+        make_app: Callable[..., Flask], settings: Settings, clock: Any,
+        vehicle_headers: dict[str, str]) -> None:
+    """Through the agent and vehicle APIs, with the real client and an HTTP car that takes
+    the command (``accepted``) and never reports within the window."""
+    with FakeCarCommands(mode="up") as car, car_client(car.url, attempts=1) as commands:
+        tokens = {SUPERVISOR: frozenset({"supervisor"})}
+        app = make_app(settings=settings.replace(agent_api_tokens=tokens, command_confirm_s=60),
+                       commands=commands)
+        registry = Vehicles(app.extensions["gateway"].store, PinHasher(n=2**8))
+        registry.register(vin=VIN, owner_name="Owner", market="DE",
+                          purchase_date=dt.date(2024, 1, 1), actor="test", pin=PIN,
+                          owner_phone=OWNER_PHONE)
+        registry.immobilise(VIN, actor="agent:a-1", authority_reference="POL-1")
+        client = app.test_client()
+        taken = agent(client, "POST", f"/v1/agent/vehicles/{VIN}/reactivate", {"pin": PIN})
+        assert taken.status_code == 202 and taken.json["command"]["status"] == "sent"
+        assert "failed if it has not reported 60s after it was sent" in taken.json["detail"]
+        queue = app.extensions["gateway"].command_queue
+        clock.advance(60)
+        assert queue.run_once() == 0 and [c["status"] for c in state(client)["commands"]] == [
+            "sent"]
+        clock.advance(1)
+        assert queue.run_once() == 1
+        shown = state(client)
+        assert shown["immobilised"] is True and shown["commands"] == []
+        assert audit(app)[-1] == "reactivate_failed"
+
+        clock.advance(30)  # the car did reactivate; its report comes late
+        report = client.post(f"/v1/vehicles/{VIN}/command-results", headers=vehicle_headers,
+                             json={"command_id": "cmd-1", "ok": True, "detail": "engine enabled"})
+        assert report.status_code == 200 and report.json["status"] == "confirmed"
+        assert report.json["last_error"] is None
+        assert state(client)["immobilised"] is False
+        assert audit(app)[-2:] == ["reactivate_failed", "reactivate"]
+        replay = client.post(f"/v1/vehicles/{VIN}/command-results", headers=vehicle_headers,
+                             json={"command_id": "cmd-1", "ok": True, "detail": "engine enabled"})
+        assert replay.status_code == 200 and replay.json == report.json
+        assert audit(app).count("reactivate") == 1 and len(car.commands) == 1
 
 
 @pytest.mark.parametrize("path,field", [("immobilise", "authority_reference"),

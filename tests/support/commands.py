@@ -12,9 +12,12 @@ from gateway.adapters.vehicle_commands import VehicleCommandClient
 from gateway.commands import CommandQueue
 from gateway.store import Store
 
-#: CommandQueue settings of the tests: polls fast, backs off 1-4 s, 60 s budget
+#: CommandQueue settings of the tests: polls fast, backs off 1-4 s, 60 s budget, a sent
+#: command fails 120 s after it was sent if the car has not reported on it
 QUEUE_SETTINGS: dict[str, Any] = {"poll_s": 0.05, "budget_s": 60.0, "backoff_initial_s": 1.0,
-                                  "backoff_max_s": 4.0, "lease_s": 10.0}
+                                  "backoff_max_s": 4.0, "lease_s": 10.0, "confirm_s": 120.0}
+#: QUEUE_SETTINGS' confirmation window, seconds
+CONFIRM_S = 120
 
 
 @contextlib.contextmanager

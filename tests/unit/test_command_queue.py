@@ -103,15 +103,24 @@ def test_the_defaults_the_app_relies_on(store: Store) -> None:
     assert queue.poll_s == 1.0 and queue.budget == dt.timedelta(minutes=5)
     assert queue.backoff_initial_s == 0.5 and queue.backoff_max_s == 15.0
     assert queue.lease == dt.timedelta(seconds=30) and queue.concurrency == 4
+    assert queue.confirm_window == dt.timedelta(minutes=5)  # GATEWAY_COMMAND_CONFIRM_S's default
     assert queue.on_settled is None and queue.thread is None
     before = time.time()
     assert before - 1 <= queue._now().timestamp() <= time.time() + 1  # the wall clock
 
 
+@pytest.mark.parametrize("bad", [0, -1, -0.001])
+def test_a_confirmation_window_that_is_not_positive_is_refused(
+        make_queue: Callable[..., CommandQueue], bad: float) -> None:
+    with pytest.raises(ValueError, match=r"^confirm_s must be positive$"):
+        make_queue(confirm_s=bad)
+
+
 def test_the_smallest_settings_are_accepted(make_queue: Callable[..., CommandQueue]) -> None:
     queue = make_queue(poll_s=0.01, budget_s=0.01, lease_s=1.5, concurrency=1,
-                       backoff_initial_s=0.0, backoff_max_s=0.0)
+                       backoff_initial_s=0.0, backoff_max_s=0.0, confirm_s=0.01)
     assert queue.concurrency == 1 and queue.lease == dt.timedelta(seconds=1.5)
+    assert queue.confirm_window == dt.timedelta(seconds=0.01)
     assert queue.budget == dt.timedelta(seconds=0.01) and queue.poll_s == 0.01
     equal = make_queue(backoff_initial_s=2.0, backoff_max_s=2.0)
     assert equal.backoff_initial_s == 2.0 == equal.backoff_max_s
@@ -593,6 +602,53 @@ def test_expiry_boundary_and_leased_rows(make_queue: Callable[..., CommandQueue]
     assert get(queue, "young")["status"] == "pending"
 
 
+def test_nothing_but_the_cars_result_restarts_a_sent_rows_window(
+        make_queue: Callable[..., CommandQueue], car: FakeCarCommands, clock: Clock) -> None:
+    """The window counts from ``updated_at``, the moment the row became ``sent``: what
+    else a request or a worker does with the row leaves it alone."""
+    queue = make_queue(confirm_s=100.0)
+    car.mode = "up"
+    add(queue, "k")
+    assert queue.run_once() == 1
+    sent = get(queue, "k")
+    assert sent["status"] == "sent" and sent["updated_at"] == now_of(clock)
+    clock.advance(50)
+    assert add(queue, "k") == sent  # a replayed enqueue
+    assert queue.cancel("k") is False and queue.claim_key("k") is None
+    assert queue.send_now("k", wait_s=0.1) == sent and queue.claim(4) == []
+    assert queue.run_once() == 0 and get(queue, "k") == sent
+    clock.advance(50)  # exactly 100 s after the send: not yet
+    assert queue.run_once() == 0 and get(queue, "k") == sent
+    clock.advance(0.001)
+    assert queue.run_once() == 1
+    failed = get(queue, "k")
+    assert failed["status"] == "failed" and failed["attempts"] == 1
+    assert failed["last_error"] == "not confirmed by the car within 100s"
+    assert len(car.commands) == 1
+
+
+def test_a_failing_settlement_leaves_the_sent_row_for_the_next_pass(
+        make_queue: Callable[..., CommandQueue], car: FakeCarCommands, clock: Clock) -> None:
+    failures = [RuntimeError("the registry's update failed")]
+    settled: list[tuple[str, str]] = []
+
+    def on_settled(conn: Connection, row: Mapping[str, Any]) -> None:
+        if failures:
+            raise failures.pop()
+        settled.append((row["key"], row["status"]))
+
+    queue = make_queue(confirm_s=10.0, on_settled=on_settled)
+    car.mode = "up"
+    add(queue, "k")
+    queue.run_once()
+    clock.advance(11)
+    with pytest.raises(RuntimeError):
+        queue.run_once()
+    assert get(queue, "k")["status"] == "sent" and settled == []  # rolled back together
+    assert queue.run_once() == 1
+    assert get(queue, "k")["status"] == "failed" and settled == [("k", "failed")]
+
+
 def test_an_expired_row_loses_its_stale_lease(make_queue: Callable[..., CommandQueue],
                                               clock: Clock) -> None:
     queue = make_queue(budget_s=60.0, lease_s=10.0)
@@ -675,7 +731,7 @@ def test_stop_without_waiting_returns_at_once(store: Store,
 
 
 class CountingClock:
-    """The wall clock, counting how often the queue reads it (twice a pass)."""
+    """The wall clock, counting how often the queue reads it (three times a pass)."""
 
     def __init__(self) -> None:
         self.reads = 0

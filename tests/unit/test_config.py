@@ -98,3 +98,31 @@ def test_replaced_variables_are_refused_naming_the_replacement(
 
 def test_an_empty_replaced_variable_is_ignored() -> None:
     assert Settings.from_env({**TOKEN, "GATEWAY_VOICE_NUMBER": " "}).twilio_auth_token
+
+
+# -- how long a sent vehicle command waits for the car's report ---------------------------
+
+
+def test_the_command_confirmation_window() -> None:
+    assert Settings.from_env(TOKEN).command_confirm_s == 300
+    for value in ("30", " 3600 "):  # the ends of the range
+        settings = Settings.from_env({**TOKEN, "GATEWAY_COMMAND_CONFIRM_S": value})
+        assert settings.command_confirm_s == int(value)
+    assert Settings.from_env({**TOKEN, "GATEWAY_COMMAND_CONFIRM_S": ""}).command_confirm_s == 300
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ("29", "GATEWAY_COMMAND_CONFIRM_S: must be between 30 and 3600 seconds"),
+        ("3601", "GATEWAY_COMMAND_CONFIRM_S: must be between 30 and 3600 seconds"),
+        ("0", "GATEWAY_COMMAND_CONFIRM_S: must be between 30 and 3600 seconds"),
+        ("-300", "GATEWAY_COMMAND_CONFIRM_S: must be between 30 and 3600 seconds"),
+        ("5m", "GATEWAY_COMMAND_CONFIRM_S: '5m' is not a whole number"),
+        ("90.5", "GATEWAY_COMMAND_CONFIRM_S: '90.5' is not a whole number"),
+    ],
+)
+def test_a_bad_command_confirmation_window_is_refused(value: str, error: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({**TOKEN, "GATEWAY_COMMAND_CONFIRM_S": value})
+    assert str(info.value) == error
