@@ -174,14 +174,19 @@ _TEXT: dict[str, dict[str, str]] = {
               "se verrouillera.",
     },
     "ivr_reactivation_sent": {
+        # the car may never report (out of coverage): after GATEWAY_COMMAND_CONFIRM_S the
+        # command fails, and calling again is what sends it again
         "en": "Your car has been sent the reactivation. It is reactivated as soon as the "
-              "car confirms it; you do not need to call again.",
+              "car confirms it. If it is still immobilised in a few minutes, please call "
+              "again.",
         "de": "Die Freischaltung ist an Ihr Auto unterwegs. Es ist freigeschaltet, sobald "
-              "das Auto sie bestätigt; Sie müssen nicht noch einmal anrufen.",
+              "das Auto sie bestätigt. Ist es in einigen Minuten noch stillgelegt, rufen "
+              "Sie bitte noch einmal an.",
         "sv": "Återaktiveringen är skickad till bilen. Den är återaktiverad så snart bilen "
-              "bekräftar det; du behöver inte ringa igen.",
+              "bekräftar det. Om bilen fortfarande är spärrad om några minuter, ring igen.",
         "fr": "La réactivation a été envoyée à votre voiture. Elle sera réactivée dès que "
-              "la voiture le confirme ; inutile de rappeler.",
+              "la voiture le confirme. Si elle est encore immobilisée dans quelques "
+              "minutes, veuillez rappeler.",
     },
     "ivr_not_immobilised": {
         "en": "Your car is not immobilised.",
