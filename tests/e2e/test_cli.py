@@ -76,8 +76,10 @@ def test_serve_without_auth_token_fails_clearly(tmp_path: Path) -> None:
 
 
 def test_invalid_setting_names_the_variable(tmp_path: Path) -> None:
-    result = gateway("serve", env={"GATEWAY_TWILIO_AUTH_TOKEN": "x" * 20,
-                                   "GATEWAY_RING_TIMEOUT_S": "soon"}, cwd=tmp_path)
+    # --port 0: the listen check comes first, and 8080 may be taken on a shared machine
+    result = gateway("serve", "--port", "0", env={"GATEWAY_TWILIO_AUTH_TOKEN": "x" * 20,
+                                                  "GATEWAY_RING_TIMEOUT_S": "soon"},
+                     cwd=tmp_path)
     assert result.returncode == 2
     assert "GATEWAY_RING_TIMEOUT_S" in result.stderr and "whole number" in result.stderr
 

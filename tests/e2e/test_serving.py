@@ -28,7 +28,10 @@ SWEDE = {"vin": "YV1ZW72U5N1234567", "msisdn": "+46701234567"}
 
 
 def serve(tmp: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gateway", "serve", *args], cwd=tmp,
+    """``serve`` expected to refuse: on port 0 unless the test sets the port (the listen
+    check comes first, and 8080 may be taken on a shared machine)."""
+    port = () if "--port" in args or "GATEWAY_PORT" in env else ("--port", "0")
+    return subprocess.run([sys.executable, "-m", "gateway", "serve", *port, *args], cwd=tmp,
                           env=gateway_env(tmp, 8080, **env), capture_output=True, text=True,
                           timeout=60, check=False)
 
