@@ -525,6 +525,41 @@ def test_a_confirmation_racing_the_expiry_is_not_lost(
     assert reporter.get(row["key"]) == confirmed
 
 
+@pytest.mark.parametrize("first_ok", [True, False], ids=["replayed-ok", "failure-vs-ok"])
+def test_a_report_racing_a_confirmation_changes_nothing(
+        any_store: Store, client: VehicleCommandClient, car: FakeCarCommands,
+        clock: Clock, first_ok: bool) -> None:
+    """The car's report is read as ``sent``; before it is written, another instance
+    records the car's ``ok`` for the same row.  The late writer must change nothing:
+    a replayed ``ok`` does not settle the row twice (the registry change and its audit
+    once), and a failure report does not overwrite the confirmation."""
+    settled = Settlements()
+    build = queue_builder(any_store, client, clock)
+    reporter, other = build(on_settled=settled), build(on_settled=settled)
+    car.mode = "up"
+    row = handback(reporter)
+    reporter.run_once()
+    assert reporter.get(row["key"])["status"] == "sent"  # type: ignore[index]
+    started: list[bool] = []
+
+    def confirm_in_between(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if not started and statement.lstrip().upper().startswith("UPDATE VEHICLE_COMMANDS"):
+            started.append(True)  # once: the other's own statements pass through
+            other.confirm(key=row["key"], ok=True, result={"dialled": "112"})
+
+    sa.event.listen(any_store.engine, "before_cursor_execute", confirm_in_between)
+    try:
+        answer = reporter.confirm(key=row["key"], ok=first_ok,
+                                  result={"dialled": "112"} if first_ok else {"error": "x"})
+    finally:
+        sa.event.remove(any_store.engine, "before_cursor_execute", confirm_in_between)
+    assert started == [True]
+    assert answer is not None and answer["status"] == "confirmed"
+    assert answer["result"] == {"dialled": "112"}
+    assert settled.calls == [(row["key"], "confirmed", None, "confirmed")]
+    assert reporter.get(row["key"]) == answer
+
+
 @pytest.mark.postgres
 def test_postgres_instances_racing_fail_each_unconfirmed_command_once(
         pg_store: Store, client: VehicleCommandClient, car: FakeCarCommands,
