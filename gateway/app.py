@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from flask import Flask, jsonify
@@ -13,68 +12,14 @@ from werkzeug.exceptions import HTTPException
 
 from gateway.config import Settings
 from gateway.errors import GatewayError
-from gateway.plan import NumberPlan, load_plan
+from gateway.plan import NumberPlan, load_plan_or_none
 from gateway.routing import Locator
+from gateway.services import Services
 from gateway.store import Store
 
 log = logging.getLogger(__name__)
 
 _UNSET: Any = object()
-
-
-@dataclass
-class Services:
-    """What the views may use; built once per app."""
-
-    settings: Settings
-    store: Store
-    plan: NumberPlan | None
-    locator: Locator | None
-    clock: Callable[[], float] = time.time
-    #: per-centre reachability (circuit breaker); None until delivery is wired
-    centre_health: Any = None
-    #: rows committed with every new incident (the delivery outbox); None = none
-    outbox_rows: Any = None
-    #: called after a new incident is committed (wakes the delivery worker)
-    on_incident: Callable[[dict[str, Any]], None] | None = None
-    worker: Any = None
-    metrics: Any = None
-    #: the vehicle registry (owners, PINs, immobiliser)
-    vehicles: Any = None
-    #: vehicle command service, SMS, push (None when not configured)
-    commands: Any = None
-    notifier: Any = None
-    #: durable vehicle commands, done when the car confirms (gateway.commands.CommandQueue)
-    command_queue: Any = None
-    #: immobilise/reactivate/unlock/tracking, confirmed by the car (owners.car_commands)
-    car_commands: Any = None
-    market_rule: Any = None
-    #: voice steps written after the answer (gateway.steps.StepWriter)
-    steps: Any = None
-    #: centre lines known down, from memory (gateway.line_health.LineHealthCache)
-    line_health: Any = None
-    #: what failed to load at start-up (the app still serves the emergency path)
-    problems: dict[str, str] = field(default_factory=dict)
-
-
-def load_locator_or_none(settings: Settings, problems: dict[str, str]) -> Locator | None:
-    try:
-        from gateway.geo import load_locator
-
-        return load_locator(settings.boundaries_path)
-    except Exception as exc:
-        log.exception("boundary data failed to load")
-        problems["boundaries"] = f"{type(exc).__name__}: {exc}"
-        return None
-
-
-def load_plan_or_none(settings: Settings, problems: dict[str, str]) -> NumberPlan | None:
-    try:
-        return load_plan(settings.number_plan_dir)
-    except Exception as exc:
-        log.exception("number plan failed to load")
-        problems["number_plan"] = f"{type(exc).__name__}: {exc}"
-        return None
 
 
 def build_adapters(settings: Settings) -> dict[str, Any]:
@@ -94,24 +39,6 @@ def build_adapters(settings: Settings) -> dict[str, Any]:
                                          timeout_s=settings.delivery.timeout_s)
         if settings.assistance_url else None,
     }
-
-
-def build_health(settings: Settings, store: Store, plan: NumberPlan | None,
-                 clock: Callable[[], float] = time.time) -> Any:
-    from gateway.centre_health import CentreHealth
-
-    try:
-        centre_ids = [c.centre_id for c in plan.centres] if plan is not None else []
-    except Exception:
-        log.exception("could not list the plan's centres")
-        centre_ids = []
-    return CentreHealth(
-        store,
-        centre_ids=centre_ids,
-        failure_threshold=settings.delivery.breaker_failures,
-        open_for_s=settings.delivery.breaker_open_s,
-        clock=clock,
-    )
 
 
 def create_app(
@@ -141,9 +68,12 @@ def create_app(
     if plan is _UNSET:
         plan = load_plan_or_none(settings, problems)
     if locator is _UNSET:
+        from gateway.geo import load_locator_or_none
+
         locator = load_locator_or_none(settings, problems)
 
     from gateway import delivery
+    from gateway.centre_health import build_health
     from gateway.metrics import Metrics
 
     clock = clock or time.time
@@ -287,10 +217,3 @@ def stop_background(app: Flask, *, timeout_s: float = 5.0) -> None:
         if not svc.steps.flush(timeout=timeout_s):
             log.error("voice steps still queued after %.1f s at shutdown", timeout_s)
         svc.steps.stop(timeout=1.0)
-
-
-def services() -> Services:
-    from flask import current_app
-
-    svc: Services = current_app.extensions["gateway"]
-    return svc

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -30,7 +32,14 @@ from sqlalchemy.engine import Connection
 from gateway.errors import StoreError
 from gateway.store import TS, Store, as_utc, insert_ignore, metadata
 
+if TYPE_CHECKING:
+    from gateway.config import Settings
+    from gateway.plan import NumberPlan
+
 log = logging.getLogger(__name__)
+#: a plan whose centres cannot be listed is logged under the composition root's name,
+#: as it always was (:func:`build_health` moved here from gateway.app)
+_startup_logger = logging.getLogger("gateway.app")
 
 API = "api"
 
@@ -159,3 +168,22 @@ class CentreHealth:
         return self.store.within(
             lambda conn: {key: state for key, state in conn.execute(query)},
             timeout_s=timeout_s)
+
+
+def build_health(settings: Settings, store: Store, plan: NumberPlan | None,
+                 clock: Callable[[], float] = time.time) -> CentreHealth:
+    """The breaker for the plan's centres, as ``settings.delivery`` configures it (what
+    the app and ``python -m gateway worker`` build at start-up).  A plan whose centres
+    cannot be listed is logged and leaves the list empty: never raises for the plan."""
+    try:
+        centre_ids = [c.centre_id for c in plan.centres] if plan is not None else []
+    except Exception:
+        _startup_logger.exception("could not list the plan's centres")
+        centre_ids = []
+    return CentreHealth(
+        store,
+        centre_ids=centre_ids,
+        failure_threshold=settings.delivery.breaker_failures,
+        open_for_s=settings.delivery.breaker_open_s,
+        clock=clock,
+    )

@@ -50,7 +50,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from gateway.centre_health import API, CentreHealth
+from gateway.centre_health import API, CentreHealth, build_health
 from gateway.config import DeliveryPolicy, Settings
 from gateway.errors import PermanentUpstreamError, StoreError, TransientUpstreamError
 from gateway.store import TS, Store, as_utc, metadata
@@ -448,8 +448,8 @@ def run_worker_process(settings: Settings, *, metrics_port: int | None = None,
                        metrics_host: str = "127.0.0.1") -> int:
     """``python -m gateway worker``: deliver until SIGTERM/SIGINT; with ``metrics_port``
     its Prometheus metrics are served on ``metrics_host:metrics_port``."""
-    from gateway.app import build_health, load_plan_or_none
     from gateway.metrics import Metrics
+    from gateway.plan import load_plan_or_none
 
     store = Store.from_url(settings.database_url)
     store.create_schema()

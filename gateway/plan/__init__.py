@@ -38,6 +38,7 @@ from gateway.plan.loader import (
     TWILIO_EMERGENCY_COLUMNS,
     TWILIO_EMERGENCY_FILE,
     load_plan,
+    load_plan_or_none,
     plan_dir_default,
 )
 from gateway.plan.model import (
@@ -69,5 +70,6 @@ __all__ = [
     "NumberPlan",
     "TwilioEmergency",
     "load_plan",
+    "load_plan_or_none",
     "plan_dir_default",
 ]

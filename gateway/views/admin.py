@@ -14,7 +14,6 @@ from typing import Any
 
 from flask import Blueprint, g, jsonify, request, url_for
 
-from gateway.app import services
 from gateway.errors import StoreError, ValidationError
 from gateway.owners import (
     LockoutState,
@@ -27,6 +26,7 @@ from gateway.owners import (
 from gateway.schemas import admin as schemas
 from gateway.schemas.base import M, read_json, validate
 from gateway.security import admin_token
+from gateway.views.context import services
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,6 @@ from typing import Any
 from flask import Blueprint, abort, g, jsonify, request
 
 from gateway import theft
-from gateway.app import services
 from gateway.calls.call_plan import emergency_route
 from gateway.delivery import address_of
 from gateway.errors import StoreError, ValidationError
@@ -29,6 +28,7 @@ from gateway.owners.car_commands import (
 from gateway.schemas import agent as schemas
 from gateway.schemas.base import M, parse
 from gateway.security import agent_role
+from gateway.views.context import services
 
 log = logging.getLogger(__name__)
 

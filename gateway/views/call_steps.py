@@ -18,7 +18,6 @@ from typing import Any, TypeVar, cast
 from flask import Response, g, request
 
 from gateway import logs, twiml
-from gateway.app import services
 from gateway.calls import call_plan
 from gateway.calls.call_plan import (
     Arrival,
@@ -43,6 +42,7 @@ from gateway.views.common import (
     twiml_response,
     unreachable_centres,
 )
+from gateway.views.context import services
 
 log = logging.getLogger(__name__)
 

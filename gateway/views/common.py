@@ -18,10 +18,10 @@ from flask import Response, current_app, request, url_for
 from twilio.twiml.voice_response import VoiceResponse
 
 from gateway import twiml
-from gateway.app import services
 from gateway.calls.call_plan import centre_answered
 from gateway.calls.inbound import e164
 from gateway.errors import StoreError
+from gateway.views.context import services
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,6 @@ from flask import Blueprint, Response, request
 from twilio.twiml.voice_response import VoiceResponse
 
 from gateway import prompts, twiml
-from gateway.app import services
 from gateway.errors import StoreError
 from gateway.logs import call_sid_var
 from gateway.owners.car_commands import CommandRequest, CommandServiceMissingError
@@ -37,6 +36,7 @@ from gateway.views.common import (
     twiml_response,
     unreachable_centres,
 )
+from gateway.views.context import services
 
 log = logging.getLogger(__name__)
 

@@ -7,11 +7,11 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
-from gateway.app import services
 from gateway.calls.call_plan import emergency_route
 from gateway.errors import StoreError
 from gateway.plan import NumberPlan
 from gateway.security import public
+from gateway.views.context import services
 
 bp = Blueprint("ops", __name__)
 

@@ -9,7 +9,6 @@ from typing import Any
 from flask import Blueprint, jsonify, request
 
 from gateway import theft
-from gateway.app import services
 from gateway.errors import StoreError, ValidationError
 from gateway.events import ALARM_TYPES, VehicleEvent, load_event_json, parse_event
 from gateway.incidents import EventConflictError, incident_answer, record_event
@@ -17,6 +16,7 @@ from gateway.owners.car_commands import command_view
 from gateway.schemas.base import parse
 from gateway.schemas.vehicle import CommandResultIn
 from gateway.security import vehicle_token
+from gateway.views.context import services
 
 log = logging.getLogger(__name__)
 

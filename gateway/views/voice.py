@@ -25,7 +25,6 @@ from urllib.parse import parse_qs, urlsplit
 from flask import Blueprint, Response, g, request
 
 from gateway import twiml
-from gateway.app import services
 from gateway.calls import call_plan
 from gateway.calls.call_plan import (
     CallPlan,
@@ -52,6 +51,7 @@ from gateway.views.common import (
     roadside_entitlement,
     twiml_response,
 )
+from gateway.views.context import services
 from gateway.whisper import ACCEPT_DIGIT, whisper_headline, whisper_summary
 
 log = logging.getLogger(__name__)
