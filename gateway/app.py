@@ -68,9 +68,14 @@ def create_app(
     if plan is _UNSET:
         plan = load_plan_or_none(settings, problems)
     if locator is _UNSET:
-        from gateway.geo import load_locator_or_none
-
-        locator = load_locator_or_none(settings, problems)
+        try:  # a broken install is a failed load too: the emergency path still serves
+            from gateway.geo import load_locator_or_none
+        except Exception as exc:
+            log.exception("boundary data failed to load")
+            problems["boundaries"] = f"{type(exc).__name__}: {exc}"
+            locator = None
+        else:
+            locator = load_locator_or_none(settings, problems)
 
     from gateway import delivery
     from gateway.centre_health import build_health

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import xml.etree.ElementTree as ET
 from typing import Any
@@ -11,6 +12,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from gateway import twiml
+from gateway.app import _UNSET
 from gateway.errors import PlanEntryMissingError
 from gateway.plan import NumberPlan
 from gateway.store import Store
@@ -104,6 +106,22 @@ def test_missing_boundary_data_still_routes(make_app: Any, vehicle_headers: dict
     body = client.post("/v1/events", json=crash_event(), headers=vehicle_headers).json
     assert body["route_country"] == "SE" and body["emergency_number"] == "112"
     assert client.get("/readyz").status_code == 503
+
+
+def test_a_lookup_module_that_cannot_be_imported_still_routes(
+        make_app: Any, vehicle_headers: dict[str, str], plan: NumberPlan,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broken install (the boundary lookup's module cannot be imported) is a failed
+    boundary load: recorded for /readyz, and the emergency path still serves."""
+    monkeypatch.setitem(sys.modules, "gateway.geo", None)  # importing it raises ImportError
+    app = make_app(locator=_UNSET)  # the factory loads the boundary data itself
+    client = app.test_client()
+    assert "gateway.geo" in app.extensions["gateway"].problems["boundaries"]
+    assert client.get("/readyz").status_code == 503
+    body = client.post("/v1/events", json=crash_event(), headers=vehicle_headers).json
+    assert body["route_country"] == "SE" and body["emergency_number"] == "112"
+    response = Twilio(client).post("/twilio/voice", call_params("CA6", SWEDISH_CAR["msisdn"]))
+    assert reaches_a_person(response.data) == plan.centres_for("SE")[0].number
 
 
 def test_plan_entry_missing_hands_back_with_the_default_emergency_number(
