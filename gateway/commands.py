@@ -100,6 +100,8 @@ vehicle_commands = sa.Table(
     sa.Column("confirmed_at", TS),
     sa.Column("result", sa.JSON),
     sa.Index("ix_vehicle_commands_due", "status", "next_attempt_at"),
+    # the settled commands of one car (CommandQueue.recent; revision 0003)
+    sa.Index("ix_vehicle_commands_vin", "vin", "updated_at"),
 )
 
 _KEY = vehicle_commands.c["key"]
@@ -229,6 +231,18 @@ class CommandQueue:
                  .order_by(vehicle_commands.c.id))
         if vin is not None:
             query = query.where(vehicle_commands.c.vin == vin)
+        with self.store.begin() as conn:
+            return [_as_dict(r) for r in conn.execute(query)]
+
+    def recent(self, vin: str, *, since: dt.datetime, limit: int = 10) -> list[dict[str, Any]]:
+        """The car ``vin``'s rows settled (confirmed, failed, cancelled) at or after
+        ``since``, newest first, at most ``limit``: what an agent needs to see that a
+        command the owner waited for failed, and why."""
+        c = vehicle_commands.c
+        query = (sa.select(vehicle_commands)
+                 .where(c.vin == vin, c.status.not_in(UNFINISHED), c.updated_at >= since)
+                 .order_by(c.updated_at.desc(), c.id.desc())
+                 .limit(max(0, limit)))
         with self.store.begin() as conn:
             return [_as_dict(r) for r in conn.execute(query)]
 

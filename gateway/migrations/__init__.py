@@ -12,6 +12,7 @@ Revisions (``versions/``):
 * ``0002``: everything since: ``owner_phones``, ``pin_failure_times``,
   ``vehicle_commands``; ``incidents.msd``/``test_call`` with ``lat``/``lon`` nullable;
   the notification retry columns; rows written before them filled in.
+* ``0003``: ``ix_vehicle_commands_vin`` (a car's settled commands, for the agent API).
 
 Concurrent starts are safe: the whole upgrade (reading the version, recognising, every
 revision, the new version) is one transaction that holds a lock first: on PostgreSQL

@@ -73,6 +73,9 @@ from gateway.store import as_utc
 NOTES = "_gateway"
 #: a request's row is due for the worker only this long after it was recorded
 WORKER_GRACE_S = 30.0
+#: how far back, and how many, settled commands the agent API shows with a vehicle
+RECENT_S = 86400
+RECENT_MAX = 10
 #: the audit action written when the car confirms each command
 CONFIRMED_ACTIONS = {"immobilise": "immobilise", "reactivate": "reactivate",
                      "unlock": "unlock", "start_tracking": "tracking_started",
@@ -305,6 +308,12 @@ class CarCommands:
     def unfinished(self, vin: str) -> list[dict[str, Any]]:
         """The vehicle's commands the car has not settled (pending, sent), oldest first."""
         return [command_view(r) for r in self.queue.pending(normal_vin(vin))]
+
+    def recent(self, vin: str, *, now: dt.datetime) -> list[dict[str, Any]]:
+        """The vehicle's commands settled in the last ``RECENT_S`` seconds (confirmed,
+        failed with the reason, cancelled), newest first, at most ``RECENT_MAX``."""
+        return [command_view(r) for r in self.queue.recent(
+            normal_vin(vin), since=now - dt.timedelta(seconds=RECENT_S), limit=RECENT_MAX)]
 
 
 # -- the registry change, in the transaction that settles the row ----------------------

@@ -169,6 +169,10 @@ class AgentVehicle(Answer):
     commands: list[VehicleCommand] = Field(
         description="the commands the car has not settled yet (pending or sent), oldest "
                     "first: the registry changes when the car confirms them")
+    recent_commands: list[VehicleCommand] = Field(
+        description="the commands settled in the last 24 hours (confirmed, failed with "
+                    "last_error saying why, e.g. not confirmed by the car in time, or "
+                    "cancelled), newest first, at most 10")
 
 
 class CommandAnswer(AgentVehicle):

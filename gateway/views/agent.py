@@ -70,8 +70,8 @@ def _now() -> dt.datetime:
 
 
 def _vehicle_json(vehicle: Any) -> dict[str, Any]:
-    """The vehicle's state, its customer number and the commands the car has not
-    settled yet (pending, sent)."""
+    """The vehicle's state, its customer number, the commands the car has not settled
+    yet (pending, sent) and those settled in the last day (confirmed, failed, cancelled)."""
     data = {k: getattr(vehicle, k) for k in (
         "vin", "market", "customer_number", "immobilised", "immobilised_by", "immobilised_reference",
         "reactivated_by", "tracking", "tracking_started_by", "tracking_police_reference")}
@@ -80,6 +80,7 @@ def _vehicle_json(vehicle: Any) -> dict[str, Any]:
         data[k] = value.isoformat() if value else None
     data["has_pin"] = vehicle.has_pin
     data["commands"] = services().car_commands.unfinished(vehicle.vin)
+    data["recent_commands"] = services().car_commands.recent(vehicle.vin, now=_now())
     return data
 
 

@@ -189,7 +189,7 @@ def test_db_upgrade_and_current_on_a_new_sqlite_database(tmp_path: Path) -> None
     upgraded = gateway("db", "upgrade", env=env, cwd=tmp_path)
     assert upgraded.returncode == 0, upgraded.stderr
     assert upgraded.stdout.strip() == (f"database schema upgraded from an empty database to "
-                                       f"{head()} (applied 0001, 0002)")
+                                       f"{head()} (applied 0001, 0002, 0003)")
     assert gateway("db", "current", env=env, cwd=tmp_path).stdout.strip() == f"{head()} (head)"
     again = gateway("init-db", env=env, cwd=tmp_path)  # the old name: the same upgrade
     assert again.returncode == 0, again.stderr

@@ -732,3 +732,40 @@ def test_send_now_gives_up_waiting_after_wait_s(queue: CommandQueue,
     assert 0.3 <= time.monotonic() - started < 2.0
     assert waited is not None and waited["status"] == "pending" and car.commands == []
     assert queue.send_now("no-such-key", wait_s=0.3) is None
+
+
+def test_recent_lists_one_cars_settled_commands_newest_first_within_the_window(
+        any_store: Store, client: VehicleCommandClient, car: FakeCarCommands,
+        clock: Clock) -> None:
+    """What the agent API shows with a vehicle: settled rows only (confirmed, failed,
+    cancelled), of that car, changed at or after ``since``, newest first, at most
+    ``limit``."""
+    queue = queue_builder(any_store, client, clock)()  # never run: rows stay pending
+
+    def add(key: str, vin: str = VIN) -> None:
+        queue.enqueue(key=key, command="flash_lights", vin=vin, msisdn=None, params={})
+
+    add("old")
+    queue.confirm(key="old", ok=True, result={})
+    clock.advance(100)
+    since = now_of(clock)
+    add("confirmed")
+    queue.confirm(key="confirmed", ok=True, result={})
+    clock.advance(1)
+    add("failed")
+    queue.confirm(key="failed", ok=False, result={"error": "door open"})
+    clock.advance(1)
+    add("cancelled")
+    assert queue.cancel("cancelled")
+    clock.advance(1)
+    add("pending")  # not settled: listed by pending(), not here
+    add("other car", vin=OTHER_VIN)
+    queue.confirm(key="other car", ok=True, result={})
+
+    recent = queue.recent(VIN, since=since)
+    assert [(r["key"], r["status"]) for r in recent] == [
+        ("cancelled", "cancelled"), ("failed", "failed"), ("confirmed", "confirmed")]
+    assert recent[1]["last_error"] == "car reported failure: door open"
+    assert [r["key"] for r in queue.recent(VIN, since=since, limit=2)] == ["cancelled", "failed"]
+    assert queue.recent(VIN, since=now_of(clock) + dt.timedelta(seconds=1)) == []
+    assert [r["key"] for r in queue.recent(OTHER_VIN, since=since)] == ["other car"]

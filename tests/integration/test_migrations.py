@@ -102,7 +102,7 @@ def table_names(engine: sa.Engine) -> set[str]:
 def test_an_empty_database_gets_every_revision_and_equals_the_code(engine: sa.Engine) -> None:
     result = upgrade_engine(engine)
     assert (result.before, result.after, result.applied, result.stamped) == (
-        None, HEAD, ("0001", "0002"), None)
+        None, HEAD, ("0001", "0002", "0003"), None)
     assert version(engine) == [HEAD]
     assert no_differences(engine) == []
     assert table_names(engine) == set(metadata.tables) | {"alembic_version"}
@@ -134,7 +134,7 @@ def test_tables_dropped_behind_the_version_are_made_again(engine: sa.Engine) -> 
     upgrade_engine(engine)
     metadata.drop_all(engine)
     result = upgrade_engine(engine)
-    assert result.applied == ("0001", "0002")
+    assert result.applied == ("0001", "0002", "0003")
     assert no_differences(engine) == []
 
 
@@ -227,7 +227,7 @@ def test_a_database_at_0001_is_upgraded_with_its_rows(engine: sa.Engine) -> None
     assert first.applied == ("0001",) and version(engine) == ["0001"]
     write_release_rows(engine)
     result = upgrade_engine(engine)
-    assert (result.before, result.applied, result.stamped) == ("0001", ("0002",), None)
+    assert (result.before, result.applied, result.stamped) == ("0001", ("0002", "0003"), None)
     check_rows_after_upgrade(engine)
     assert no_differences(engine) == []
 
@@ -237,7 +237,7 @@ def test_a_database_made_by_create_all_at_the_release_is_recognised(engine: sa.E
     released_metadata().create_all(engine)
     write_release_rows(engine)
     result = upgrade_engine(engine)
-    assert (result.before, result.stamped, result.applied) == ("0001", "0001", ("0002",))
+    assert (result.before, result.stamped, result.applied) == ("0001", "0001", ("0002", "0003"))
     assert version(engine) == [HEAD]
     check_rows_after_upgrade(engine)
     assert no_differences(engine) == []
@@ -291,7 +291,7 @@ def test_a_failing_revision_changes_nothing(engine: sa.Engine,
 
 
 def test_downgrade_to_0001_and_up_again(engine: sa.Engine) -> None:
-    """The downgrade (alembic's command, through env.py) takes 0002 away again."""
+    """The downgrade (alembic's command, through env.py) takes 0003 and 0002 away again."""
     upgrade_engine(engine)
     cfg = migrations.config()
     with engine.begin() as conn:
@@ -301,7 +301,7 @@ def test_downgrade_to_0001_and_up_again(engine: sa.Engine) -> None:
     assert "vehicle_commands" not in table_names(engine)
     with engine.connect() as conn:
         assert differences(conn, released_metadata()) == []
-    assert upgrade_engine(engine).applied == ("0002",)
+    assert upgrade_engine(engine).applied == ("0002", "0003")
     assert no_differences(engine) == []
 
 
@@ -342,7 +342,7 @@ def test_upgrades_at_the_same_time_apply_each_revision_once(url: str) -> None:
         results = run_together(4, start)
         assert not [r for r in results if isinstance(r, BaseException)], results
         applied = [r.applied for r in results]
-        assert sorted(applied) == [(), (), (), ("0001", "0002")]
+        assert sorted(applied) == [(), (), (), ("0001", "0002", "0003")]
         assert version(engines[0]) == [HEAD]
         assert no_differences(engines[0]) == []
     finally:

@@ -186,6 +186,11 @@ def test_a_reactivation_the_car_never_reports_fails_and_its_late_report_reactiva
         shown = state(client)
         assert shown["immobilised"] is True and shown["commands"] == []
         assert audit(app)[-1] == "reactivate_failed"
+        # the agent the owner calls next sees what happened to it, and why
+        [failed] = shown["recent_commands"]
+        assert (failed["command"], failed["status"]) == ("reactivate", "failed")
+        assert failed["last_error"] == "not confirmed by the car within 60s"
+        assert failed["command_id"] == "cmd-1"
 
         clock.advance(30)  # the car did reactivate; its report comes late
         report = client.post(f"/v1/vehicles/{VIN}/command-results", headers=vehicle_headers,
@@ -193,6 +198,8 @@ def test_a_reactivation_the_car_never_reports_fails_and_its_late_report_reactiva
         assert report.status_code == 200 and report.json["status"] == "confirmed"
         assert report.json["last_error"] is None
         assert state(client)["immobilised"] is False
+        assert [(c["command"], c["status"]) for c in state(client)["recent_commands"]] == [
+            ("reactivate", "confirmed")]
         assert audit(app)[-2:] == ["reactivate_failed", "reactivate"]
         replay = client.post(f"/v1/vehicles/{VIN}/command-results", headers=vehicle_headers,
                              json={"command_id": "cmd-1", "ok": True, "detail": "engine enabled"})
