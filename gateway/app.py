@@ -106,7 +106,8 @@ def create_app(
     from gateway.owners.car_commands import CarCommands, apply_settled
 
     command_queue = CommandQueue(store, commands, clock=clock, poll_s=settings.delivery.poll_s,
-                                 confirm_s=settings.command_confirm_s, on_settled=apply_settled)
+                                 confirm_s=settings.command_confirm_s, on_settled=apply_settled,
+                                 metrics=metrics)
     registry = Vehicles(store, PinHasher(n=settings.pin_scrypt_n), clock=clock)
 
     from gateway.line_health import LineHealthCache

@@ -175,6 +175,7 @@ class CommandQueue:
         concurrency: int = 4,
         confirm_s: float = 300.0,
         on_settled: Settled | None = None,
+        metrics: Any = None,
     ) -> None:
         if poll_s <= 0 or budget_s <= 0 or lease_s <= 0 or concurrency < 1:
             raise ValueError("poll_s, budget_s, lease_s must be positive, concurrency >= 1")
@@ -199,6 +200,8 @@ class CommandQueue:
         #: a ``sent`` row the car has not settled this long after it was sent fails
         self.confirm_window = dt.timedelta(seconds=confirm_s)
         self.on_settled = on_settled
+        #: gateway.metrics.Metrics (its ``vehicle_commands`` counter), or None
+        self.metrics = metrics
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
@@ -290,21 +293,40 @@ class CommandQueue:
                         sa.select(vehicle_commands)
                         .where(vehicle_commands.c.id == row["id"])).one())
                     self._settled(conn, settled)
-                    return settled
-            return row
+                    break
+            else:
+                return row
+        self._count(settled, "report")  # committed
+        return settled
 
     def _settled(self, conn: Connection, row: Mapping[str, Any]) -> None:
         if self.on_settled is not None and row["status"] in ("confirmed", "failed"):
             self.on_settled(conn, row)
 
+    def _count(self, row: Mapping[str, Any], how: str) -> None:
+        """Count a settled row once its transaction committed: ``how`` it was settled
+        (send: the service's answer; report: the car's command_result; cancel;
+        expired_unsent: the send budget ran out; expired_unconfirmed: the car did not
+        report within the confirmation window)."""
+        if self.metrics is None or row["status"] not in ("confirmed", "failed", "cancelled"):
+            return
+        try:  # a count never stands in the way of a settled command
+            self.metrics.vehicle_commands.labels(str(row["command"]), str(row["status"]),
+                                                 how).inc()
+        except Exception:
+            log.exception("could not count a settled vehicle command")
+
     def cancel(self, key: str) -> bool:
         """Cancel a row that is still pending (one being sent right now may already be out)."""
         now = self._now()
         with self.store.begin() as conn:
-            return bool(conn.execute(vehicle_commands.update().where(
+            cancelled = conn.execute(vehicle_commands.update().where(
                 _KEY == key, vehicle_commands.c.status == "pending",
             ).values(status="cancelled", lease_token=None, lease_until=None,
-                     updated_at=now)).rowcount == 1)
+                     updated_at=now).returning(vehicle_commands.c.command)).first()
+        if cancelled is not None:
+            self._count({"command": cancelled[0], "status": "cancelled"}, "cancel")
+        return cancelled is not None
 
     # -- worker side -----------------------------------------------------------------
 
@@ -436,6 +458,8 @@ class CommandQueue:
             if changed == 1:
                 self._settled(conn, {**row, "lease_token": None, "lease_until": None,
                                      "updated_at": now, **values})
+        if changed == 1:
+            self._count({**row, **values}, "send")
         if changed != 1:
             log.warning("command %s: lease lost before its outcome was recorded", row["key"])
         return bool(changed == 1)
@@ -457,6 +481,8 @@ class CommandQueue:
                 .returning(*c)).all()
             for row in rows:
                 self._settled(conn, _as_dict(row))
+        for row in rows:  # committed
+            self._count(_as_dict(row), "expired_unsent")
         expired = len(rows)
         if expired:
             log.error("%d vehicle command(s) expired unsent", expired)
@@ -486,6 +512,7 @@ class CommandQueue:
             for row in failed:
                 self._settled(conn, row)
         for row in failed:  # after the commit: each is failed now, once
+            self._count(row, "expired_unconfirmed")
             answer = row["result"] if isinstance(row["result"], dict) else {}
             log.error("command %s (%s) to %s failed: %s (command_id %s)", row["key"],
                       row["command"], row["vin"] or row["msisdn"], error,

@@ -128,6 +128,13 @@ class Metrics:
         self.step_write_retries = Counter(
             "gateway_step_write_retries", "Voice step writes retried after a database error",
             registry=r)
+        # vehicle commands (gateway.commands.CommandQueue), counted once committed
+        self.vehicle_commands = Counter(
+            "gateway_vehicle_commands_settled", "Vehicle commands settled, by command, "
+            "outcome (confirmed, failed, cancelled) and how (send: the service's answer; "
+            "report: the car's result; cancel; expired_unsent; expired_unconfirmed: the car "
+            "did not report within GATEWAY_COMMAND_CONFIRM_S)",
+            ["command", "outcome", "how"], registry=r)
         self.step_queue_depth = Gauge(
             "gateway_step_queue_depth", "Voice step records waiting to be written (summed "
             "over live processes)", multiprocess_mode="livesum", registry=r)

@@ -23,10 +23,17 @@ from flask import Flask
 from gateway.adapters.vehicle_commands import VehicleCommandClient
 from gateway.commands import CommandQueue, enqueue_command, vehicle_commands
 from gateway.config import Settings
+from gateway.metrics import Metrics
 from gateway.owners import vehicles
 from gateway.store import Store, incidents
 from tests.conftest import Clock
-from tests.support.commands import CONFIRM_S, car_client, queue_builder, sqlite_store
+from tests.support.commands import (
+    CONFIRM_S,
+    QUEUE_SETTINGS,
+    car_client,
+    queue_builder,
+    sqlite_store,
+)
 from tests.support.fake_servers import FakeCarCommands
 
 VIN = "WVWZZZ1JZXW000001"
@@ -769,3 +776,73 @@ def test_recent_lists_one_cars_settled_commands_newest_first_within_the_window(
     assert [r["key"] for r in queue.recent(VIN, since=since, limit=2)] == ["cancelled", "failed"]
     assert queue.recent(VIN, since=now_of(clock) + dt.timedelta(seconds=1)) == []
     assert [r["key"] for r in queue.recent(OTHER_VIN, since=since)] == ["other car"]
+
+
+def test_each_settled_command_is_counted_once_after_its_commit(
+        any_store: Store, client: VehicleCommandClient, car: FakeCarCommands,
+        clock: Clock) -> None:
+    """gateway_vehicle_commands_settled{command, outcome, how}: the service's answer
+    (send), the car's result (report, a replay not again), a cancel, the send budget and
+    the confirmation window running out; a settlement whose transaction rolled back is
+    not counted."""
+    metrics = Metrics()
+    failing = {"on": False}
+
+    def settle(conn: Any, row: Any) -> None:
+        if failing["on"]:
+            raise RuntimeError("the registry change failed")
+
+    queue = queue_builder(any_store, client, clock)(metrics=metrics, on_settled=settle)
+
+    def count(command: str, outcome: str, how: str) -> float:
+        value = metrics.registry.get_sample_value(
+            "gateway_vehicle_commands_settled_total",
+            {"command": command, "outcome": outcome, "how": how})
+        return value or 0.0
+
+    def add(key: str, command: str) -> None:
+        queue.enqueue(key=key, command=command, vin=VIN, msisdn=None, params={})
+
+    car.mode = "confirm"
+    add("a", "unlock")
+    queue.run_once()
+    car.mode = "reject"
+    add("b", "unlock")
+    queue.run_once()
+    assert (count("unlock", "confirmed", "send"), count("unlock", "failed", "send")) == (1, 1)
+
+    car.mode = "up"  # accepted: sent, the car reports later
+    add("c", "immobilise")
+    queue.run_once()
+    assert queue.confirm(key="c", ok=True, result={"done": True})["status"] == "confirmed"
+    queue.confirm(key="c", ok=True, result={"done": True})  # a replay
+    assert count("immobilise", "confirmed", "report") == 1
+
+    add("d", "flash_lights")
+    assert queue.cancel("d") and not queue.cancel("d")
+    assert count("flash_lights", "cancelled", "cancel") == 1
+
+    car.mode = "503"  # unreachable: retried until the send budget runs out
+    add("e", "reactivate")
+    queue.run_once()
+    clock.advance(QUEUE_SETTINGS["budget_s"] + 1)
+    queue.run_once()
+    assert count("reactivate", "failed", "expired_unsent") == 1
+
+    car.mode = "up"
+    add("f", "start_tracking")
+    add("g", "stop_tracking")
+    queue.run_once()
+    clock.advance(CONFIRM_S + 1)
+    failing["on"] = True  # the settling transaction rolls back: nothing counted
+    with pytest.raises(RuntimeError):
+        queue.run_once()
+    assert count("start_tracking", "failed", "expired_unconfirmed") == 0
+    failing["on"] = False
+    queue.run_once()
+    assert count("start_tracking", "failed", "expired_unconfirmed") == 1
+    assert count("stop_tracking", "failed", "expired_unconfirmed") == 1
+    total = sum(s.value for m in metrics.registry.collect()
+                if m.name == "gateway_vehicle_commands_settled" for s in m.samples
+                if s.name.endswith("_total"))
+    assert total == 7  # a to g, each once
