@@ -76,6 +76,9 @@ REJECTED_ANSWERS = frozenset({"rejected", "failed", "refused", "error"})
 RESERVED_PARAMS = frozenset({"vin", "command", "idempotency_key"})
 #: the statuses of a row the car has not settled yet
 UNFINISHED = ("pending", "sent")
+#: rows one pass fails for running out of time (a backlog, e.g. the first pass after an
+#: upgrade, drains over consecutive passes, with sends in between, in short transactions)
+EXPIRE_BATCH = 100
 #: called in the transaction that settles a row (``confirmed``/``failed``); the row as now
 Settled = Callable[[Connection, Mapping[str, Any]], None]
 
@@ -156,6 +159,20 @@ def _as_dict(row: sa.Row[Any]) -> dict[str, Any]:
         if isinstance(value, dt.datetime):
             data[name] = as_utc(value)
     return data
+
+
+def _picked(conn: Connection, ids: sa.Select[Any]) -> Any:
+    """The WHERE clause for an UPDATE of the rows ``ids`` selects (with its LIMIT).
+
+    PostgreSQL: the rows locked with ``FOR UPDATE SKIP LOCKED`` in a CTE, which runs
+    once.  Not ``id IN (SELECT ... LIMIT n FOR UPDATE SKIP LOCKED)``: the planner may
+    rescan that sub-select, each rescan skips the rows this statement has already locked
+    and takes n more, so a claim of 4 leased every due row.  SQLite (one writer at a
+    time): the sub-select."""
+    if conn.dialect.name == "postgresql":
+        due = ids.with_for_update(skip_locked=True).cte("picked")
+        return vehicle_commands.c.id == due.c.id
+    return vehicle_commands.c.id.in_(ids)
 
 
 class CommandQueue:
@@ -339,10 +356,8 @@ class CommandQueue:
         with self.store.begin() as conn:
             due = (sa.select(c.id).where(c.status == "pending", c.next_attempt_at <= now, free)
                    .order_by(c.next_attempt_at, c.id).limit(limit))
-            if conn.dialect.name == "postgresql":
-                due = due.with_for_update(skip_locked=True)
             conn.execute(vehicle_commands.update()
-                         .where(c.id.in_(due), c.status == "pending", free)
+                         .where(_picked(conn, due), c.status == "pending", free)
                          .values(lease_token=token, lease_until=now + self.lease,
                                  attempts=c.attempts + 1, updated_at=now))
             rows = conn.execute(sa.select(vehicle_commands).where(c.lease_token == token)
@@ -465,17 +480,17 @@ class CommandQueue:
         return bool(changed == 1)
 
     def _expire(self) -> int:
-        """Fail pending rows whose budget ran out before they could be (re)sent."""
+        """Fail pending rows whose budget ran out before they could be (re)sent (at most
+        ``EXPIRE_BATCH``, oldest first)."""
         now = self._now()
         c = vehicle_commands.c
         free = sa.or_(c.lease_until.is_(None), c.lease_until < now)
         with self.store.begin() as conn:
-            old = sa.select(c.id).where(c.status == "pending", c.created_at < now - self.budget,
-                                        free)
-            if conn.dialect.name == "postgresql":
-                old = old.with_for_update(skip_locked=True)
+            old = (sa.select(c.id).where(c.status == "pending",
+                                         c.created_at < now - self.budget, free)
+                   .order_by(c.id).limit(EXPIRE_BATCH))
             rows = conn.execute(vehicle_commands.update().where(
-                c.id.in_(old), c.status == "pending", free,
+                _picked(conn, old), c.status == "pending", free,
             ).values(status="failed", lease_token=None, lease_until=None, updated_at=now,
                      last_error=f"not sent within {self.budget.total_seconds():g}s")
                 .returning(*c)).all()
@@ -489,7 +504,8 @@ class CommandQueue:
         return int(expired)
 
     def _expire_unconfirmed(self) -> int:
-        """Fail ``sent`` rows the car has not settled within the confirmation window.
+        """Fail ``sent`` rows the car has not settled within the confirmation window (at
+        most ``EXPIRE_BATCH``, oldest first).
 
         The window counts from ``updated_at``: the moment the row became ``sent``, as no
         statement updates a ``sent`` row but the ones that settle it.  The service's
@@ -501,10 +517,8 @@ class CommandQueue:
         c = vehicle_commands.c
         overdue = sa.and_(c.status == "sent", c.updated_at < now - self.confirm_window)
         with self.store.begin() as conn:
-            old = sa.select(c.id).where(overdue)
-            if conn.dialect.name == "postgresql":
-                old = old.with_for_update(skip_locked=True)
-            rows = conn.execute(vehicle_commands.update().where(c.id.in_(old), overdue)
+            old = sa.select(c.id).where(overdue).order_by(c.id).limit(EXPIRE_BATCH)
+            rows = conn.execute(vehicle_commands.update().where(_picked(conn, old), overdue)
                                 .values(status="failed", lease_token=None, lease_until=None,
                                         updated_at=now, last_error=error)
                                 .returning(*c)).all()

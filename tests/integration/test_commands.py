@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from flask import Flask
 
 from gateway.adapters.vehicle_commands import VehicleCommandClient
-from gateway.commands import CommandQueue, enqueue_command, vehicle_commands
+from gateway.commands import EXPIRE_BATCH, CommandQueue, enqueue_command, vehicle_commands
 from gateway.config import Settings
 from gateway.metrics import Metrics
 from gateway.owners import vehicles
@@ -846,3 +846,39 @@ def test_each_settled_command_is_counted_once_after_its_commit(
                 if m.name == "gateway_vehicle_commands_settled" for s in m.samples
                 if s.name.endswith("_total"))
     assert total == 7  # a to g, each once
+
+
+def test_a_backlog_of_unconfirmed_commands_fails_in_bounded_passes(
+        any_store: Store, client: VehicleCommandClient, car: FakeCarCommands,
+        clock: Clock) -> None:
+    """After an upgrade every command long stuck in ``sent`` is overdue at once: each
+    pass fails at most EXPIRE_BATCH of them (oldest first), in its own short transaction,
+    so the queue goes on sending between passes; every row fails exactly once."""
+    queue = queue_builder(any_store, client, clock)()
+    total = EXPIRE_BATCH * 2 + 7
+    for n in range(total):
+        queue.enqueue(key=f"k{n:04d}", command="flash_lights", vin=VIN, msisdn=None, params={})
+    with any_store.begin() as conn:  # taken by the service long ago; the cars never reported
+        conn.execute(vehicle_commands.update().values(status="sent", updated_at=now_of(clock)))
+    clock.advance(CONFIRM_S + 1)
+    assert [queue._expire_unconfirmed() for _ in range(4)] == [
+        EXPIRE_BATCH, EXPIRE_BATCH, 7, 0]
+    assert queue.pending() == []
+    with any_store.begin() as conn:
+        failed = conn.execute(sa.select(vehicle_commands.c.key).where(
+            vehicle_commands.c.status == "failed")).scalars().all()
+    assert sorted(failed) == [f"k{n:04d}" for n in range(total)]
+
+
+def test_a_claim_leases_at_most_its_limit(
+        any_store: Store, client: VehicleCommandClient, clock: Clock) -> None:
+    """On PostgreSQL the due rows are picked once (a CTE), not by a sub-select the
+    planner may rescan: a LIMIT inside ``IN (SELECT ... FOR UPDATE SKIP LOCKED)`` is
+    taken again on each rescan, and the rows this statement already locked are skipped,
+    so a claim of 4 leased every due row (and sent them all at once)."""
+    queue = queue_builder(any_store, client, clock)()
+    for n in range(30):
+        queue.enqueue(key=f"k{n:02d}", command="flash_lights", vin=VIN, msisdn=None, params={})
+    claimed = queue.claim(4)
+    assert [r["key"] for r in claimed] == ["k00", "k01", "k02", "k03"]
+    assert len(queue.claim(100)) == 26
