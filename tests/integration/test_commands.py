@@ -882,3 +882,40 @@ def test_a_claim_leases_at_most_its_limit(
     claimed = queue.claim(4)
     assert [r["key"] for r in claimed] == ["k00", "k01", "k02", "k03"]
     assert len(queue.claim(100)) == 26
+
+
+def test_a_backlog_of_unsent_commands_fails_in_bounded_passes(
+        any_store: Store, client: VehicleCommandClient, clock: Clock) -> None:
+    """The send budget's expiry is bounded the same way (pending rows past the budget)."""
+    queue = queue_builder(any_store, client, clock)()
+    total = EXPIRE_BATCH + 3
+    for n in range(total):
+        queue.enqueue(key=f"k{n:04d}", command="flash_lights", vin=VIN, msisdn=None, params={})
+    clock.advance(QUEUE_SETTINGS["budget_s"] + 1)
+    assert [queue._expire() for _ in range(3)] == [EXPIRE_BATCH, 3, 0]
+    assert queue.pending() == []
+
+
+def test_a_claim_takes_the_earliest_due_first(
+        any_store: Store, client: VehicleCommandClient, clock: Clock) -> None:
+    queue = queue_builder(any_store, client, clock)()
+    for n in range(4):
+        queue.enqueue(key=f"k{n}", command="flash_lights", vin=VIN, msisdn=None, params={})
+    with any_store.begin() as conn:  # the newest rows became due first
+        for n in range(4):
+            conn.execute(vehicle_commands.update().where(vehicle_commands.c.key == f"k{n}")
+                         .values(next_attempt_at=now_of(clock) - dt.timedelta(seconds=n)))
+    assert [r["key"] for r in queue.claim(2)] == ["k2", "k3"]  # leased, listed by id
+
+
+def test_recent_orders_by_when_a_command_was_settled(
+        any_store: Store, client: VehicleCommandClient, clock: Clock) -> None:
+    queue = queue_builder(any_store, client, clock)()
+    since = now_of(clock)
+    for key in ("first", "second"):
+        queue.enqueue(key=key, command="flash_lights", vin=VIN, msisdn=None, params={})
+    queue.confirm(key="second", ok=True, result={})
+    clock.advance(1)
+    queue.confirm(key="first", ok=True, result={})  # the older row, settled last
+    assert [r["key"] for r in queue.recent(VIN, since=since)] == ["first", "second"]
+    assert [r["key"] for r in queue.recent(VIN, since=since, limit=1)] == ["first"]
