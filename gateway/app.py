@@ -15,6 +15,7 @@ from gateway.errors import GatewayError
 from gateway.plan import NumberPlan, load_plan_or_none
 from gateway.routing import Locator
 from gateway.services import Services
+from gateway.startup import loaded
 from gateway.store import Store
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,12 @@ def build_adapters(settings: Settings) -> dict[str, Any]:
                                          timeout_s=settings.delivery.timeout_s)
         if settings.assistance_url else None,
     }
+
+
+def _load_locator(settings: Settings) -> Locator:
+    from gateway.geo import load_locator  # inside the load: a broken install is recorded
+
+    return load_locator(settings.boundaries_path)
 
 
 def create_app(
@@ -68,14 +75,8 @@ def create_app(
     if plan is _UNSET:
         plan = load_plan_or_none(settings, problems)
     if locator is _UNSET:
-        try:  # a broken install is a failed load too: the emergency path still serves
-            from gateway.geo import load_locator_or_none
-        except Exception as exc:
-            log.exception("boundary data failed to load")
-            problems["boundaries"] = f"{type(exc).__name__}: {exc}"
-            locator = None
-        else:
-            locator = load_locator_or_none(settings, problems)
+        locator = loaded(problems, "boundaries", "boundary data",
+                         lambda: _load_locator(settings))
 
     from gateway import delivery
     from gateway.centre_health import build_health

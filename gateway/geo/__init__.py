@@ -1,6 +1,6 @@
 """Offline country lookup from latitude/longitude (see docs/country-lookup.md)."""
 
 from gateway.errors import GeoDataError
-from gateway.geo.boundaries import BoundaryLocator, load_locator, load_locator_or_none
+from gateway.geo.boundaries import BoundaryLocator, load_locator
 
-__all__ = ["BoundaryLocator", "GeoDataError", "load_locator", "load_locator_or_none"]
+__all__ = ["BoundaryLocator", "GeoDataError", "load_locator"]

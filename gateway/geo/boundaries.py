@@ -29,19 +29,11 @@ Nothing is loaded at import time; call :func:`load_locator`.
 
 from __future__ import annotations
 
-import logging
 import pathlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gateway.errors import GeoDataError
 from gateway.geo import mapfile
-
-if TYPE_CHECKING:
-    from gateway.config import Settings
-
-#: boundary data that fails at start-up is logged under the composition root's name, as
-#: it always was (the function moved here from gateway.app)
-_startup_logger = logging.getLogger("gateway.app")
 
 DEFAULT_DATA = pathlib.Path(__file__).resolve().parent / "data" / "boundaries.bin"
 
@@ -51,7 +43,7 @@ _CODE_BITS = mapfile.CODE_BITS
 _RUN_BITS = mapfile.RUN_BITS
 _RUN_MASK = mapfile.RUN_MAX
 
-__all__ = ["DEFAULT_DATA", "BoundaryLocator", "load_locator", "load_locator_or_none"]
+__all__ = ["DEFAULT_DATA", "BoundaryLocator", "load_locator"]
 
 
 class BoundaryLocator:
@@ -218,15 +210,3 @@ def load_locator(path: pathlib.Path | None = None, *,
     except Exception as exc:  # malformed content: report as data error
         raise GeoDataError(f"boundary data {where}: malformed content "
                            f"({type(exc).__name__}: {exc})") from exc
-
-
-def load_locator_or_none(settings: Settings, problems: dict[str, str]) -> BoundaryLocator | None:
-    """The locator for ``settings.boundaries_path``, or None when it fails to load: the
-    failure is logged and recorded in ``problems["boundaries"]`` (what ``/readyz``
-    reports) and the process serves on without it.  Never raises."""
-    try:
-        return load_locator(settings.boundaries_path)
-    except Exception as exc:
-        _startup_logger.exception("boundary data failed to load")
-        problems["boundaries"] = f"{type(exc).__name__}: {exc}"
-        return None

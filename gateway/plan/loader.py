@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import importlib.resources
-import logging
 import pathlib
 import re
 from collections.abc import Iterable, Mapping
@@ -28,13 +27,10 @@ from gateway.plan.model import (
     NumberPlan,
     TwilioEmergency,
 )
+from gateway.startup import loaded
 
 if TYPE_CHECKING:
     from gateway.config import Settings
-
-#: a plan that fails at start-up is logged under the composition root's name, as it
-#: always was (the function moved here from gateway.app)
-_startup_logger = logging.getLogger("gateway.app")
 
 COUNTRIES_FILE = "countries.csv"
 CENTRES_FILE = "centres.csv"
@@ -111,15 +107,10 @@ def load_plan(path: pathlib.Path | None = None) -> NumberPlan:
 
 
 def load_plan_or_none(settings: Settings, problems: dict[str, str]) -> NumberPlan | None:
-    """The plan in ``settings.number_plan_dir``, or None when it fails to load: the
-    failure is logged and recorded in ``problems["number_plan"]`` (what ``/readyz``
-    reports) and the process serves on without it.  Never raises."""
-    try:
-        return load_plan(settings.number_plan_dir)
-    except Exception as exc:
-        _startup_logger.exception("number plan failed to load")
-        problems["number_plan"] = f"{type(exc).__name__}: {exc}"
-        return None
+    """The plan in ``settings.number_plan_dir``, or None when it fails to load (recorded
+    in ``problems["number_plan"]``: :func:`gateway.startup.loaded`)."""
+    return loaded(problems, "number_plan", "number plan",
+                  lambda: load_plan(settings.number_plan_dir))
 
 
 # --------------------------------------------------------------------------- reading
