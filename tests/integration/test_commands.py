@@ -8,6 +8,7 @@ hand-driven clock; the HTTP timeouts are real.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import threading
@@ -396,6 +397,24 @@ class Settlements:
 UNCONFIRMED = f"not confirmed by the car within {CONFIRM_S}s"
 
 
+@contextlib.contextmanager
+def before_first_update(store: Store, action: Callable[[], Any]) -> Iterator[None]:
+    """Run ``action`` (another instance, its own connection, committed) once, just before
+    the first UPDATE of vehicle_commands inside the block: between a read and its write."""
+    started: list[bool] = []
+
+    def hook(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if not started and statement.lstrip().upper().startswith("UPDATE VEHICLE_COMMANDS"):
+            started.append(True)  # once: the action's own statements pass through
+            action()
+
+    sa.event.listen(store.engine, "before_cursor_execute", hook)
+    try:
+        yield
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", hook)
+
+
 def now_of(clock: Clock) -> dt.datetime:
     return dt.datetime.fromtimestamp(clock(), tz=dt.UTC)
 
@@ -511,19 +530,9 @@ def test_a_confirmation_racing_the_expiry_is_not_lost(
     row = handback(reporter)
     reporter.run_once()
     clock.advance(CONFIRM_S + 1)
-    started: list[bool] = []
     raced: list[int] = []
-
-    def expire_in_between(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if not started and statement.lstrip().upper().startswith("UPDATE VEHICLE_COMMANDS"):
-            started.append(True)  # once: other's own statements pass through
-            raced.append(other.run_once())  # its own connection, committed before ours
-
-    sa.event.listen(any_store.engine, "before_cursor_execute", expire_in_between)
-    try:
+    with before_first_update(any_store, lambda: raced.append(other.run_once())):
         confirmed = reporter.confirm(key=row["key"], ok=True, result={"dialled": "112"})
-    finally:
-        sa.event.remove(any_store.engine, "before_cursor_execute", expire_in_between)
     assert raced == [1]  # the other instance did fail it in between
     assert confirmed is not None and confirmed["status"] == "confirmed"
     assert confirmed["result"] == {"dialled": "112"} and confirmed["last_error"] is None
@@ -547,20 +556,12 @@ def test_a_report_racing_a_confirmation_changes_nothing(
     row = handback(reporter)
     reporter.run_once()
     assert reporter.get(row["key"])["status"] == "sent"  # type: ignore[index]
-    started: list[bool] = []
-
-    def confirm_in_between(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if not started and statement.lstrip().upper().startswith("UPDATE VEHICLE_COMMANDS"):
-            started.append(True)  # once: the other's own statements pass through
-            other.confirm(key=row["key"], ok=True, result={"dialled": "112"})
-
-    sa.event.listen(any_store.engine, "before_cursor_execute", confirm_in_between)
-    try:
+    raced: list[Any] = []
+    with before_first_update(any_store, lambda: raced.append(
+            other.confirm(key=row["key"], ok=True, result={"dialled": "112"}))):
         answer = reporter.confirm(key=row["key"], ok=first_ok,
                                   result={"dialled": "112"} if first_ok else {"error": "x"})
-    finally:
-        sa.event.remove(any_store.engine, "before_cursor_execute", confirm_in_between)
-    assert started == [True]
+    assert len(raced) == 1
     assert answer is not None and answer["status"] == "confirmed"
     assert answer["result"] == {"dialled": "112"}
     assert settled.calls == [(row["key"], "confirmed", None, "confirmed")]
