@@ -45,7 +45,7 @@ class Store:
     """All database access goes through here; methods raise StoreError, nothing else."""
 
     def __init__(self, engine: Engine, *, deadline_workers: int = 16,
-                 background_workers: int = 2, suspect_s: float = 2.0,
+                 background_workers: int = 3, suspect_s: float = 2.0,
                  known_steps: int = 4096) -> None:
         self.engine = engine
         #: PostgreSQL: the same pool, each connection in autocommit mode while checked
@@ -56,9 +56,10 @@ class Store:
         #: the deadline slots of the request threads (the default 8 serving threads and
         #: room to spare: a read refused for want of a slot is answered without it)
         self.deadline = DeadlineRunner(workers=deadline_workers, suspect_s=suspect_s)
-        #: the slots of background writers (the step writer): their work never takes a
-        #: slot a webhook's read needs (seen: 8 serving threads and the writer on 8
-        #: shared slots refused reads under load)
+        #: the slots of background work (the step writer, the refresh of line health):
+        #: it never takes a slot a webhook's read needs (seen: 8 serving threads and
+        #: the writer on 8 shared slots refused reads under load), and a deadline it
+        #: misses never makes the request threads fail fast
         self.background = DeadlineRunner(workers=background_workers, suspect_s=suspect_s,
                                          name="db-background")
         #: steps this process wrote or read with their TwiML (a stored step never changes)

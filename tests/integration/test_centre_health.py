@@ -292,12 +292,12 @@ def pg_proxy() -> Iterator[tuple[str, TcpProxy]]:
 
 
 @pytest.mark.postgres
-def test_a_database_that_stops_answering_costs_a_call_at_most_its_deadline(
+def test_a_database_that_stops_answering_costs_each_read_at_most_its_deadline(
     pg_store: Store, pg_proxy: tuple[str, TcpProxy], clock: Clock
 ) -> None:
-    """Behind a proxy that stops forwarding: unreachable() (the call path) answers
-    "nothing known down" within its 0.3 s default; states() and record() fail within
-    their 2 s."""
+    """Behind a proxy that stops forwarding: unreachable() (the background refresh
+    the call path reads from memory) answers "nothing known down" within its 2 s
+    default; states() and record() fail within their 2 s."""
     url, proxy = pg_proxy
     # one store each: a timed-out connection is shut down, and a new one through the
     # proxy would fail on libpq's 2 s connect_timeout instead of the deadline
@@ -310,7 +310,7 @@ def test_a_database_that_stops_answering_costs_a_call_at_most_its_deadline(
         proxy.mode = "blackhole"
         started = time.monotonic()
         assert calls.unreachable() == set()
-        assert 0.25 < time.monotonic() - started < 1.0
+        assert 1.9 < time.monotonic() - started < 2.9
         started = time.monotonic()
         with pytest.raises(StoreError):
             reads.states()
@@ -322,3 +322,31 @@ def test_a_database_that_stops_answering_costs_a_call_at_most_its_deadline(
     finally:
         for s in stores:
             s.dispose()
+
+
+def test_a_slow_line_health_read_leaves_the_request_path_alone(
+    store: Store, health: CentreHealth
+) -> None:
+    """Seen in CI: on a loaded machine the background refresh of line health missed a
+    0.3 s deadline, the request path's database then failed fast for 2 s, and a call
+    dialled a line known down.  The refresh is background work: it waits up to 2 s, on
+    the background slots, and a slow read changes nothing for the request threads."""
+    from gateway.line_health import LineHealthCache
+
+    for _ in range(3):
+        health.record(LINE, ok=False, reason="dial failed")
+    slow_reads = []
+
+    @sa.event.listens_for(store.engine, "before_cursor_execute")
+    def _slow_disk(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "centre_health" in statement:
+            slow_reads.append(statement)
+            time.sleep(0.6)
+
+    cache = LineHealthCache(health)
+    started = time.monotonic()
+    assert cache.refresh() == {LINE}
+    assert 0.6 <= time.monotonic() - started < 2.0
+    assert slow_reads  # the read did take the slow path
+    assert not store.deadline.suspect  # the request threads' database is not suspect
+    assert store.deadline.busy == 0
