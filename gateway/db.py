@@ -145,6 +145,24 @@ class DeadlineRunner:
         result: T = call.result
         return result
 
+    def admit_inline(self) -> bool:
+        """Admission for work on the caller's own thread (gateway.watchdog): no slot,
+        the same suspect window.  Raises StoreError while failing fast; True if this
+        call is the probe (report its end with :meth:`ended_inline`)."""
+        with self._lock:
+            if self._suspect_until is None:
+                return False
+            if self.clock() < self._suspect_until or self._probing:
+                raise StoreError("database suspect after a missed deadline: failing fast")
+            self._probing = True
+            return True
+
+    def ended_inline(self, probe: bool, *, timed_out: bool) -> None:
+        if timed_out:
+            self._timed_out(probe)
+        else:
+            self._answered(probe)
+
     # -- admission and the suspect window ----------------------------------------------
 
     def _admit(self) -> bool:

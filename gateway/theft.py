@@ -183,7 +183,7 @@ def on_alarm_triggered(
                     "body": agent_text(vin=vehicle.vin, occurred_at=occurred_at),
                     "due_at": deadline, "deadline_at": deadline})
     try:
-        with store.engine.begin() as conn:
+        with store.transaction() as conn:
             for values in planned:
                 conn.execute(notifications.insert().values(
                     vin=vehicle.vin, status="pending", created_at=now, attempts=0,

@@ -112,7 +112,7 @@ class Vehicles(EnrolmentMixin):
                 "updated_at": now,
             }
             try:
-                with self.store.engine.begin() as conn:
+                with self.store.transaction() as conn:
                     conn.execute(vehicles.insert().values(**row))
                     write_phones(conn, vin, [owner_phone] if owner_phone else [])
                     conn.execute(

@@ -33,6 +33,7 @@ from gateway.store.tables import (
     utcnow,
 )
 from gateway.store.voice_read import KnownSteps, VoiceLookup, pg_reads_for, sqlite_reads_for
+from gateway.watchdog import TRANSACTION_TIMEOUT_S, Watchdog, connection_within
 
 T = TypeVar("T")
 
@@ -62,6 +63,8 @@ class Store:
         #: misses never makes the request threads fail fast
         self.background = DeadlineRunner(workers=background_workers, suspect_s=suspect_s,
                                          name="db-background")
+        #: cuts a transaction on a request thread at its deadline (gateway.watchdog)
+        self.watchdog = Watchdog()
         #: steps this process wrote or read with their TwiML (a stored step never changes)
         self.known_steps = KnownSteps(known_steps)
         #: the voice read on a SQLite file: on the request thread, few columns
@@ -78,15 +81,37 @@ class Store:
     # -- plumbing ---------------------------------------------------------------------
 
     @contextmanager
-    def begin(self) -> Iterator[Connection]:
-        """One transaction; any database error becomes StoreError."""
+    def begin(self, *, timeout_s: float = TRANSACTION_TIMEOUT_S) -> Iterator[Connection]:
+        """One transaction on this thread, ended at ``timeout_s`` (see
+        :meth:`transaction`); any database error becomes StoreError."""
         try:
-            with self.engine.begin() as conn:
+            with self.transaction(timeout_s=timeout_s) as conn:
                 yield conn
         except StoreError:
             raise
         except SQLAlchemyError as exc:
             raise StoreError(f"database error: {type(exc).__name__}") from exc
+
+    @contextmanager
+    def transaction(self, *, timeout_s: float = TRANSACTION_TIMEOUT_S,
+                    autocommit: bool = False) -> Iterator[Connection]:
+        """One transaction on this thread; on PostgreSQL its connection is cut at
+        ``timeout_s`` (gateway.watchdog: DeadlineMissed, a StoreError) and fails fast
+        while the database is suspect.  Other database errors come as SQLAlchemy
+        raised them (a caller may want its IntegrityError).  ``autocommit``: each
+        statement commits on its own (PostgreSQL; one round trip, no BEGIN)."""
+        if self._autocommit is None:  # SQLite: no socket to cut (busy timeout: 2 s)
+            with self.engine.begin() as conn:
+                yield conn
+            return
+        engine = self._autocommit if autocommit else self.engine
+        with connection_within(engine, timeout_s=timeout_s, runner=self.deadline,
+                               watchdog=self.watchdog) as conn:
+            if autocommit:
+                yield conn
+            else:
+                with conn.begin():
+                    yield conn
 
     def within(self, fn: Callable[[Connection], T], *, timeout_s: float,
                single_read: bool = False, background: bool = False) -> T:
@@ -132,6 +157,7 @@ class Store:
         self.within(lambda conn: conn.execute(sa.text("SELECT 1")), timeout_s=timeout_s)
 
     def dispose(self) -> None:
+        self.watchdog.close()
         if self.sqlite_reads is not None:
             self.sqlite_reads.close()
         if self.pg_reads is not None:
@@ -140,16 +166,16 @@ class Store:
 
     # -- incidents --------------------------------------------------------------------
 
-    def one_statement(self, fn: Callable[[Connection], T]) -> T:
-        """``fn(conn)``, which runs exactly one statement, committed; no deadline (the
-        caller answers only after the commit).  On PostgreSQL in autocommit mode: the
-        statement is its own transaction, one round trip instead of BEGIN, the statement
-        and COMMIT.  Any database error becomes StoreError."""
+    def one_statement(self, fn: Callable[[Connection], T], *,
+                      timeout_s: float = TRANSACTION_TIMEOUT_S) -> T:
+        """``fn(conn)``, which runs exactly one statement, committed, on this thread
+        and within ``timeout_s`` (the caller answers only after the commit; a statement
+        cut at its deadline may still commit, which a retry of the same event finds).
+        On PostgreSQL in autocommit mode: the statement is its own transaction, one
+        round trip instead of BEGIN, the statement and COMMIT.  Any database error
+        becomes StoreError."""
         try:
-            if self._autocommit is not None:
-                with self._autocommit.connect() as conn:
-                    return fn(conn)
-            with self.engine.begin() as conn:
+            with self.transaction(timeout_s=timeout_s, autocommit=True) as conn:
                 return fn(conn)
         except StoreError:
             raise
@@ -310,7 +336,7 @@ class Store:
     def insert_once(self, table: sa.Table, values: Mapping[str, Any]) -> bool:
         """Insert a row stamped ``created_at``; False if a unique key says it exists."""
         try:
-            with self.engine.begin() as conn:
+            with self.transaction() as conn:
                 conn.execute(table.insert().values(created_at=utcnow(), **values))
             return True
         except IntegrityError:

@@ -3,7 +3,8 @@
 A real gateway process on PostgreSQL, reached through a TCP proxy that stops
 forwarding mid-run (connections stay open, no bytes come back): 20 concurrent
 incoming calls and 20 concurrent Fallback URL requests must each be answered with a
-<Dial> or the hand-back within one second.
+<Dial> or the hand-back within one second; and event POSTs waiting on the hung
+database must neither hang nor take the threads an incoming call needs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
+import sqlalchemy as sa
 
 from tests.conftest import postgres_url
 from tests.support.events import crash_event
@@ -98,3 +100,66 @@ def _still_serving(gw: GatewayProcess) -> bool:
     started = time.perf_counter()
     response = gw.twilio("/twilio/voice", call_params("CAafter", CARS[1][0]))
     return answer_kind(response) == "dial" and time.perf_counter() - started < 1.0
+
+
+def test_hung_database_events_fail_in_time_and_leave_calls_their_threads(
+        tmp_path: Path, pg_url: str, proxy: TcpProxy) -> None:
+    """Found by trying: with a warm pool, twelve event POSTs waited on their INSERT
+    for ever, the eight serving threads were taken, and a call was not answered in
+    10 s.  Now each INSERT is cut at 2 s (503, retry with the same event_id), then
+    fails fast, and the call in between is answered; once the database is back, the
+    retries store every event exactly once."""
+    from gateway.store import Store, incidents, metadata, register_tables
+
+    register_tables()
+    fresh = Store.from_url(pg_url)
+    metadata.drop_all(fresh.engine)
+    fresh.dispose()
+    events = [crash_event(vin=f"WBA3A5C51CF2561{n:02d}", msisdn=f"+49151123452{n:02d}",
+                          location={"lat": 52.52, "lon": 13.40}) for n in range(12)]
+    with running_gateway(tmp_path, "--no-worker",
+                         GATEWAY_DATABASE_URL=proxied_url(pg_url, proxy),
+                         GATEWAY_EMERGENCY_CALLER_IDS="+4930901820") as gw:
+        warm = [crash_event(vin=f"WBA3A5C51CF2562{n:02d}", msisdn=f"+49151123453{n:02d}",
+                            location={"lat": 52.52, "lon": 13.40}) for n in range(24)]
+        with ThreadPoolExecutor(max_workers=12) as pool:  # every serving thread, pooled
+            assert {r.status_code for r in pool.map(gw.post_event, warm)} == {201}
+        proxy.mode = "blackhole"
+
+        def post(event: dict[str, object]) -> tuple[float, int]:
+            started = time.perf_counter()
+            status = gw.post_event(event).status_code
+            return time.perf_counter() - started, status
+
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            posted = [pool.submit(post, event) for event in events]
+            time.sleep(0.5)  # the POSTs hold every serving thread on the database
+            started = time.perf_counter()
+            call = gw.twilio("/twilio/voice", call_params("CAduring", "+4915112345201"))
+            call_s = time.perf_counter() - started
+            results = [f.result() for f in posted]
+        print(f"\nhung database: call answered in {call_s * 1000:.0f} ms; events "
+              f"{sorted(round(s, 2) for s, _ in results)}")
+        assert answer_kind(call) in ("dial", "hand_back")
+        assert call_s < 3.0
+        assert {status for _, status in results} == {503}
+        assert max(seconds for seconds, _ in results) < 3.5
+
+        proxy.mode = "forward"
+        time.sleep(2.5)  # the suspect window, then one probe lets the database back
+        for event in events:  # the car retries with the same event_id until it is stored
+            for _ in range(20):
+                status = gw.post_event(event).status_code
+                if status in (200, 201):
+                    break
+                time.sleep(0.25)
+            assert status in (200, 201)
+    store = Store.from_url(pg_url)
+    try:
+        with store.begin() as conn:
+            stored = [r.event_id for r in conn.execute(
+                sa.select(incidents.c.event_id).where(
+                    incidents.c.event_id.in_([str(e["event_id"]) for e in events])))]
+    finally:
+        store.dispose()
+    assert sorted(stored) == sorted(str(e["event_id"]) for e in events)  # once each

@@ -1,0 +1,126 @@
+"""A hard deadline for database work on the caller's own thread.
+
+:meth:`gateway.store.Store.within` hands work to a deadline thread; most transactions
+(an event's INSERT, the IVR's PIN check, the agent API's reads, the background
+workers) run on the thread that asked, through :meth:`Store.begin`.  A PostgreSQL
+server, or a proxy, that accepts TCP and never answers held those threads for ever:
+libpq's timeouts do not cover it (gateway.db says why), and once every serving thread
+waited, an emergency call was not answered either.  Found by trying, and now a test.
+
+So such work is *watched*: one daemon thread per store holds the deadlines of the work
+in progress and, at a deadline, shuts down that connection's socket
+(:meth:`gateway.db.Job.abandon`).  The waiting call then fails with a connection error
+at once; it is reported as :class:`DeadlineMissed` and the connection is invalidated,
+never handed out again.  The same suspect window as the deadline threads applies: after
+a miss, work fails fast for ``suspect_s``, then one call probes.
+
+What it costs the caller: a lock, a dict entry and a duplicated descriptor per
+transaction; the watchdog thread wakes only at the earliest deadline of the work in
+progress.  SQLite has no socket to cut: its lock waits end at the busy timeout (2 s).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from gateway.db import DeadlineRunner, Job, socket_of
+from gateway.errors import StoreError
+
+#: a transaction on the caller's thread: the server's own statement_timeout (2 s)
+TRANSACTION_TIMEOUT_S = 2.0
+
+
+class DeadlineMissed(StoreError):
+    """The work did not finish by its deadline; its connection was cut."""
+
+
+class Watchdog:
+    """Cuts the connections of work still running past its deadline."""
+
+    def __init__(self, *, name: str = "db-watchdog") -> None:
+        self.name = name
+        self._cond = threading.Condition(threading.Lock())
+        self._jobs: dict[int, tuple[float, Job]] = {}
+        self._next_key = 0
+        self._wake_at: float | None = None  # when the thread will look next (None: idle)
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._closed = False
+
+    def watch(self, job: Job, timeout_s: float) -> int:
+        """Watch ``job`` until :meth:`done`; its key."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            key = self._next_key
+            self._next_key += 1
+            self._jobs[key] = (deadline, job)
+            if self._thread is None or self._pid != os.getpid():  # none yet, or forked
+                self._start()
+            elif self._wake_at is None or deadline < self._wake_at:
+                self._cond.notify()
+        return key
+
+    def done(self, key: int) -> None:
+        with self._cond:
+            self._jobs.pop(key, None)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _start(self) -> None:
+        self._pid = os.getpid()
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                now = time.monotonic()
+                late = [key for key, (deadline, _) in self._jobs.items() if deadline <= now]
+                jobs = [self._jobs.pop(key)[1] for key in late]
+                self._wake_at = min((d for d, _ in self._jobs.values()), default=None)
+                if not jobs:
+                    self._cond.wait(None if self._wake_at is None else self._wake_at - now)
+                    continue
+            for job in jobs:  # outside the lock: a shutdown() may take a moment
+                job.abandon()
+
+
+@contextmanager
+def connection_within(engine: Engine, *, timeout_s: float, runner: DeadlineRunner,
+                      watchdog: Watchdog) -> Iterator[Connection]:
+    """A connection from ``engine`` for work on this thread that must end by
+    ``timeout_s``.  Raises :class:`DeadlineMissed` if it did not, StoreError at once
+    while the database is suspect; any other error as it came."""
+    probe = runner.admit_inline()
+    job = Job()
+    key = watchdog.watch(job, timeout_s)
+    timed_out = False
+    try:
+        with engine.connect() as conn:
+            try:
+                job.attach(socket_of(conn))
+                yield conn
+            finally:
+                job.finish()  # before the connection goes back to the pool
+                if job.abandoned:
+                    conn.invalidate()  # its socket is shut down: never reuse it
+    except (SQLAlchemyError, StoreError) as exc:
+        if job.abandoned and not isinstance(exc, DeadlineMissed):
+            timed_out = True
+            raise DeadlineMissed(f"database did not answer within {timeout_s:.2f} s") from exc
+        raise
+    finally:
+        watchdog.done(key)
+        runner.ended_inline(probe, timed_out=timed_out)

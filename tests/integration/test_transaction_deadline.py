@@ -1,0 +1,123 @@
+"""Transactions on the request thread (``Store.begin``, ``Store.one_statement``) have a
+hard deadline too, against a database that accepts TCP and never answers.
+
+Found by trying: with PostgreSQL behind a proxy that stopped forwarding and a warm
+pool, twelve event POSTs waited on their INSERT for ever; the eight serving threads
+were all taken, and an incoming emergency call was not answered in 10 s.  Here each
+transaction is run on a thread of the test's, so a hang fails the test instead of
+hanging it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from gateway.errors import StoreError
+from gateway.store import Store
+from tests.integration.test_store_deadline import warm_pool
+from tests.support.proxy import TcpProxy
+
+pytestmark = pytest.mark.postgres
+
+
+def outcome_within(seconds: float, work: Callable[[], Any]) -> tuple[float, Any]:
+    """(elapsed, result or exception) of ``work`` on a thread; fails if it is still
+    running after ``seconds``."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        started = time.monotonic()
+        try:
+            box["value"] = work()
+        except BaseException as exc:  # noqa: BLE001 -- reported to the test
+            box["value"] = exc
+        box["elapsed"] = time.monotonic() - started
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still waiting on the database after {seconds} s"
+    return box["elapsed"], box["value"]
+
+
+def select_one_in_a_transaction(store: Store, **kwargs: Any) -> Any:
+    with store.begin(**kwargs) as conn:
+        return conn.execute(sa.text("SELECT 1")).scalar()
+
+
+def test_a_transaction_on_a_hung_database_fails_at_its_deadline(
+        proxied: Store, proxy: TcpProxy) -> None:
+    warm_pool(proxied)
+    assert select_one_in_a_transaction(proxied) == 1
+    proxy.mode = "blackhole"
+    elapsed, result = outcome_within(6, lambda: select_one_in_a_transaction(proxied))
+    assert isinstance(result, StoreError), result
+    assert "did not answer within 2.00 s" in str(result)
+    assert 1.9 < elapsed < 2.9
+
+
+def test_a_shorter_deadline_is_kept(proxied: Store, proxy: TcpProxy) -> None:
+    warm_pool(proxied)
+    proxy.mode = "blackhole"
+    elapsed, result = outcome_within(
+        6, lambda: select_one_in_a_transaction(proxied, timeout_s=0.5))
+    assert isinstance(result, StoreError), result
+    assert 0.45 < elapsed < 1.2
+
+
+def test_one_statement_on_a_hung_database_fails_at_its_deadline(
+        proxied: Store, proxy: TcpProxy) -> None:
+    """The event INSERT on PostgreSQL runs through one_statement (autocommit)."""
+    warm_pool(proxied)
+    proxy.mode = "blackhole"
+    elapsed, result = outcome_within(
+        6, lambda: proxied.one_statement(lambda conn: conn.execute(sa.text("SELECT 1")).scalar()))
+    assert isinstance(result, StoreError), result
+    assert 1.9 < elapsed < 2.9
+
+
+def test_after_a_missed_deadline_transactions_fail_fast_then_one_probes(
+        proxied: Store, proxy: TcpProxy) -> None:
+    """The same suspect window as the deadline threads (``suspect_s`` 0.5 s here): a
+    hung database costs one deadline per window, not one per request."""
+    warm_pool(proxied)
+    proxy.mode = "blackhole"
+    outcome_within(6, lambda: select_one_in_a_transaction(proxied, timeout_s=0.5))
+    assert proxied.deadline.suspect
+    elapsed, result = outcome_within(2, lambda: select_one_in_a_transaction(proxied))
+    assert isinstance(result, StoreError) and "suspect" in str(result), result
+    assert elapsed < 0.05
+    proxy.mode = "forward"
+    time.sleep(0.55)
+    elapsed, result = outcome_within(6, lambda: select_one_in_a_transaction(proxied))
+    assert result == 1  # the probe: answered, and the suspicion is over
+    assert not proxied.deadline.suspect
+
+
+def test_the_connection_a_deadline_cut_is_not_handed_out_again(
+        proxied: Store, proxy: TcpProxy) -> None:
+    warm_pool(proxied, connections=1)
+    proxy.mode = "blackhole"
+    outcome_within(6, lambda: select_one_in_a_transaction(proxied, timeout_s=0.3))
+    proxy.mode = "forward"
+    time.sleep(0.55)  # the suspect window
+    for _ in range(3):  # a shut-down socket back in the pool would fail these
+        assert select_one_in_a_transaction(proxied) == 1
+
+
+def test_a_transaction_that_finishes_in_time_is_never_cut(pg_store: Store) -> None:
+    """The deadline covers the work, not the caller's whole life: finished work leaves
+    its connection alone however long the caller goes on afterwards."""
+    for _ in range(3):
+        with pg_store.begin(timeout_s=0.3) as conn:
+            conn.execute(sa.text("SELECT 1"))
+        time.sleep(0.4)
+    with pg_store.begin() as conn:
+        assert conn.execute(sa.text("SELECT 2")).scalar() == 2
+    assert pg_store.deadline.timeouts == 0
