@@ -64,6 +64,7 @@ from gateway.adapters.ports import VehicleCommands
 from gateway.errors import PermanentUpstreamError, StoreError, TransientUpstreamError
 from gateway.owners import vehicles
 from gateway.store import TS, Store, as_utc, incidents, metadata
+from gateway.watchdog import background_thread
 
 log = logging.getLogger(__name__)
 
@@ -559,7 +560,8 @@ class CommandQueue:
                 self.wake.clear()
 
     def start_thread(self) -> None:
-        self.thread = threading.Thread(target=self.run, name="command-queue", daemon=True)
+        self.thread = threading.Thread(target=background_thread(self.run),
+                                       name="command-queue", daemon=True)
         self.thread.start()
 
     def stop(self, *, wait_s: float = 0.0) -> None:

@@ -54,6 +54,7 @@ from gateway.centre_health import API, CentreHealth, build_health
 from gateway.config import DeliveryPolicy, Settings
 from gateway.errors import PermanentUpstreamError, StoreError, TransientUpstreamError
 from gateway.store import TS, Store, as_utc, metadata
+from gateway.watchdog import background_thread
 
 log = logging.getLogger(__name__)
 
@@ -368,7 +369,8 @@ class OutboxWorker:
         log.info("delivery worker stopped")
 
     def start_thread(self) -> threading.Thread:
-        thread = threading.Thread(target=self.run, name="outbox-worker", daemon=True)
+        thread = threading.Thread(target=background_thread(self.run),
+                                  name="outbox-worker", daemon=True)
         thread.start()
         return thread
 

@@ -45,6 +45,7 @@ from gateway.adapters.ports import PushSender, SmsSender
 from gateway.errors import PermanentUpstreamError, StoreError, TransientUpstreamError
 from gateway.owner_texts import reference
 from gateway.store import Store
+from gateway.watchdog import background_thread
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +234,8 @@ class NotificationWorker:
                 self.wake.clear()
 
     def start_thread(self) -> threading.Thread:
-        thread = threading.Thread(target=self.run, name="notifier", daemon=True)
+        thread = threading.Thread(target=background_thread(self.run),
+                                  name="notifier", daemon=True)
         thread.start()
         return thread
 

@@ -24,7 +24,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from sqlalchemy.engine import Connection, Engine
@@ -36,6 +37,25 @@ from gateway.errors import StoreError
 #: a transaction on the caller's thread: the server's own statement_timeout (2 s)
 TRANSACTION_TIMEOUT_S = 2.0
 
+_thread_kind = threading.local()
+
+
+def background_thread(target: Callable[[], None]) -> Callable[[], None]:
+    """``target`` as the body of a background thread (the outbox worker, the notifier,
+    the command queue): a deadline its transactions miss makes the store's background
+    slots suspect, never the request threads' (a slow pass of a worker must not make
+    calls fail fast; a database that really hangs, a request finds out for itself)."""
+
+    def run() -> None:
+        _thread_kind.background = True
+        target()
+
+    return run
+
+
+def on_background_thread() -> bool:
+    return bool(getattr(_thread_kind, "background", False))
+
 
 class DeadlineMissed(StoreError):
     """The work did not finish by its deadline; its connection was cut."""
@@ -46,13 +66,18 @@ class Watchdog:
 
     def __init__(self, *, name: str = "db-watchdog") -> None:
         self.name = name
+        self._next_key = 0
+        self._closed = False
+        self._reset()
+        _alive.add(self)
+
+    def _reset(self) -> None:
+        """A new lock, no work, no thread: at creation, and in a forked child (where
+        the parent's thread is gone and its lock may have been held at the fork)."""
         self._cond = threading.Condition(threading.Lock())
         self._jobs: dict[int, tuple[float, Job]] = {}
-        self._next_key = 0
         self._wake_at: float | None = None  # when the thread will look next (None: idle)
         self._thread: threading.Thread | None = None
-        self._pid = 0
-        self._closed = False
 
     def watch(self, job: Job, timeout_s: float) -> int:
         """Watch ``job`` until :meth:`done`; its key."""
@@ -61,8 +86,10 @@ class Watchdog:
             key = self._next_key
             self._next_key += 1
             self._jobs[key] = (deadline, job)
-            if self._thread is None or self._pid != os.getpid():  # none yet, or forked
-                self._start()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self.name,
+                                                daemon=True)
+                self._thread.start()
             elif self._wake_at is None or deadline < self._wake_at:
                 self._cond.notify()
         return key
@@ -75,11 +102,6 @@ class Watchdog:
         with self._cond:
             self._closed = True
             self._cond.notify()
-
-    def _start(self) -> None:
-        self._pid = os.getpid()
-        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-        self._thread.start()
 
     def _run(self) -> None:
         while True:
@@ -95,6 +117,18 @@ class Watchdog:
                     continue
             for job in jobs:  # outside the lock: a shutdown() may take a moment
                 job.abandon()
+
+
+#: every watchdog of this process, reset in a forked child (gunicorn forks its workers)
+_alive: weakref.WeakSet[Watchdog] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for watchdog in list(_alive):
+        watchdog._reset()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 @contextmanager

@@ -33,7 +33,12 @@ from gateway.store.tables import (
     utcnow,
 )
 from gateway.store.voice_read import KnownSteps, VoiceLookup, pg_reads_for, sqlite_reads_for
-from gateway.watchdog import TRANSACTION_TIMEOUT_S, Watchdog, connection_within
+from gateway.watchdog import (
+    TRANSACTION_TIMEOUT_S,
+    Watchdog,
+    connection_within,
+    on_background_thread,
+)
 
 T = TypeVar("T")
 
@@ -105,7 +110,8 @@ class Store:
                 yield conn
             return
         engine = self._autocommit if autocommit else self.engine
-        with connection_within(engine, timeout_s=timeout_s, runner=self.deadline,
+        runner = self.background if on_background_thread() else self.deadline
+        with connection_within(engine, timeout_s=timeout_s, runner=runner,
                                watchdog=self.watchdog) as conn:
             if autocommit:
                 yield conn

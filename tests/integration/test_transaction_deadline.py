@@ -23,8 +23,6 @@ from gateway.store import Store
 from tests.integration.test_store_deadline import warm_pool
 from tests.support.proxy import TcpProxy
 
-pytestmark = pytest.mark.postgres
-
 
 def outcome_within(seconds: float, work: Callable[[], Any]) -> tuple[float, Any]:
     """(elapsed, result or exception) of ``work`` on a thread; fails if it is still
@@ -51,6 +49,7 @@ def select_one_in_a_transaction(store: Store, **kwargs: Any) -> Any:
         return conn.execute(sa.text("SELECT 1")).scalar()
 
 
+@pytest.mark.postgres
 def test_a_transaction_on_a_hung_database_fails_at_its_deadline(
         proxied: Store, proxy: TcpProxy) -> None:
     warm_pool(proxied)
@@ -62,6 +61,7 @@ def test_a_transaction_on_a_hung_database_fails_at_its_deadline(
     assert 1.9 < elapsed < 2.9
 
 
+@pytest.mark.postgres
 def test_a_shorter_deadline_is_kept(proxied: Store, proxy: TcpProxy) -> None:
     warm_pool(proxied)
     proxy.mode = "blackhole"
@@ -71,6 +71,7 @@ def test_a_shorter_deadline_is_kept(proxied: Store, proxy: TcpProxy) -> None:
     assert 0.45 < elapsed < 1.2
 
 
+@pytest.mark.postgres
 def test_one_statement_on_a_hung_database_fails_at_its_deadline(
         proxied: Store, proxy: TcpProxy) -> None:
     """The event INSERT on PostgreSQL runs through one_statement (autocommit)."""
@@ -82,6 +83,7 @@ def test_one_statement_on_a_hung_database_fails_at_its_deadline(
     assert 1.9 < elapsed < 2.9
 
 
+@pytest.mark.postgres
 def test_after_a_missed_deadline_transactions_fail_fast_then_one_probes(
         proxied: Store, proxy: TcpProxy) -> None:
     """The same suspect window as the deadline threads (``suspect_s`` 0.5 s here): a
@@ -100,6 +102,7 @@ def test_after_a_missed_deadline_transactions_fail_fast_then_one_probes(
     assert not proxied.deadline.suspect
 
 
+@pytest.mark.postgres
 def test_the_connection_a_deadline_cut_is_not_handed_out_again(
         proxied: Store, proxy: TcpProxy) -> None:
     warm_pool(proxied, connections=1)
@@ -111,6 +114,7 @@ def test_the_connection_a_deadline_cut_is_not_handed_out_again(
         assert select_one_in_a_transaction(proxied) == 1
 
 
+@pytest.mark.postgres
 def test_a_transaction_that_finishes_in_time_is_never_cut(pg_store: Store) -> None:
     """The deadline covers the work, not the caller's whole life: finished work leaves
     its connection alone however long the caller goes on afterwards."""
@@ -121,3 +125,62 @@ def test_a_transaction_that_finishes_in_time_is_never_cut(pg_store: Store) -> No
     with pg_store.begin() as conn:
         assert conn.execute(sa.text("SELECT 2")).scalar() == 2
     assert pg_store.deadline.timeouts == 0
+
+
+@pytest.mark.postgres
+def test_a_background_thread_that_misses_its_deadline_leaves_the_request_threads_alone(
+        pg_store: Store) -> None:
+    """A slow transaction of the outbox worker, the notifier or the command queue (here
+    a statement that sleeps past a short deadline) makes the background slots suspect,
+    never the request threads': a call's database work goes on."""
+    from gateway.watchdog import background_thread
+
+    outcome: dict[str, Any] = {}
+
+    def slow_pass() -> None:
+        try:
+            with pg_store.begin(timeout_s=0.3) as conn:
+                conn.execute(sa.text("SELECT pg_sleep(1)"))
+        except StoreError as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=background_thread(slow_pass), daemon=True)
+    thread.start()
+    thread.join(5)
+    assert "did not answer within 0.30 s" in str(outcome["error"])
+    assert pg_store.background.suspect
+    assert not pg_store.deadline.suspect
+    assert select_one_in_a_transaction(pg_store) == 1  # a request thread: not failing fast
+
+
+@pytest.mark.postgres
+def test_a_request_thread_that_misses_its_deadline_makes_the_request_threads_fail_fast(
+        pg_store: Store) -> None:
+    with (pytest.raises(StoreError, match="did not answer within 0.30 s"),
+          pg_store.begin(timeout_s=0.3) as conn):
+        conn.execute(sa.text("SELECT pg_sleep(1)"))
+    assert pg_store.deadline.suspect
+    assert not pg_store.background.suspect
+    with pytest.raises(StoreError, match="suspect"):
+        select_one_in_a_transaction(pg_store)
+
+
+@pytest.mark.parametrize("name", ["worker", "notifier", "command_queue"])
+def test_the_workers_threads_are_background_threads(make_app: Any, settings: Any,
+                                                    name: str) -> None:
+    """Each worker's thread is started through background_thread (its deadline misses
+    count against the background slots)."""
+    from gateway.delivery import build_worker
+    from gateway.watchdog import on_background_thread
+
+    app = make_app(settings=settings)
+    services = app.extensions["gateway"]
+    worker = (build_worker(settings.replace(assistance_url="http://127.0.0.1:9/incidents"),
+                           services.store, None)  # run() is replaced: nothing is sent
+              if name == "worker" else getattr(services, name))
+    assert worker is not None
+    seen: list[bool] = []
+    worker.run = lambda: seen.append(on_background_thread())  # the thread's body, recorded
+    thread = worker.start_thread() or worker.thread
+    thread.join(5)
+    assert seen == [True]

@@ -194,7 +194,9 @@ def test_work_that_answers_ends_no_one_elses_suspicion() -> None:
 
 def test_a_forked_process_gets_a_watchdog_thread_of_its_own(watchdog: Watchdog) -> None:
     """gunicorn forks its workers; a thread started in the parent does not exist in
-    the child, so the first watch in the child starts one."""
+    the child, so the first watch in the child starts one.  Found by this test: the
+    parent's thread may hold the watchdog's lock at the fork, and the child then
+    waited on it for ever; the watchdog is reset in the child (os.register_at_fork)."""
     import os
     import warnings
 
@@ -205,6 +207,9 @@ def test_a_forked_process_gets_a_watchdog_thread_of_its_own(watchdog: Watchdog) 
     if pid == 0:  # the child: exit 0 only if its deadline was kept
         code = 1
         try:
+            import signal
+
+            signal.alarm(5)  # a deadlock in the child ends it (and fails the test)
             job = Job()
             watchdog.watch(job, 0.05)
             deadline = time.monotonic() + 2.0
