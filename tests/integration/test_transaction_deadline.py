@@ -184,3 +184,41 @@ def test_the_workers_threads_are_background_threads(make_app: Any, settings: Any
     thread = worker.start_thread() or worker.thread
     thread.join(5)
     assert seen == [True]
+
+
+@pytest.mark.postgres
+def test_the_agent_and_vehicle_apis_answer_503_in_time_on_a_hung_database(
+        make_app: Any, settings: Any, proxied: Store, proxy: TcpProxy,
+        vehicle_headers: dict[str, str]) -> None:
+    """The agent's view of a car (its recent commands), a car's command report and an
+    event, each against a database that stops answering: a 503 within the deadline, so
+    the client retries and no serving thread is held."""
+    import datetime as dt
+
+    from gateway.owners import PinHasher, Vehicles
+    from tests.support.events import crash_event
+
+    vin = "WBA3A5C51CF256001"
+    agent = "agent-token-0123456789abcdef"
+    app = make_app(settings=settings.replace(agent_api_tokens={agent: frozenset({"read"})}),
+                   store=proxied)
+    Vehicles(proxied, PinHasher(n=2**8)).register(
+        vin=vin, owner_name="Owner", market="DE", purchase_date=dt.date(2024, 1, 1),
+        actor="test", pin="4711", owner_phone="+4915112349999")
+    client = app.test_client()
+    agent_headers = {"Authorization": f"Bearer {agent}"}
+    assert client.get(f"/v1/agent/vehicles/{vin}", headers=agent_headers).status_code == 200
+    warm_pool(proxied)
+    proxy.mode = "blackhole"
+    requests = [
+        lambda: client.get(f"/v1/agent/vehicles/{vin}", headers=agent_headers),
+        lambda: client.post(f"/v1/vehicles/{vin}/command-results", headers=vehicle_headers,
+                            json={"command_id": "cmd-1", "ok": True}),
+        lambda: client.post("/v1/events", json=crash_event(), headers=vehicle_headers),
+    ]
+    for request in requests:
+        time.sleep(0.55)  # past the suspect window of the previous miss: each one waits
+        elapsed, response = outcome_within(6, request)
+        assert not isinstance(response, BaseException), response
+        assert response.status_code == 503, response.get_data(as_text=True)
+        assert elapsed < 2.9
