@@ -128,6 +128,20 @@ def test_a_transaction_that_finishes_in_time_is_never_cut(pg_store: Store) -> No
 
 
 @pytest.mark.postgres
+def test_an_error_in_time_is_the_callers_and_no_deadline_missed(pg_store: Store) -> None:
+    """A database error that came before the deadline reaches the caller as it was
+    (transaction(): a caller may want its IntegrityError), counts as no timeout and
+    opens no suspect window; the finished work is no longer watched."""
+    with pytest.raises(sa.exc.ProgrammingError), pg_store.transaction() as conn:
+        conn.execute(sa.text("SELECT * FROM no_such_table"))
+    with pytest.raises(StoreError, match="database error: ProgrammingError"), \
+            pg_store.begin() as conn:
+        conn.execute(sa.text("SELECT * FROM no_such_table"))
+    assert pg_store.deadline.timeouts == 0 and not pg_store.deadline.suspect
+    assert pg_store.watchdog._jobs == {}
+
+
+@pytest.mark.postgres
 def test_a_background_thread_that_misses_its_deadline_leaves_the_request_threads_alone(
         pg_store: Store) -> None:
     """A slow transaction of the outbox worker, the notifier or the command queue (here

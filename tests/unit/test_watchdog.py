@@ -130,11 +130,25 @@ def test_one_thread_for_all_the_work() -> None:
         dog.close()
 
 
+def test_every_job_in_progress_is_watched_and_done_forgets_only_its_own(
+        watchdog: Watchdog) -> None:
+    """Keys are unique: a job watched later never replaces one in progress, and done()
+    of one job leaves the others watched."""
+    first, second, third = Job(), Job(), Job()
+    keys = [watchdog.watch(job, 0.1) for job in (first, second, third)]
+    assert len(set(keys)) == 3
+    watchdog.done(keys[0])
+    time.sleep(0.4)
+    assert not first.abandoned
+    assert second.abandoned and third.abandoned
+
+
 def test_close_ends_the_thread() -> None:
     dog = Watchdog()
     dog.watch(Job(), 10.0)
     thread = dog._thread
     assert thread is not None and thread.is_alive()
+    assert thread.daemon  # a watchdog never closed must not keep the process alive
     dog.close()
     thread.join(2)
     assert not thread.is_alive()
