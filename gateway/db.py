@@ -150,12 +150,7 @@ class DeadlineRunner:
         the same suspect window.  Raises StoreError while failing fast; True if this
         call is the probe (report its end with :meth:`ended_inline`)."""
         with self._lock:
-            if self._suspect_until is None:
-                return False
-            if self.clock() < self._suspect_until or self._probing:
-                raise StoreError("database suspect after a missed deadline: failing fast")
-            self._probing = True
-            return True
+            return self._probe_or_fail_fast()
 
     def ended_inline(self, probe: bool, *, timed_out: bool) -> None:
         if timed_out:
@@ -165,15 +160,22 @@ class DeadlineRunner:
 
     # -- admission and the suspect window ----------------------------------------------
 
+    def _probe_or_fail_fast(self) -> bool:
+        """Under the lock: False while the database is trusted; raises StoreError while
+        it is suspect (in its window, or another call probes); else this call becomes
+        the probe (True)."""
+        if self._suspect_until is None:
+            return False
+        if self.clock() < self._suspect_until or self._probing:
+            raise StoreError("database suspect after a missed deadline: failing fast")
+        self._probing = True
+        return True
+
     def _admit(self) -> bool:
         """Take a slot (True if this call is the probe of a suspect database)."""
         spawn = False
         with self._lock:
-            probe = False
-            if self._suspect_until is not None:
-                if self.clock() < self._suspect_until or self._probing:
-                    raise StoreError("database suspect after a missed deadline: failing fast")
-                probe = self._probing = True
+            probe = self._probe_or_fail_fast()
             if self._busy >= self.workers:
                 if probe:
                     self._probing = False

@@ -86,11 +86,12 @@ class Store:
     # -- plumbing ---------------------------------------------------------------------
 
     @contextmanager
-    def begin(self, *, timeout_s: float = TRANSACTION_TIMEOUT_S) -> Iterator[Connection]:
+    def begin(self, *, timeout_s: float = TRANSACTION_TIMEOUT_S,
+              autocommit: bool = False) -> Iterator[Connection]:
         """One transaction on this thread, ended at ``timeout_s`` (see
         :meth:`transaction`); any database error becomes StoreError."""
         try:
-            with self.transaction(timeout_s=timeout_s) as conn:
+            with self.transaction(timeout_s=timeout_s, autocommit=autocommit) as conn:
                 yield conn
         except StoreError:
             raise
@@ -180,13 +181,8 @@ class Store:
         On PostgreSQL in autocommit mode: the statement is its own transaction, one
         round trip instead of BEGIN, the statement and COMMIT.  Any database error
         becomes StoreError."""
-        try:
-            with self.transaction(timeout_s=timeout_s, autocommit=True) as conn:
-                return fn(conn)
-        except StoreError:
-            raise
-        except SQLAlchemyError as exc:
-            raise StoreError(f"database error: {type(exc).__name__}") from exc
+        with self.begin(timeout_s=timeout_s, autocommit=True) as conn:
+            return fn(conn)
 
     def incident_by_event(self, event_id: str) -> dict[str, Any] | None:
         """The incident of this event_id (one statement; the writes are in
