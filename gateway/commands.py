@@ -52,7 +52,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import sqlalchemy as sa
@@ -64,7 +63,7 @@ from gateway.adapters.ports import VehicleCommands
 from gateway.errors import PermanentUpstreamError, StoreError, TransientUpstreamError
 from gateway.owners import vehicles
 from gateway.store import TS, Store, as_utc, incidents, metadata
-from gateway.watchdog import background_thread
+from gateway.watchdog import background_thread, pool_like_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -541,7 +540,7 @@ class CommandQueue:
         if len(rows) == 1:
             self.handle(rows[0])
         elif rows:  # in parallel, so a hanging car does not hold up the others
-            with ThreadPoolExecutor(max_workers=len(rows), thread_name_prefix="command") as pool:
+            with pool_like_this_thread(len(rows), thread_name_prefix="command") as pool:
                 list(pool.map(self.handle, rows))
         return expired + len(rows)
 

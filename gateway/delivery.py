@@ -38,7 +38,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import sqlalchemy as sa
@@ -54,7 +53,7 @@ from gateway.centre_health import API, CentreHealth, build_health
 from gateway.config import DeliveryPolicy, Settings
 from gateway.errors import PermanentUpstreamError, StoreError, TransientUpstreamError
 from gateway.store import TS, Store, as_utc, metadata
-from gateway.watchdog import background_thread
+from gateway.watchdog import background_thread, pool_like_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -347,8 +346,8 @@ class OutboxWorker:
         rows = self.claim(self.policy.concurrency * 4)
         if not rows:
             return 0
-        with ThreadPoolExecutor(max_workers=self.policy.concurrency,
-                                thread_name_prefix="deliver") as pool:
+        with pool_like_this_thread(self.policy.concurrency,
+                                   thread_name_prefix="deliver") as pool:
             list(pool.map(self.deliver, rows))
         return len(rows)
 

@@ -26,6 +26,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 from sqlalchemy.engine import Connection, Engine
@@ -47,14 +48,25 @@ def background_thread(target: Callable[[], None]) -> Callable[[], None]:
     calls fail fast; a database that really hangs, a request finds out for itself)."""
 
     def run() -> None:
-        _thread_kind.background = True
+        _mark_background()
         target()
 
     return run
 
 
+def _mark_background() -> None:
+    _thread_kind.background = True
+
+
 def on_background_thread() -> bool:
     return bool(getattr(_thread_kind, "background", False))
+
+
+def pool_like_this_thread(max_workers: int, *, thread_name_prefix: str) -> ThreadPoolExecutor:
+    """A thread pool whose threads are background threads if this one is (a worker's
+    pass sends in parallel: those sends are the worker's background work too)."""
+    return ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=thread_name_prefix,
+                              initializer=_mark_background if on_background_thread() else None)
 
 
 class DeadlineMissed(StoreError):

@@ -236,3 +236,98 @@ def test_the_agent_and_vehicle_apis_answer_503_in_time_on_a_hung_database(
         assert not isinstance(response, BaseException), response
         assert response.status_code == 503, response.get_data(as_text=True)
         assert elapsed < 2.9
+
+
+@pytest.mark.postgres
+def test_an_owner_entering_the_pin_on_a_hung_database_hears_an_answer_in_time(
+        make_app: Any, proxied: Store, proxy: TcpProxy) -> None:
+    """The IVR's PIN check is a transaction on the request thread.  On a database that
+    stops answering, the signed PIN step is still answered with TwiML within the
+    deadline, a malformed entry too, and no unlock is sent; once the database is back,
+    Twilio's replay of the same signed request sends the unlock at most once."""
+    import datetime as dt
+
+    from gateway.owners import PinHasher, Vehicles
+    from tests.conftest import Twilio
+    from tests.support.fakes_adapters import RecordingVehicleCommands
+    from tests.support.twilio import call_params, parse
+
+    owner_number, owner_phone, pin = "+442079460902", "+4915112349999", "4711"
+    commands = RecordingVehicleCommands()
+    app = make_app(commands=commands, store=proxied)
+    Vehicles(proxied, PinHasher(n=2**8)).register(
+        vin="WBA3A5C51CF256001", owner_name="Owner", market="DE",
+        purchase_date=dt.date(2024, 1, 1), actor="test", pin=pin, owner_phone=owner_phone)
+    twilio = Twilio(app.test_client())
+
+    def step(url: str, sid: str, **form: str) -> Any:
+        return twilio.post(url, call_params(sid, owner_phone, to=owner_number, **form))
+
+    def pin_url(sid: str) -> str:
+        menu = parse(step("/twilio/voice", sid).data)
+        ask = parse(step(menu.find("Gather").get("action"), sid, Digits="2").data)  # type: ignore[union-attr]
+        return str(ask.find("Gather").get("action"))  # type: ignore[union-attr]
+
+    urls = {sid: pin_url(sid) for sid in ("CAhungpin", "CAhungbad")}
+    warm_pool(proxied)
+    proxy.mode = "blackhole"
+    for sid, digits in (("CAhungpin", pin), ("CAhungbad", "12a4#")):
+        time.sleep(0.55)  # past the suspect window of the previous miss: each one waits
+        elapsed, response = outcome_within(6, lambda: step(urls[sid], sid, Digits=digits))  # noqa: B023
+        assert not isinstance(response, BaseException), response
+        assert response.status_code == 200
+        assert parse(response.data).find("Say") is not None  # a person hears something
+        assert elapsed < 2.9
+    assert commands.calls == []
+    proxy.mode = "forward"
+    time.sleep(0.55)  # the suspect window: then the database is probed and back
+    replays = [step(urls["CAhungpin"], "CAhungpin", Digits=pin) for _ in range(3)]
+    assert all(r.status_code == 200 for r in replays)
+    assert replays[1].data == replays[0].data == replays[2].data
+    assert len([c for c in commands.calls if c.args["command"] == "unlock"]) <= 1
+
+
+def test_the_workers_pool_threads_are_background_threads_too(tmp_path: Any) -> None:
+    """The command queue sends, and the outbox worker delivers, on pool threads started
+    from its background thread: their transactions are background work as well (not the
+    request threads' suspect window)."""
+    from gateway.commands import CommandQueue
+    from gateway.config import DeliveryPolicy
+    from gateway.delivery import OutboxWorker, outbox_rows
+    from gateway.events import parse_event
+    from gateway.incidents import record_event
+    from gateway.plan import load_plan
+    from gateway.watchdog import background_thread, on_background_thread
+    from tests.support.events import crash_event
+
+    store = Store.from_url(f"sqlite:///{tmp_path}/pools.sqlite3")
+    store.create_schema()
+    seen: list[tuple[str, bool]] = []
+
+    class Commands:
+        def send(self, vin: str, command: str, **params: Any) -> dict[str, Any]:
+            seen.append(("command", on_background_thread()))
+            return {"status": "confirmed", "command_id": f"cmd-{len(seen)}"}
+
+    class Sink:
+        def send_incident(self, payload: Any, *, idempotency_key: str) -> int:
+            seen.append(("incident", on_background_thread()))
+            return 201
+
+    try:
+        queue = CommandQueue(store, Commands(), poll_s=0.05)
+        for n in range(2):  # two rows: sent in parallel, on a pool
+            queue.enqueue(key=f"k{n}", command="flash_lights", vin="WBA3A5C51CF256001",
+                          msisdn=None, params={})
+        plan = load_plan()
+        for _ in range(2):
+            record_event(parse_event(crash_event()), store=store, locator=None, plan=plan,
+                         extra_rows=outbox_rows)
+        worker = OutboxWorker(store, Sink(), policy=DeliveryPolicy())
+        for body in (queue.run_once, worker.run_once):
+            thread = threading.Thread(target=background_thread(body), daemon=True)
+            thread.start()
+            thread.join(10)
+        assert sorted(seen) == [("command", True)] * 2 + [("incident", True)] * 2
+    finally:
+        store.dispose()
