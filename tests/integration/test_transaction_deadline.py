@@ -331,3 +331,34 @@ def test_the_workers_pool_threads_are_background_threads_too(tmp_path: Any) -> N
         assert sorted(seen) == [("command", True)] * 2 + [("incident", True)] * 2
     finally:
         store.dispose()
+
+
+@pytest.mark.postgres
+def test_a_command_queue_pass_on_a_hung_database_ends_at_its_deadline(
+        proxied: Store, proxy: TcpProxy) -> None:
+    """The queue's pass (expiry, claim, send) on its background thread, against a
+    database that stops answering: it ends with DeadlineMissed within the deadline (the
+    loop logs it and waits for the next pass), and only background work is suspect."""
+    from gateway.commands import CommandQueue
+    from gateway.watchdog import DeadlineMissed, background_thread
+    from tests.support.fakes_adapters import RecordingVehicleCommands
+
+    commands = RecordingVehicleCommands()
+    queue = CommandQueue(proxied, commands, poll_s=0.05)
+    queue.enqueue(key="k-hung", command="flash_lights", vin="WBA3A5C51CF256001",
+                  msisdn=None, params={})
+    warm_pool(proxied)
+    proxy.mode = "blackhole"
+    outcome: dict[str, Any] = {}
+
+    def one_pass() -> None:
+        try:
+            outcome["handled"] = queue.run_once()
+        except StoreError as exc:
+            outcome["error"] = exc
+
+    elapsed, _ = outcome_within(6, background_thread(one_pass))
+    assert isinstance(outcome.get("error"), DeadlineMissed), outcome
+    assert elapsed < 2.9
+    assert commands.calls == []  # nothing sent that could not be recorded
+    assert proxied.background.suspect and not proxied.deadline.suspect
